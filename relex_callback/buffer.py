@@ -1,0 +1,208 @@
+"""`DeltaBuffer`: θ_0 and the observed deltas Δ_t = θ_t − θ_0 of every tracked tensor (slice).
+
+Each tracked tensor keeps an exact float32 copy of θ_0 and a preallocated ``[T, numel]`` stack of
+deltas in a compact dtype. A tracked item may cover only the flat range ``[start, stop)`` of its
+parameter, so that sharded training keeps only its own slice (see ``distributed.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from .core import gram_matrix
+
+__all__ = ["TrackedTensor", "DeltaBuffer", "select_parameters", "host_available_bytes", "format_bytes"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def format_bytes(num: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num) < 1024 or unit == "TiB":
+            return f"{num:.1f} {unit}" if unit != "B" else f"{int(num)} B"
+        num /= 1024
+    return f"{num:.1f} TiB"
+
+
+def host_available_bytes() -> int:
+    """Available host memory (``MemAvailable``), or total physical memory where /proc is absent."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class TrackedTensor:
+    """One tracked parameter, or the flat slice ``[start, stop)`` of it that this process owns."""
+
+    name: str
+    param: torch.nn.Parameter
+    start: int = 0
+    stop: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = self.local_data().numel()
+
+    def local_data(self) -> torch.Tensor:
+        """The parameter's local tensor (a DTensor's local shard), as a flat view."""
+        data = self.param.data
+        to_local = getattr(data, "to_local", None)
+        if callable(to_local):
+            data = to_local()
+        return data.reshape(-1)
+
+    def view(self) -> torch.Tensor:
+        return self.local_data()[self.start : self.stop]
+
+    @property
+    def numel(self) -> int:
+        return int(self.stop - self.start)
+
+
+def select_parameters(
+    model: torch.nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """Floating-point trainable parameters, tied ones once (``named_parameters`` drops duplicates)."""
+    chosen = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad or not param.is_floating_point():
+            continue
+        if include and not any(re.search(p, name) for p in include):
+            continue
+        if exclude and any(re.search(p, name) for p in exclude):
+            continue
+        chosen.append((name, param))
+    return chosen
+
+
+class DeltaBuffer:
+    """Exact float32 θ_0 plus a ``[capacity, numel]`` delta stack per tracked tensor."""
+
+    def __init__(
+        self, tracked: Iterable[TrackedTensor], capacity: int, dtype: str = "bfloat16", device: str = "cpu"
+    ) -> None:
+        self.tracked = list(tracked)
+        self.capacity = int(capacity)
+        self.dtype = _DTYPES[dtype]
+        self.device = device
+        self.steps: list[float] = []
+        self.theta0: dict[str, torch.Tensor] = {}
+        self.deltas: dict[str, torch.Tensor] = {}
+
+    # -- sizing -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def bytes_needed(numels: Iterable[int], capacity: int, dtype: str) -> int:
+        itemsize = _DTYPES[dtype].itemsize
+        return sum(int(n) * (capacity * itemsize + 4) for n in numels)
+
+    @property
+    def nbytes(self) -> int:
+        return self.bytes_needed((t.numel for t in self.tracked), self.capacity, str(self.dtype).split(".")[-1])
+
+    def _storage_device(self, item: TrackedTensor) -> torch.device:
+        return item.view().device if self.device == "param" else torch.device("cpu")
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        pin = device.type == "cpu" and torch.cuda.is_available()
+        return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+
+    # -- recording ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def capture_base(self) -> None:
+        """θ_0 ← the current weights (float32, exact); clears recorded deltas."""
+        self.steps = []
+        for item in self.tracked:
+            device = self._storage_device(item)
+            base = self._allocate((item.numel,), torch.float32, device)
+            base.copy_(item.view(), non_blocking=False)
+            self.theta0[item.name] = base
+            self.deltas[item.name] = self._allocate((self.capacity, item.numel), self.dtype, device)
+
+    @torch.no_grad()
+    def record(self, step: float) -> None:
+        """Append Δ_step = θ_step − θ_0 for every tracked tensor."""
+        if not self.theta0:
+            raise RuntimeError("capture_base() must run before record()")
+        if len(self.steps) >= self.capacity:
+            raise RuntimeError(f"delta buffer is full ({self.capacity} snapshots)")
+        row = len(self.steps)
+        for item in self.tracked:
+            base = self.theta0[item.name]
+            current = item.view()
+            if current.device == base.device:
+                delta = torch.sub(current.to(torch.float32), base)
+            else:
+                delta = current.to(base.device, torch.float32, non_blocking=False).sub_(base)
+            self.deltas[item.name][row].copy_(delta)
+        self.steps.append(float(step))
+
+    def drop_oldest(self, keep: int) -> None:
+        """Keep only the newest ``keep`` snapshots (a rolling window for repeated fits)."""
+        excess = len(self.steps) - keep
+        if excess <= 0:
+            return
+        for name, stack in self.deltas.items():
+            stack[:keep].copy_(stack[excess : excess + keep].clone())
+        self.steps = self.steps[excess:]
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def stack(self, name: str, window: int | None = None) -> torch.Tensor:
+        """``M`` ``[T, numel]`` (compact dtype) of one tensor, optionally only its last ``window`` rows."""
+        count = len(self.steps)
+        first = 0 if window is None else max(0, count - window)
+        return self.deltas[name][first:count]
+
+    def window_steps(self, window: int | None = None) -> list[float]:
+        return self.steps if window is None else self.steps[-window:]
+
+    def grams(self, window: int | None = None) -> Iterator[tuple[TrackedTensor, torch.Tensor]]:
+        for item in self.tracked:
+            yield item, gram_matrix(self.stack(item.name, window))
+
+    # -- persistence --------------------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors to save: θ_0 and the recorded rows of every stack (on CPU, contiguous)."""
+        out = {}
+        for item in self.tracked:
+            out[f"theta0/{item.name}"] = self.theta0[item.name].cpu().contiguous()
+            out[f"deltas/{item.name}"] = self.stack(item.name).cpu().contiguous()
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], steps: list[float]) -> None:
+        missing = [t.name for t in self.tracked if f"theta0/{t.name}" not in tensors]
+        if missing:
+            raise ValueError(f"saved RELEX state lacks tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        self.capture_base()
+        for item in self.tracked:
+            base = tensors[f"theta0/{item.name}"]
+            rows = tensors[f"deltas/{item.name}"]
+            if base.numel() != item.numel or rows.shape[0] != len(steps):
+                raise ValueError(
+                    f"saved RELEX state for {item.name} has shape {tuple(rows.shape)}, expected "
+                    f"[{len(steps)}, {item.numel}]: the model or the selection changed since it was saved"
+                )
+            self.theta0[item.name].copy_(base)
+            self.deltas[item.name][: len(steps)].copy_(rows)
+        self.steps = [float(s) for s in steps]

@@ -1,0 +1,208 @@
+"""`RelexConfig`: every setting of the callback, validated when it is built."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .core import TREND_KINDS
+
+__all__ = ["RelexConfig", "BUFFER_DTYPES", "BUFFER_DEVICES", "MODES"]
+
+BUFFER_DTYPES = ("bfloat16", "float16", "float32")
+BUFFER_DEVICES = ("auto", "cpu", "param")
+MODES = ("halt", "jump")
+
+
+def _help(text: str, default: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class RelexConfig:
+    """Settings of :class:`~relex_callback.RelexCallback` (paper symbols in brackets).
+
+    Args:
+        observe (`int`, defaults to `50`): length of the observation window in optimizer steps [N].
+            Snapshots are taken at ``start_step + snapshot_every``, ..., ``start_step + observe``.
+        extrapolate_to (`int` or `list[int]`, *optional*): absolute ``global_step`` target(s) [K] of the
+            halt-mode prediction; one model directory is written per target. Required in halt mode.
+        mode (`str`, defaults to `"halt"`): ``"halt"`` fits once at the end of the window, writes the
+            extrapolated model(s) and stops training.
+        start_step (`int`, defaults to `0`): global step whose weights are θ_0.
+        snapshot_every (`int`, defaults to `1`): record every n-th step of the window; the regression uses
+            the real step numbers, so sparse snapshots predict the same line.
+        rank (`int`, defaults to `1`): number of singular directions kept per tensor [r].
+        fit (`str`, defaults to `"linear"`): trend of the coefficients c_t: ``"linear"`` (the paper),
+            ``"power"`` (c = a + b·(t − start_step)^p) or ``"poly2"``.
+        power (`float`, defaults to `1.0`): the exponent p of the ``"power"`` trend.
+        window (`int`, *optional*): fit on the last ``window`` snapshots only (default: all).
+        shrink (`float`, defaults to `1.0`): scale λ ∈ (0, 1] of the predicted displacement beyond the last
+            observed weights: θ = θ_N + λ(θ̂(K) − θ_N).
+        buffer_dtype (`str`, defaults to `"bfloat16"`): dtype of the stored deltas (``"bfloat16"``,
+            ``"float16"`` or ``"float32"``). θ_0 is always kept exactly, in float32.
+        buffer_device (`str`, defaults to `"auto"`): ``"param"`` keeps the buffer on each parameter's device,
+            ``"cpu"`` in host memory (pinned when CUDA is present), ``"auto"`` picks ``"param"`` when the
+            parameters are on a GPU and the buffer fits in ``buffer_max_bytes`` (default: half the free GPU
+            memory), else ``"cpu"``.
+        buffer_max_bytes (`int`, *optional*): memory budget of the buffer; the default is half the free memory
+            of the chosen device (GPU) or 80% of the available host memory (CPU). Training refuses to start
+            when the buffer would not fit.
+        include (`list[str]`, *optional*): regular expressions; track only parameters whose name matches one.
+        exclude (`list[str]`, *optional*): regular expressions; never track parameters whose name matches one.
+        output_dir (`str`, *optional*): folder of the ``relex-step{K}`` model directories (default: the
+            trainer's ``args.output_dir``).
+        overwrite (`bool`, defaults to `False`): replace existing non-empty output directories.
+        save_model (`bool`, defaults to `True`): write the extrapolated model directories (halt mode).
+        backtest_tolerance (`float`, defaults to `0.75`): largest acceptable relative distance
+            ||θ̂ − θ|| / ||θ − θ_0|| of the in-window backtest; targets beyond the horizon it supports
+            get a warning.
+    """
+
+    observe: int = _help("Observation window N in optimizer steps.", 50)
+    extrapolate_to: int | list[int] | None = _help("Target global step(s) K of the halt-mode prediction.", None)
+    mode: str = _help("'halt' (fit once, write, stop) or 'jump'.", "halt")
+    start_step: int = _help("Global step whose weights are θ_0.", 0)
+    snapshot_every: int = _help("Record every n-th step of the window.", 1)
+    rank: int = _help("Singular directions kept per tensor (r).", 1)
+    fit: str = _help("Coefficient trend: 'linear', 'power' or 'poly2'.", "linear")
+    power: float = _help("Exponent p of the 'power' trend.", 1.0)
+    window: int | None = _help("Fit on the last W snapshots only.", None)
+    shrink: float = _help("λ: scale of the predicted move beyond the last observed weights.", 1.0)
+    buffer_dtype: str = _help("Stored delta dtype: bfloat16, float16 or float32.", "bfloat16")
+    buffer_device: str = _help("'auto', 'cpu' or 'param'.", "auto")
+    buffer_max_bytes: int | None = _help("Memory budget of the delta buffer in bytes.", None)
+    include: list[str] | None = _help("Regexes of parameter names to track.", None)
+    exclude: list[str] | None = _help("Regexes of parameter names never to track.", None)
+    output_dir: str | None = _help("Folder of the relex-step{K} directories (default: args.output_dir).", None)
+    overwrite: bool = _help("Replace existing non-empty output directories.", False)
+    save_model: bool = _help("Write the extrapolated model directories.", True)
+    backtest_tolerance: float = _help("Largest acceptable backtest distance before warning.", 0.75)
+
+    def __post_init__(self) -> None:
+        self._check_int("observe", minimum=1)
+        self._check_int("start_step", minimum=0)
+        self._check_int("snapshot_every", minimum=1)
+        self._check_int("rank", minimum=1)
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not supported; use one of {MODES}.")
+        if self.observe % self.snapshot_every:
+            raise ValueError(
+                f"observe={self.observe} is not a multiple of snapshot_every={self.snapshot_every}: the last "
+                f"observed step must be a snapshot. Use e.g. observe={self.observe - self.observe % self.snapshot_every or self.snapshot_every}."
+            )
+        if self.fit not in TREND_KINDS:
+            raise ValueError(f"fit={self.fit!r} is not supported; use one of {TREND_KINDS}.")
+        if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or not self.power > 0:
+            raise ValueError(f"power={self.power!r} must be a number > 0 (1.0 is the paper's line, 0.5 a √t axis).")
+        if self.window is not None:
+            self._check_int("window", minimum=2)
+        needed = self.rank + 1 if self.fit != "poly2" else max(self.rank + 1, 3)
+        if self.num_fit_snapshots < needed:
+            raise ValueError(
+                f"observe={self.observe} with snapshot_every={self.snapshot_every}"
+                + (f" and window={self.window}" if self.window is not None else "")
+                + f" gives {self.num_fit_snapshots} snapshots to fit, too few for rank={self.rank} and fit={self.fit!r}: "
+                f"need at least {needed}. Increase observe (or the window) or lower rank."
+            )
+        if isinstance(self.shrink, bool) or not isinstance(self.shrink, (int, float)) or not 0 < self.shrink <= 1:
+            raise ValueError(f"shrink={self.shrink!r} must be in (0, 1]; 1.0 keeps the full prediction.")
+        if self.buffer_dtype not in BUFFER_DTYPES:
+            raise ValueError(f"buffer_dtype={self.buffer_dtype!r} is not supported; use one of {BUFFER_DTYPES}.")
+        if self.buffer_device not in BUFFER_DEVICES:
+            raise ValueError(f"buffer_device={self.buffer_device!r} is not supported; use one of {BUFFER_DEVICES}.")
+        if self.buffer_max_bytes is not None:
+            self._check_int("buffer_max_bytes", minimum=1)
+        self.include = self._check_patterns("include")
+        self.exclude = self._check_patterns("exclude")
+        if self.output_dir is not None and not isinstance(self.output_dir, str):
+            raise TypeError(f"output_dir must be a str path, got {type(self.output_dir).__name__}.")
+        for name in ("overwrite", "save_model"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be True or False.")
+        if isinstance(self.backtest_tolerance, bool) or not isinstance(self.backtest_tolerance, (int, float)) or not self.backtest_tolerance > 0:
+            raise ValueError(f"backtest_tolerance={self.backtest_tolerance!r} must be a number > 0.")
+        self.extrapolate_to = self._check_targets()
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
+        if value < minimum:
+            raise ValueError(f"{name}={value} must be >= {minimum}.")
+
+    def _check_patterns(self, name: str) -> list[str] | None:
+        value = getattr(self, name)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+            raise TypeError(f"{name} must be a list of regular-expression strings, got {value!r}.")
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{name} pattern {pattern!r} is not a valid regular expression: {err}.") from None
+        return list(value)
+
+    def _check_targets(self) -> list[int] | None:
+        value = self.extrapolate_to
+        if value is None:
+            if self.mode == "halt":
+                raise ValueError(
+                    "extrapolate_to is required in halt mode: pass the target step K, e.g. "
+                    f"RelexCallback(observe={self.observe}, extrapolate_to={self.last_observed_step * 5})."
+                )
+            return None
+        targets = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(targets, (list, tuple)) or not targets:
+            raise TypeError(f"extrapolate_to must be an int or a non-empty list of ints, got {value!r}.")
+        for target in targets:
+            if isinstance(target, bool) or not isinstance(target, int):
+                raise TypeError(f"extrapolate_to must contain ints (global steps), got {target!r}.")
+            if target <= self.last_observed_step:
+                raise ValueError(
+                    f"extrapolate_to={target} is not after the observation window, which ends at step "
+                    f"{self.last_observed_step} (start_step={self.start_step} + observe={self.observe}). "
+                    f"Pass a target > {self.last_observed_step}."
+                )
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"extrapolate_to has duplicate steps: {list(targets)}.")
+        return list(targets)
+
+    # -- derived values -------------------------------------------------------------------------------------
+
+    @property
+    def last_observed_step(self) -> int:
+        """Global step of the last snapshot of the first window (start_step + observe)."""
+        return self.start_step + self.observe
+
+    @property
+    def num_snapshots(self) -> int:
+        """T: snapshots in the observation window."""
+        return self.observe // self.snapshot_every
+
+    @property
+    def num_fit_snapshots(self) -> int:
+        return self.num_snapshots if self.window is None else min(self.window, self.num_snapshots)
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        return [self.start_step + k * self.snapshot_every for k in range(1, self.num_snapshots + 1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RelexConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TypeError(f"unknown RelexConfig option(s) {unknown}; valid options are {sorted(known)}.")
+        return cls(**values)
