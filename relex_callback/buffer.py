@@ -161,6 +161,21 @@ class DeltaBuffer:
             stack[:keep].copy_(stack[excess : excess + keep].clone())
         self.steps = self.steps[excess:]
 
+    def keep_rows(self, rows: Iterable[int]) -> None:
+        """Keep only the snapshots at ``rows`` (indices into ``steps``), in their order; frees the other rows.
+
+        Jump mode uses it to thin a full buffer (every other snapshot) so the buffer keeps spanning the
+        whole trajectory since θ_0 at a coarser interval.
+        """
+        rows = sorted(set(int(r) for r in rows))
+        if rows and not 0 <= rows[0] <= rows[-1] < len(self.steps):
+            raise IndexError(f"rows {rows} out of range for {len(self.steps)} snapshots")
+        index = torch.tensor(rows, dtype=torch.long)
+        for stack in self.deltas.values():
+            kept = stack.index_select(0, index.to(stack.device))
+            stack[: len(rows)].copy_(kept)
+        self.steps = [self.steps[r] for r in rows]
+
     # -- reading ------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:

@@ -7,12 +7,14 @@ import logging
 import math
 import sys
 import time
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, ExportableState, TrainerControl, TrainerState
 from transformers.training_args import TrainingArguments
@@ -20,9 +22,21 @@ from transformers.training_args import TrainingArguments
 from . import __version__
 from .buffer import DeltaBuffer, TrackedTensor, format_bytes, host_available_bytes, select_parameters
 from .config import RelexConfig
-from .core import TrajectoryFit, combine, fit_trajectory
-from .distributed import all_reduce_grams, all_reduce_sum, is_main_process, world_info
+from .core import TrajectoryFit, combine, fit_trajectory, select_power
+from .distributed import (
+    all_reduce_grams,
+    all_reduce_sum,
+    communication_report,
+    gather_state_dict,
+    is_main_process,
+    track_parameters,
+    unwrap_model,
+    world_info,
+    write_prediction,
+)
+from .peft_support import check_mergeable, merged_dir_name, merged_state_dict
 from .export import REPORT_NAME, atomic_directory, check_output_dir, summarize_explained_variance, write_json, write_model_card
+from .jump import JumpController, Probe, score_model
 
 __all__ = ["RelexCallback", "STATE_FILE_NAME", "STATE_FORMAT_VERSION"]
 
@@ -47,8 +61,17 @@ class RelexCallback(TrainerCallback, ExportableState):
     Hugging Face model directory ``{output_dir}/relex-step{K}`` per target K, stops training, and leaves the
     extrapolated weights (of the last target) in the live model when ``train()`` returns.
 
+    In jump mode (``mode="jump"``) training continues and the live weights are moved ``jump_horizon`` steps
+    ahead along the fitted trajectory at step ``start_step + observe`` and every ``jump_every`` steps after it
+    (:class:`~relex_callback.jump.JumpController`, ``docs/jump-mode.md``).
+
     Args:
         config (`RelexConfig` or `dict`, *optional*): the settings; keyword arguments override its fields.
+        probe (`Callable[[torch.nn.Module], float]`, *optional*): scores a model, higher is better (e.g.
+            :class:`~relex_callback.probe.RewardProbe`). Jump mode rejects a jump that lowers the score by more
+            than ``probe_tolerance``; halt mode with several targets loads the best one, never one below the
+            current weights unless ``allow_worse=True``. Not saved in checkpoints: a callback rebuilt by
+            transformers from ``trainer_state.json`` takes the probe of the callback it replaces.
         **options: any :class:`RelexConfig` field, e.g. ``observe=50, extrapolate_to=1000``.
 
     Example:
@@ -64,7 +87,13 @@ class RelexCallback(TrainerCallback, ExportableState):
     ``trainer.train(resume_from_checkpoint=...)``; its JSON state also goes into ``trainer_state.json``.
     """
 
-    def __init__(self, config: RelexConfig | dict | None = None, **options: Any) -> None:
+    _instances: list[weakref.ref] = []
+
+    def __init__(
+        self, config: RelexConfig | dict | None = None, *, probe: Probe | None = None, _from_state: bool = False, **options: Any
+    ) -> None:
+        if probe is not None and not callable(probe):
+            raise TypeError(f"probe must be a callable probe(model) -> float, got {type(probe).__name__} ({probe!r:.80}).")
         if config is None:
             config = RelexConfig(**options)
         elif isinstance(config, dict):
@@ -82,14 +111,39 @@ class RelexCallback(TrainerCallback, ExportableState):
         self._pending_metrics: dict[str, float] = {}
         self._snapshot_seconds = 0.0
         self._halted = False
+        self.probe: Probe | None = probe
+        self.probe_scores: dict[str, float] = {}
+        self.jump: JumpController | None = JumpController(config) if config.mode == "jump" else None
+        self._jump_state: dict[str, Any] | None = None
+        if probe is None and _from_state:
+            self.probe = self._adopt_probe()
+        RelexCallback._instances = [r for r in RelexCallback._instances if r() is not None] + [weakref.ref(self)]
+
+    def _adopt_probe(self) -> Probe | None:
+        """The probe of the newest live callback with the same config (else the newest with a probe).
+
+        transformers' ``_load_callback_state`` (``restore_callback_states_from_checkpoint=True``) replaces each
+        callback by ``type(cb)(**state["args"])``; a probe cannot travel through ``trainer_state.json``.
+        """
+        live = [cb for cb in (r() for r in reversed(RelexCallback._instances)) if cb is not None and cb.probe is not None]
+        same = [cb for cb in live if cb.config == self.config]
+        chosen = (same or live or [None])[0]
+        if chosen is None:
+            logger.warning(
+                "RELEX: rebuilt from a checkpoint's trainer_state.json without a probe; set callback.probe = ... on the "
+                "callback in trainer.callback_handler.callbacks to keep probing."
+            )
+            return None
+        logger.info("RELEX: rebuilt from trainer_state.json; kept the probe of the callback it replaces")
+        return chosen.probe
 
     # -- transformers' ExportableState ---------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return {
-            "args": self.config.to_dict(),
-            "attributes": {"_halted": self._halted, "_snapshot_seconds": self._snapshot_seconds},
-        }
+        attributes: dict[str, Any] = {"_halted": self._halted, "_snapshot_seconds": self._snapshot_seconds}
+        if self.jump is not None:
+            attributes["_jump_state"] = self.jump.state_dict()
+        return {"args": {**self.config.to_dict(), "_from_state": True}, "attributes": attributes}
 
     # -- decisions (overridable) ---------------------------------------------------------------------------
 
@@ -119,12 +173,20 @@ class RelexCallback(TrainerCallback, ExportableState):
         if cfg.mode == "halt" and cfg.save_model and state.global_step < cfg.last_observed_step:
             for target in cfg.extrapolate_to:
                 check_output_dir(self.target_dir(target), cfg.overwrite)
+                if getattr(cfg, "merge_lora", False):
+                    check_output_dir(self._output_root / merged_dir_name(target), cfg.overwrite)
+        if getattr(cfg, "merge_lora", False):
+            check_mergeable(model)
         self.buffer = self._make_buffer(model)
+        if self.jump is not None and self._jump_state:
+            self.jump.load_state_dict(self._jump_state, state.global_step)  # restored by transformers; the sidecar wins
         if state.global_step > cfg.start_step:
             self._resume(args, state)
         elif state.global_step == cfg.start_step:
             self.buffer.capture_base()
             logger.info("RELEX: captured θ_0 at step %d", state.global_step)
+        if self.jump is not None:
+            self.jump.begin(args, state, self._output_root)
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
@@ -135,6 +197,10 @@ class RelexCallback(TrainerCallback, ExportableState):
         if step == cfg.start_step and not self.buffer.theta0:
             self.buffer.capture_base()
             logger.info("RELEX: captured θ_0 at step %d", step)
+        if self.jump is not None:
+            if self.buffer.theta0:
+                self.jump.on_step_end(self, state, control, model, kwargs.get("optimizer"))
+            return control
         if self.should_snapshot(step):
             started = time.perf_counter()
             self.buffer.record(step)
@@ -154,6 +220,8 @@ class RelexCallback(TrainerCallback, ExportableState):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.jump is not None:
+            logs["relex/virtual_step"] = float(self.jump.virtual_step(state.global_step))
         if logs is not None and self._pending_metrics:
             logs.update(self._pending_metrics)
             self._pending_metrics = {}
@@ -182,6 +250,8 @@ class RelexCallback(TrainerCallback, ExportableState):
             "rank": str(rank),
             "world_size": str(world),
         }
+        if self.jump is not None:
+            metadata["jump"] = json.dumps(self.jump.state_dict())
         tmp = path.with_name(path.name + ".tmp")
         save_file(self.buffer.state_tensors(), str(tmp), metadata=metadata)
         tmp.replace(path)
@@ -203,6 +273,8 @@ class RelexCallback(TrainerCallback, ExportableState):
                 self._load_state_file(path, state.global_step)
                 return
         self.buffer.capture_base()
+        if self.jump is not None:
+            self.jump.restart(replace(cfg, start_step=state.global_step))
         looked = ", ".join(str(_state_file(d)) for d in candidates)
         logger.warning(
             "RELEX: resuming at step %d but no saved delta buffer was found (looked for %s). θ_0 is lost, so the "
@@ -229,6 +301,10 @@ class RelexCallback(TrainerCallback, ExportableState):
                     f"{path} was written with {key}={saved.get(key)!r} but the callback now has "
                     f"{key}={getattr(self.config, key)!r}; resume with the same setting."
                 )
+        if self.jump is not None and "jump" in metadata:
+            self.jump.load_state_dict(json.loads(metadata["jump"]), step)
+        if self.jump is not None:
+            step = self.jump.virtual_step(step)  # jump mode records snapshots at virtual steps
         steps = [s for s in json.loads(metadata["steps"]) if s <= step]
         tensors = load_file(str(path))
         tensors = {k: (v[: len(steps)] if k.startswith("deltas/") else v) for k, v in tensors.items()}
@@ -245,13 +321,13 @@ class RelexCallback(TrainerCallback, ExportableState):
                 f"no parameter to track: none is a trainable floating-point tensor matching include={cfg.include} "
                 f"and not exclude={cfg.exclude}. Loosen include/exclude or unfreeze parameters."
             )
-        return [TrackedTensor(name, param) for name, param in chosen]
+        return track_parameters(model, chosen)  # one slice per process under DDP/FSDP/DeepSpeed
 
     def _make_buffer(self, model: torch.nn.Module) -> DeltaBuffer:
         cfg = self.config
         tracked = self._tracked_tensors(model)
         numels = [t.numel for t in tracked]
-        needed = DeltaBuffer.bytes_needed(numels, cfg.num_snapshots, cfg.buffer_dtype)
+        needed = DeltaBuffer.bytes_needed(numels, cfg.buffer_capacity, cfg.buffer_dtype)
         on_gpu = any(t.view().is_cuda for t in tracked)
         device = cfg.buffer_device
         gpu_budget = cfg.buffer_max_bytes
@@ -267,9 +343,9 @@ class RelexCallback(TrainerCallback, ExportableState):
             raise MemoryError(self._budget_message(needed, budget, where, numels))
         logger.info(
             "RELEX: tracking %d tensors (%s parameters); the delta buffer needs %s on %s (%d snapshots, %s)",
-            len(tracked), f"{sum(numels):,}", format_bytes(needed), where, cfg.num_snapshots, cfg.buffer_dtype,
+            len(tracked), f"{sum(numels):,}", format_bytes(needed), where, cfg.buffer_capacity, cfg.buffer_dtype,
         )
-        return DeltaBuffer(tracked, cfg.num_snapshots, cfg.buffer_dtype, device)
+        return DeltaBuffer(tracked, cfg.buffer_capacity, cfg.buffer_dtype, device)
 
     def _budget_message(self, needed: int, budget: int, where: str, numels: list[int]) -> str:
         cfg = self.config
@@ -294,7 +370,11 @@ class RelexCallback(TrainerCallback, ExportableState):
         """Fit every tracked tensor on the recorded window (Grams summed over processes)."""
         cfg = self.config
         names, grams = [], []
-        for item, gram in self.buffer.grams(window):
+        progress = tqdm(
+            self.buffer.grams(window), total=len(self.buffer.tracked), desc="RELEX fit", unit="tensor",
+            disable=len(self.buffer.tracked) < 64 or not is_main_process(), leave=False,
+        )
+        for item, gram in progress:
             names.append(item.name)
             grams.append(gram)
         grams = all_reduce_grams(grams)
@@ -305,9 +385,14 @@ class RelexCallback(TrainerCallback, ExportableState):
                 "Live weights and output directories were left untouched."
             )
         steps = self.buffer.window_steps(window)
+        origin = float(cfg.start_step if origin is None else origin)
+        power = cfg.power
+        if power == "auto":
+            power, distances = select_power(grams, steps, rank=cfg.rank, origin=origin)
+            logger.info("RELEX: power='auto' chose p=%.2f (backtest distance by p: %s)", power,
+                        {p: round(d, 4) for p, d in distances.items()})
         return fit_trajectory(
-            list(zip(names, grams, strict=True)), steps, targets, rank=cfg.rank, kind=cfg.fit, power=cfg.power,
-            origin=float(cfg.start_step if origin is None else origin),
+            list(zip(names, grams, strict=True)), steps, targets, rank=cfg.rank, kind=cfg.fit, power=power, origin=origin,
         )
 
     @torch.no_grad()
@@ -325,7 +410,7 @@ class RelexCallback(TrainerCallback, ExportableState):
             for j in range(len(fit.targets)):
                 theta_hat = moved[j].add_(base)
                 if shrink != 1.0:
-                    current = by_name[tensor_fit.name].view().to(theta_hat.device, torch.float32)
+                    current = by_name[tensor_fit.name].view().to(theta_hat.device, torch.float32, copy=True)
                     theta_hat = current.add_(theta_hat.sub_(current), alpha=shrink)
                 predictions[j][tensor_fit.name] = theta_hat
             if not all(bool(torch.isfinite(p[tensor_fit.name]).all()) for p in predictions):
@@ -348,17 +433,63 @@ class RelexCallback(TrainerCallback, ExportableState):
         self.last_fit = fit
         for target, prediction in zip(targets, predictions, strict=True):
             self.reports[target] = self._report(fit, target, fit_seconds)
+        chosen = self._choose_with_probe(model, targets, predictions)
         if cfg.save_model:
             started = time.perf_counter()
             for target, prediction in zip(targets, predictions, strict=True):
                 self.reports[target]["timings"]["write_seconds"] = None
                 self.written_dirs[target] = self._write_model_dir(model, processing_class, target, prediction)
             logger.info("RELEX: wrote %s in %.1fs", [str(p) for p in self.written_dirs.values()], time.perf_counter() - started)
-        self.loaded_target = targets[-1]
-        self._final_weights = predictions[-1]
+        self.loaded_target = None if chosen is None else targets[chosen]
+        self._final_weights = None if chosen is None else predictions[chosen]
         self._halted = True
         control.should_training_stop = True
-        self._emit(self._metrics(fit, self.loaded_target, fit_seconds), state, control)
+        metrics = self._metrics(fit, targets[-1] if chosen is None else targets[chosen], fit_seconds)
+        for key, value in self.probe_scores.items():
+            if math.isfinite(value):
+                metrics["relex/probe_current" if key == "current" else f"relex/probe_step{key}"] = value
+        self._emit(metrics, state, control)
+
+    @torch.no_grad()
+    def _choose_with_probe(self, model, targets: list[int], predictions: list[dict[str, torch.Tensor]]) -> int | None:
+        """Index of the prediction to load: the last target without a probe; with one, the best-scoring target
+        (ties: the nearest), or ``None`` (keep the current weights) when it scores below them and not
+        ``allow_worse``. Scores go into each target's report under ``"probe"``."""
+        if self.probe is None:
+            return len(targets) - 1
+        saved = {item.name: item.view().detach().clone() for item in self.buffer.tracked}
+        current = score_model(self.probe, model)
+        scores: list[float] = []
+        try:
+            for prediction in predictions:
+                self._load_into_model(prediction)
+                scores.append(score_model(self.probe, model))
+        finally:
+            self._load_into_model(saved)  # bit-exact: the copies have the parameters' dtype
+        del saved
+        ranked = sorted((i for i, v in enumerate(scores) if math.isfinite(v)), key=lambda i: (-scores[i], targets[i]))
+        best = ranked[0] if ranked else None
+        worse = best is not None and math.isfinite(current) and scores[best] < current
+        chosen = None if best is None or (worse and not self.config.allow_worse) else best
+        self.probe_scores = {"current": current, **{str(t): v for t, v in zip(targets, scores, strict=True)}}
+        for i, target in enumerate(targets):
+            self.reports[target]["probe"] = {
+                "score": scores[i],
+                "current_weights_score": current,
+                "scores_by_target": {str(t): v for t, v in zip(targets, scores, strict=True)},
+                "loaded_into_live_model": i == chosen,
+                "allow_worse": self.config.allow_worse,
+            }
+        if chosen is None:
+            logger.warning(
+                "RELEX: every extrapolated candidate scores below the current weights (%.4f; candidates %s); the live model "
+                "keeps the trained weights. Pass allow_worse=True to load the best candidate anyway.",
+                current, {t: round(v, 4) for t, v in zip(targets, scores, strict=True)},
+            )
+        else:
+            logger.info("RELEX: probe scores %s (current weights %.4f); loading step %d",
+                        {t: round(v, 4) for t, v in zip(targets, scores, strict=True)}, current, targets[chosen])
+        return chosen
 
     # -- reporting ------------------------------------------------------------------------------------------
 
@@ -426,6 +557,7 @@ class RelexCallback(TrainerCallback, ExportableState):
                 "device": str(self.buffer.device),
                 "world_size": world,
             },
+            "communication_bytes": communication_report(),
             "timings": {
                 "snapshot_seconds_total": self._snapshot_seconds,
                 "snapshot_seconds_mean": self._snapshot_seconds / max(len(fit.steps), 1),
@@ -438,7 +570,7 @@ class RelexCallback(TrainerCallback, ExportableState):
     def _param_shape(self, name: str) -> torch.Size:
         for item in self.buffer.tracked:
             if item.name == name:
-                return item.param.shape
+                return torch.Size(getattr(item, "full_shape", None) or item.param.shape)
         return torch.Size()
 
     def _metrics(self, fit: TrajectoryFit, target: int, fit_seconds: float) -> dict[str, float]:
@@ -478,30 +610,32 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     @torch.no_grad()
     def _load_into_model(self, prediction: dict[str, torch.Tensor]) -> None:
-        for item in self.buffer.tracked:
-            if item.name in prediction:
-                target = item.view()
-                target.copy_(prediction[item.name].to(target.device, target.dtype))
+        """Write ``prediction`` (this process's slices) into the live weights; collective under DDP/FSDP/DeepSpeed."""
+        write_prediction(self.buffer.tracked, prediction)
 
     def _write_model_dir(self, model, processing_class, target: int, prediction: dict[str, torch.Tensor]) -> Path:
         final = self.target_dir(target)
         report = {k: v for k, v in self.reports[target].items() if not k.startswith("_")}
+        started = time.perf_counter()
+        state_dict = gather_state_dict(model, self.buffer.tracked, prediction)  # collective; None off rank 0
         if not is_main_process():
             return final
-        started = time.perf_counter()
-        replaced = {}
-        for item in self.buffer.tracked:
-            param = item.param
-            replaced[(param.data_ptr(), tuple(param.shape))] = prediction[item.name].to("cpu", param.dtype).view(param.shape)
-        state_dict = {
-            key: replaced.get((value.data_ptr(), tuple(value.shape)), value) for key, value in model.state_dict().items()
-        }
+        to_save = unwrap_model(model)
         with atomic_directory(final, overwrite=self.config.overwrite) as staging:
-            model.save_pretrained(staging, state_dict=state_dict)
+            to_save.save_pretrained(staging, state_dict=state_dict)  # a PeftModel writes its adapter only
             if processing_class is not None and hasattr(processing_class, "save_pretrained"):
                 processing_class.save_pretrained(staging)
             report["timings"]["write_seconds"] = time.perf_counter() - started
             write_json(staging / REPORT_NAME, report)
             write_model_card(staging, report)
+        if getattr(self.config, "merge_lora", False):
+            merged = self._output_root / merged_dir_name(target)
+            with atomic_directory(merged, overwrite=self.config.overwrite) as staging:
+                to_save.get_base_model().save_pretrained(staging, state_dict=merged_state_dict(model, state_dict))
+                if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+                    processing_class.save_pretrained(staging)
+                write_json(staging / REPORT_NAME, {**report, "merged_lora": True})
+                write_model_card(staging, report)
+            logger.info("RELEX: wrote the merged LoRA model for step %d to %s", target, merged)
         logger.info("RELEX: wrote the extrapolated model for step %d to %s", target, final)
         return final

@@ -6,13 +6,15 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .core import TREND_KINDS
+from .core import POWER_GRID, TREND_KINDS
 
-__all__ = ["RelexConfig", "BUFFER_DTYPES", "BUFFER_DEVICES", "MODES"]
+__all__ = ["RelexConfig", "BUFFER_DTYPES", "BUFFER_DEVICES", "MODES", "OPTIMIZER_POLICIES", "JUMP_ANCHORS", "POWER_GRID"]
 
 BUFFER_DTYPES = ("bfloat16", "float16", "float32")
 BUFFER_DEVICES = ("auto", "cpu", "param")
 MODES = ("halt", "jump")
+OPTIMIZER_POLICIES = ("keep", "reset")
+JUMP_ANCHORS = ("fit", "current")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -31,15 +33,19 @@ class RelexConfig:
         extrapolate_to (`int` or `list[int]`, *optional*): absolute ``global_step`` target(s) [K] of the
             halt-mode prediction; one model directory is written per target. Required in halt mode.
         mode (`str`, defaults to `"halt"`): ``"halt"`` fits once at the end of the window, writes the
-            extrapolated model(s) and stops training.
+            extrapolated model(s) and stops training. ``"jump"`` keeps training and moves the live weights
+            ``jump_horizon`` (virtual) steps ahead along the fitted trajectory at step ``start_step + observe``
+            and every ``jump_every`` steps after it (see ``docs/jump-mode.md``).
         start_step (`int`, defaults to `0`): global step whose weights are θ_0.
         snapshot_every (`int`, defaults to `1`): record every n-th step of the window; the regression uses
             the real step numbers, so sparse snapshots predict the same line.
         rank (`int`, defaults to `1`): number of singular directions kept per tensor [r].
         fit (`str`, defaults to `"linear"`): trend of the coefficients c_t: ``"linear"`` (the paper),
             ``"power"`` (c = a + b·(t − start_step)^p) or ``"poly2"``.
-        power (`float`, defaults to `1.0`): the exponent p of the ``"power"`` trend.
-        window (`int`, *optional*): fit on the last ``window`` snapshots only (default: all).
+        power (`float` or `"auto"`, defaults to `1.0`): the exponent p of the ``"power"`` trend. ``"auto"``
+            picks p from ``POWER_GRID`` (0.3 ... 1.0) by the smallest Gram-only backtest distance at every fit.
+        window (`int`, *optional*): fit on the last ``window`` snapshots only (default: all). In jump mode the
+            buffer then keeps a rolling window of that many snapshots.
         shrink (`float`, defaults to `1.0`): scale λ ∈ (0, 1] of the predicted displacement beyond the last
             observed weights: θ = θ_N + λ(θ̂(K) − θ_N).
         buffer_dtype (`str`, defaults to `"bfloat16"`): dtype of the stored deltas (``"bfloat16"``,
@@ -57,9 +63,35 @@ class RelexConfig:
             trainer's ``args.output_dir``).
         overwrite (`bool`, defaults to `False`): replace existing non-empty output directories.
         save_model (`bool`, defaults to `True`): write the extrapolated model directories (halt mode).
+        merge_lora (`bool`, defaults to `False`): with a LoRA ``PeftModel``, also write a merged full model
+            ``relex-step{K}-merged/`` (W + scaling·B̂Â) next to the adapter directory ``relex-step{K}/``.
         backtest_tolerance (`float`, defaults to `0.75`): largest acceptable relative distance
             ||θ̂ − θ|| / ||θ − θ_0|| of the in-window backtest; targets beyond the horizon it supports
-            get a warning.
+            get a warning (halt mode) or cap the jump horizon (jump mode with ``auto_horizon``).
+        jump_every (`int`, *optional*): jump mode: real optimizer steps J between jumps (default: ``observe``).
+        jump_horizon (`int`, *optional*): jump mode: steps H each jump moves ahead of the current virtual step
+            (default: ``jump_every``).
+        max_snapshots (`int`, *optional*): jump mode: capacity of the delta buffer in snapshots (default:
+            ``window`` if set, else ``observe // snapshot_every``). Without ``window`` a full buffer is thinned
+            (every other snapshot dropped, recording interval doubled), so it always spans the trajectory since
+            θ_0; with ``window`` the oldest snapshot is dropped.
+        auto_horizon (`bool`, defaults to `True`): jump mode: cap each horizon at the largest H the backtest
+            supports at ``backtest_tolerance``; a jump whose cap is below one step is skipped.
+        optimizer_policy (`str`, defaults to `"keep"`): jump mode: what happens to the optimizer state of the
+            jumped parameters after an accepted jump: ``"keep"`` leaves it, ``"reset"`` zeroes every state
+            tensor (Adam's exp_avg / exp_avg_sq) and its ``step``, as a fresh optimizer would have it. Moments are
+            never extrapolated.
+        probe_tolerance (`float`, defaults to `0.0`): jump mode: a jump is rejected (weights restored
+            bit-for-bit) when the probe score after it is below the score before it minus this tolerance.
+        probe_shrink_on_reject (`float`, defaults to `0.5`): jump mode: factor in (0, 1) applied to the next
+            horizon after a rejected jump; each accepted jump grows it back by the same factor, up to
+            ``jump_horizon``.
+        jump_anchor (`str`, defaults to `"fit"`): jump mode: where a jump lands. ``"fit"`` is the paper's
+            prediction θ̂(v + H) = θ_0 + ĉ(v + H)·v, which drops the part of the current weights off the fitted
+            rank-r line; ``"current"`` keeps the current weights and adds the predicted progress along the line,
+            θ + (ĉ(v + H) − ĉ(v))·v. ``shrink`` scales the move in both cases.
+        allow_worse (`bool`, defaults to `False`): halt mode with a probe: load the best-scoring candidate even
+            when it scores below the current weights (by default the current weights are then kept).
     """
 
     observe: int = _help("Observation window N in optimizer steps.", 50)
@@ -80,7 +112,17 @@ class RelexConfig:
     output_dir: str | None = _help("Folder of the relex-step{K} directories (default: args.output_dir).", None)
     overwrite: bool = _help("Replace existing non-empty output directories.", False)
     save_model: bool = _help("Write the extrapolated model directories.", True)
+    merge_lora: bool = _help("LoRA: also write a merged full model relex-step{K}-merged/.", False)
     backtest_tolerance: float = _help("Largest acceptable backtest distance before warning.", 0.75)
+    jump_every: int | None = _help("Jump mode: real steps J between jumps (default: observe).", None)
+    jump_horizon: int | None = _help("Jump mode: steps H each jump moves ahead (default: jump_every).", None)
+    max_snapshots: int | None = _help("Jump mode: delta-buffer capacity in snapshots.", None)
+    auto_horizon: bool = _help("Jump mode: cap the horizon by the backtest at backtest_tolerance.", True)
+    optimizer_policy: str = _help("Jump mode: 'keep' or 'reset' the optimizer state of jumped parameters.", "keep")
+    probe_tolerance: float = _help("Jump mode: largest probe-score drop a jump may cause.", 0.0)
+    probe_shrink_on_reject: float = _help("Jump mode: factor on the next horizon after a rejected jump.", 0.5)
+    jump_anchor: str = _help("Jump mode: 'fit' (θ_0 + ĉ(v+H)·v, the paper) or 'current' (θ + (ĉ(v+H) − ĉ(v))·v).", "fit")
+    allow_worse: bool = _help("Halt mode with a probe: load the best candidate even if below the current weights.", False)
 
     def __post_init__(self) -> None:
         self._check_int("observe", minimum=1)
@@ -96,8 +138,13 @@ class RelexConfig:
             )
         if self.fit not in TREND_KINDS:
             raise ValueError(f"fit={self.fit!r} is not supported; use one of {TREND_KINDS}.")
-        if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or not self.power > 0:
-            raise ValueError(f"power={self.power!r} must be a number > 0 (1.0 is the paper's line, 0.5 a √t axis).")
+        if self.power == "auto":
+            if self.fit != "power":
+                raise ValueError(f"power='auto' selects the exponent of the power trend, but fit={self.fit!r}. Pass fit='power'.")
+        elif isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or not self.power > 0:
+            raise ValueError(
+                f"power={self.power!r} must be a number > 0 (1.0 is the paper's line, 0.5 a √t axis) or 'auto'."
+            )
         if self.window is not None:
             self._check_int("window", minimum=2)
         needed = self.rank + 1 if self.fit != "poly2" else max(self.rank + 1, 3)
@@ -120,12 +167,55 @@ class RelexConfig:
         self.exclude = self._check_patterns("exclude")
         if self.output_dir is not None and not isinstance(self.output_dir, str):
             raise TypeError(f"output_dir must be a str path, got {type(self.output_dir).__name__}.")
-        for name in ("overwrite", "save_model"):
+        for name in ("overwrite", "save_model", "merge_lora"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be True or False.")
         if isinstance(self.backtest_tolerance, bool) or not isinstance(self.backtest_tolerance, (int, float)) or not self.backtest_tolerance > 0:
             raise ValueError(f"backtest_tolerance={self.backtest_tolerance!r} must be a number > 0.")
+        self._check_jump_options()
         self.extrapolate_to = self._check_targets()
+
+    def _check_jump_options(self) -> None:
+        jump_only = ("jump_every", "jump_horizon", "max_snapshots")
+        if self.mode != "jump":
+            for name in jump_only:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}={getattr(self, name)!r} is a jump-mode option; pass mode='jump' or drop it.")
+        for name in ("jump_every", "jump_horizon"):
+            if getattr(self, name) is not None:
+                self._check_int(name, minimum=1)
+        if self.max_snapshots is not None:
+            self._check_int("max_snapshots", minimum=2)
+            needed = self.rank + 1 if self.fit != "poly2" else max(self.rank + 1, 3)
+            if self.max_snapshots < needed:
+                raise ValueError(
+                    f"max_snapshots={self.max_snapshots} is too few for rank={self.rank} and fit={self.fit!r}: "
+                    f"need at least {needed}."
+                )
+            if self.window is not None and self.max_snapshots < self.window:
+                raise ValueError(
+                    f"max_snapshots={self.max_snapshots} is smaller than window={self.window}: the buffer could not "
+                    f"hold the fit window. Use max_snapshots >= {self.window} or leave it unset."
+                )
+        for name in ("auto_horizon", "allow_worse"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be True or False.")
+        if self.optimizer_policy not in OPTIMIZER_POLICIES:
+            raise ValueError(
+                f"optimizer_policy={self.optimizer_policy!r} is not supported; use one of {OPTIMIZER_POLICIES} "
+                "(optimizer moments are never extrapolated)."
+            )
+        if self.jump_anchor not in JUMP_ANCHORS:
+            raise ValueError(f"jump_anchor={self.jump_anchor!r} is not supported; use one of {JUMP_ANCHORS}.")
+        tol = self.probe_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"probe_tolerance={tol!r} must be a number >= 0 (0 rejects any drop of the probe score).")
+        factor = self.probe_shrink_on_reject
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+            raise ValueError(
+                f"probe_shrink_on_reject={factor!r} must be in (0, 1): the next horizon after a rejected jump is "
+                "multiplied by it (e.g. 0.5 halves it)."
+            )
 
     # -- helpers -------------------------------------------------------------------------------------------
 
@@ -153,6 +243,11 @@ class RelexConfig:
 
     def _check_targets(self) -> list[int] | None:
         value = self.extrapolate_to
+        if self.mode == "jump" and value is not None:
+            raise ValueError(
+                f"extrapolate_to={value!r} is a halt-mode option; jump mode moves jump_horizon steps ahead at every "
+                "jump. Drop extrapolate_to or use mode='halt'."
+            )
         if value is None:
             if self.mode == "halt":
                 raise ValueError(
@@ -191,6 +286,25 @@ class RelexConfig:
     @property
     def num_fit_snapshots(self) -> int:
         return self.num_snapshots if self.window is None else min(self.window, self.num_snapshots)
+
+    @property
+    def jump_interval(self) -> int:
+        """J: real optimizer steps between jumps (``jump_every``, default ``observe``)."""
+        return self.jump_every if self.jump_every is not None else self.observe
+
+    @property
+    def horizon(self) -> int:
+        """H: steps each jump moves ahead of the current virtual step (``jump_horizon``, default J)."""
+        return self.jump_horizon if self.jump_horizon is not None else self.jump_interval
+
+    @property
+    def buffer_capacity(self) -> int:
+        """Snapshots the delta buffer holds: T in halt mode; ``max_snapshots`` / ``window`` / T in jump mode."""
+        if self.mode != "jump":
+            return self.num_snapshots
+        if self.max_snapshots is not None:
+            return self.max_snapshots
+        return self.window if self.window is not None else self.num_snapshots
 
     @property
     def snapshot_steps(self) -> list[int]:

@@ -36,6 +36,7 @@ __all__ = [
     "Trend",
     "Backtest",
     "gram_matrix",
+    "gram_matrix_blocked",
     "subspace_from_gram",
     "fit_trend",
     "r_squared",
@@ -44,9 +45,12 @@ __all__ = [
     "combine",
     "backtest_errors",
     "backtest",
+    "select_power",
+    "POWER_GRID",
 ]
 
 TREND_KINDS = ("linear", "power", "poly2")
+POWER_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SINGULAR_VALUE_RTOL = 1e-6
 _DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
@@ -311,6 +315,33 @@ def backtest(
     return Backtest(num_fit=num_fit, ratio=ratio, distance=distance)
 
 
+def select_power(
+    grams: Sequence[torch.Tensor],
+    steps: torch.Tensor | Sequence[float],
+    rank: int = 1,
+    origin: float = 0.0,
+    grid: Sequence[float] = POWER_GRID,
+    num_fit: int | None = None,
+) -> tuple[float, dict[float, float]]:
+    """The exponent p of the power trend c = a + b·(x − origin)^p with the smallest whole-model backtest
+    distance over ``grid`` (Gram-only, so it costs a few small eigendecompositions per tensor).
+
+    Returns ``(p, {p: distance})``. Ties keep the larger p (nearer the paper's line); with too few snapshots
+    for a backtest the largest p of the grid is returned.
+    """
+    if not grid:
+        raise ValueError("grid must hold at least one exponent")
+    distances: dict[float, float] = {}
+    for power in grid:
+        result = backtest(grams, steps, rank=rank, kind="power", power=float(power), origin=origin, num_fit=num_fit)
+        if result is not None:
+            distances[float(power)] = result.distance
+    if not distances:
+        return float(max(grid)), distances
+    best = min(distances.items(), key=lambda item: (item[1], -item[0]))[0]
+    return best, distances
+
+
 @dataclass(frozen=True)
 class TensorFit:
     """The fit of one tensor: its subspace, trend, R² per component and prediction weights ``[n, T]``."""
@@ -365,3 +396,32 @@ def fit_trajectory(
         )
     result = backtest([g for _, g in grams], steps, rank=rank, kind=kind, power=power, origin=origin)
     return TrajectoryFit(steps=[float(s) for s in steps], targets=[float(t) for t in targets], tensors=tensor_fits, backtest=result)
+
+
+def gram_matrix_blocked(
+    deltas: torch.Tensor, block: int = 4096, chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """``G = M Mᵀ`` (fp64, ``[T, T]``) summed in fp64 from fp32 Grams of ``block``-column slices.
+
+    The same quantity as :func:`gram_matrix`, but each fp32 dot product runs over only ``block``
+    elements, in one batched matmul per chunk: on CPU the relative error of ``G`` stays near 1e-6 where
+    one fp32 accumulation over millions of columns reaches ~1e-4 — enough to flip bf16 roundings of an
+    extrapolated model — and the batched call is also faster than one long, thin matmul.
+    """
+    if deltas.dim() != 2:
+        raise ValueError(f"deltas must be a 2-D [T, d] tensor, got shape {tuple(deltas.shape)}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    num_rows, num_cols = deltas.shape
+    gram = torch.zeros(num_rows, num_rows, dtype=torch.float64, device=deltas.device)
+    width = max(block, _chunk_columns(num_rows, num_cols, chunk_elements) // block * block)
+    for start in range(0, num_cols, width):
+        chunk = deltas[:, start : start + width].to(torch.float32)
+        whole = chunk.shape[1] // block * block
+        if whole:
+            blocks = chunk[:, :whole].reshape(num_rows, whole // block, block).transpose(0, 1)  # [n, T, block]
+            gram += torch.bmm(blocks, blocks.transpose(1, 2)).sum(0, dtype=torch.float64)
+        if whole < chunk.shape[1]:
+            rest = chunk[:, whole:]
+            gram += (rest @ rest.T).to(torch.float64)
+    return gram

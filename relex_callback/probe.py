@@ -232,7 +232,7 @@ class RewardProbe:
                 f"got {type(prompts).__name__}"
             )
         try:
-            rows = [prompts[i] for i in range(len(prompts))]
+            rows = prompts.to_list() if hasattr(prompts, "to_list") else [prompts[i] for i in range(len(prompts))]
         except TypeError as exc:
             raise TypeError(
                 "prompts must be a datasets.Dataset or a list of dicts with a 'prompt' key, "
@@ -445,7 +445,9 @@ class RewardProbe:
             logger.warning("Every reward function returned None for all %d prompts; score is NaN", n_bad)
             return math.nan
         if n_bad:
-            logger.warning("%d of %d prompts were unscorable (all rewards None); left out of the mean", n_bad, len(scores))
+            logger.warning(
+                "%d of %d prompts were unscorable (all rewards None); left out of the mean", n_bad, len(scores)
+            )
         score = float(scores[~unscorable].mean())
         logger.debug("RewardProbe: %.4f over %d prompts", score, len(scores) - n_bad)
         return score

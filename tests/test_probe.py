@@ -132,24 +132,34 @@ def test_reward_kwargs_follow_trl_convention():
     assert probe.last_extra == {"my_col": ["x", "x", "x"]}
 
 
-def test_plain_prompt_completions_are_strings_and_eos_cut():
+def test_completion_ids_cut_after_first_eos_like_trl():
     tok = tiny_tokenizer()
-    model = tiny_llama(tokenizer=tok)
-    eos = tok.eos_token_id
-    model.generation_config.eos_token_id = eos
+    model = tiny_qwen2(tokenizer=tok, seed=0)
+    eos, seven = tok.eos_token_id, tok.convert_tokens_to_ids("7")
+    # Only eos or "7" can be generated; with this seed some rows stop early and others run to the limit,
+    # so finished rows get padded inside the batch and must be cut after their eos.
+    suppress = [i for i in range(len(tok)) if i not in (eos, seven)]
     got = {}
 
     def spy(completions, completion_ids, **kwargs):
         got.update(completions=completions, completion_ids=completion_ids)
         return [0.0] * len(completions)
 
-    # Suppress everything except eos: every completion is exactly [eos] -> "" after decoding.
-    suppress = [i for i in range(len(tok)) if i != eos]
-    probe = RewardProbe([{"prompt": p} for p in PLAIN[:3]], spy, tok, max_new_tokens=5,
+    probe = RewardProbe([{"prompt": p} for p in PLAIN], spy, tok, max_new_tokens=4, batch_size=5,
                         generation_kwargs={"suppress_tokens": suppress})
     probe(model)
-    assert got["completions"] == ["", "", ""]
-    assert got["completion_ids"] == [[eos]] * 3
+    expected = []
+    for text in PLAIN:
+        enc = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            seq = model.generate(**enc, do_sample=False, max_new_tokens=4, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=eos, suppress_tokens=suppress)[0, enc["input_ids"].shape[1]:].tolist()
+        expected.append(seq[: seq.index(eos) + 1] if eos in seq else seq)
+    assert any(ids[-1] == eos and len(ids) < 4 for ids in expected)  # the premise: mixed lengths
+    assert any(len(ids) == 4 and eos not in ids for ids in expected)
+    assert got["completion_ids"] == expected
+    assert got["completions"] == [tok.decode(ids, skip_special_tokens=True) for ids in expected]
+    assert all(isinstance(c, str) for c in got["completions"])
 
 
 def test_mode_and_no_grad_during_generation_then_restored():
@@ -274,3 +284,42 @@ def test_bad_arguments_raise(kwargs, exc, match):
 def test_conversational_prompts_need_a_chat_template():
     with pytest.raises(ValueError, match="chat_template"):
         RewardProbe([{"prompt": addition_prompt(1, 2)}], addition_reward, tiny_tokenizer(chat_template=False))
+
+
+@pytest.mark.parametrize("conversational", [True, False], ids=["chat", "plain"])
+def test_reward_call_matches_a_real_grpo_trainer(tmp_path, conversational):
+    """Run one real TRL GRPO step and the probe with the same spy reward: same kwargs, same formats."""
+    trl = pytest.importorskip("trl")
+    tok = tiny_tokenizer()
+    model = tiny_qwen2(tokenizer=tok)
+    prompts = [addition_prompt(a, a + 1) for a in range(4)]
+    if not conversational:
+        prompts = [p[0]["content"] for p in prompts]
+    data = Dataset.from_dict({"prompt": prompts, "answer": [str(2 * a + 1) for a in range(4)], "tag": list("abcd")})
+    calls = []
+
+    def spy(prompts, completions, completion_ids, **kwargs):
+        calls.append({"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **kwargs})
+        return [0.0] * len(prompts)
+
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, num_generations=2,
+        max_completion_length=3, use_cpu=True, bf16=False, activation_checkpointing=False, report_to=[],
+        logging_steps=1, save_strategy="no", disable_tqdm=True,
+    )
+    trl.GRPOTrainer(model=model, reward_funcs=spy, args=args, train_dataset=data, processing_class=tok).train()
+    trainer_call = calls[0]
+    RewardProbe(data, spy, tok, max_new_tokens=3)(model)
+    probe_call = calls[-1]
+
+    assert set(probe_call) == set(trainer_call)
+    for key in ("answer", "tag", "prompts"):
+        assert all(x in data[key if key != "prompts" else "prompt"] for x in trainer_call[key])
+    for call in (trainer_call, probe_call):
+        comp = call["completions"][0]
+        if conversational:
+            assert isinstance(comp, list) and set(comp[0]) == {"role", "content"} and comp[0]["role"] == "assistant"
+        else:
+            assert isinstance(comp, str)
+        assert all(isinstance(ids, list) and all(isinstance(i, int) for i in ids) for ids in call["completion_ids"])
+        assert callable(call["log_extra"]) and callable(call["log_metric"])

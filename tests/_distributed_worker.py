@@ -1,0 +1,321 @@
+"""Worker for ``tests/test_distributed.py``: run under ``torchrun --nproc_per_node 2`` (gloo, CPU).
+
+``python -m torch.distributed.run --nproc_per_node 2 tests/_distributed_worker.py OUT SCENARIO [SCENARIO ...]``
+
+Each scenario trains a tiny real model with a ``RelexCallback`` and, independently of the callback, a
+``Recorder`` that captures the *full* tracked parameters (gathered for sharded models) at θ_0 and every
+snapshot step. Rank 0 writes those snapshots; every rank writes its final live weights (full) and its
+report numbers. The test process then recomputes the prediction on one process and compares.
+
+Scenarios:
+
+* ``ddp``: the real ``transformers.Trainer`` (DDP over gloo, ``use_cpu=True``), tied embeddings, biases;
+* ``ddp_peft``: the real ``Trainer`` on a LoRA ``PeftModel`` (adapter directory + merged model);
+* ``fsdp2``: ``fully_shard`` per decoder layer + root, driven by a hand-written loop that calls the
+  callback's events (accelerate only enables FSDP on accelerators, so the Trainer cannot run FSDP on CPU);
+* ``fsdp1``: FSDP1 with ``use_orig_params=True``, same loop;
+* ``unsupported``: FSDP1 without ``use_orig_params`` and a tensor-parallel DTensor (``Shard(1)``) must raise
+  ``UnsupportedSetupError`` in ``on_train_begin``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _tiny import tiny_qwen2, tiny_tokenizer  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
+
+from relex_callback import RelexCallback  # noqa: E402
+from relex_callback.distributed import UnsupportedSetupError, reset_communication_bytes  # noqa: E402
+
+OBSERVE = 4
+TARGETS = [10, 20]
+
+
+def _full(param: torch.Tensor, full_shape=None) -> torch.Tensor:
+    """The full value of a parameter on every process (collective for DTensors)."""
+    data = param.data
+    if hasattr(data, "full_tensor"):
+        return data.full_tensor().detach().float().clone()
+    return data.detach().float().clone()
+
+
+class Recorder(TrainerCallback):
+    """Captures the full tracked parameters at θ_0 and every observed step, independently of RELEX."""
+
+    def __init__(self, gather=None) -> None:
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.gather = gather
+
+    def capture(self, model, step: int) -> None:
+        if self.gather is not None:
+            self.snapshots[step] = self.gather(model)
+            return
+        self.snapshots[step] = {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.capture(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if 0 < state.global_step <= OBSERVE:
+            self.capture(model, state.global_step)
+
+
+def _texts() -> list[str]:
+    return [f"{a} + {b} = {a + b}" for a in range(12) for b in range(6)]
+
+
+def _dataset(tok):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [tok(t)["input_ids"] for t in _texts()]})
+
+
+def _collate(tok):
+    def collate(rows):
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.tensor([r["input_ids"] + [tok.pad_token_id] * (width - len(r["input_ids"])) for r in rows])
+        labels = ids.masked_fill(ids == tok.pad_token_id, -100)
+        return {"input_ids": ids, "labels": labels}
+
+    return collate
+
+
+def _relex(out: Path, **extra) -> RelexCallback:
+    return RelexCallback(observe=OBSERVE, extrapolate_to=TARGETS, buffer_dtype="float32", output_dir=str(out), **extra)
+
+
+def _dump(out: Path, callback: RelexCallback, recorder: Recorder, final: dict[str, torch.Tensor]) -> None:
+    rank = dist.get_rank()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in final.items()}, str(out / f"final-rank{rank}.safetensors"))
+    report = callback.reports[TARGETS[-1]]
+    info = {
+        "buffer_bytes": callback.buffer.nbytes,
+        "tracked_elements": sum(item.numel for item in callback.buffer.tracked),
+        "kinds": sorted({type(item).__name__ for item in callback.buffer.tracked}),
+        "report_buffer": report["buffer"],
+        "communication_bytes": report["communication_bytes"],
+        "steps": callback.buffer.steps,
+    }
+    (out / f"info-rank{rank}.json").write_text(json.dumps(info))
+    if rank == 0:
+        flat = {f"{step}/{name}": value.contiguous() for step, snap in recorder.snapshots.items() for name, value in snap.items()}
+        save_file(flat, str(out / "snapshots.safetensors"))
+
+
+def _training_args(out: Path, **extra) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out / "trainer"), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-2,
+        use_cpu=True, ddp_backend="gloo", report_to=[], save_strategy="no", logging_steps=100,
+        remove_unused_columns=False, disable_tqdm=True, seed=0, **extra,
+    )
+
+
+# -- scenarios -----------------------------------------------------------------------------------------------
+
+
+def scenario_ddp(out: Path) -> None:
+    tok = tiny_tokenizer()
+    model = tiny_qwen2(tie=True, tokenizer=tok)
+    relex, recorder = _relex(out), Recorder()
+    trainer = Trainer(model=model, args=_training_args(out), train_dataset=_dataset(tok), data_collator=_collate(tok),
+                      processing_class=tok, callbacks=[relex, recorder])
+    trainer.train()
+    assert trainer.state.global_step == OBSERVE, trainer.state.global_step
+    _dump(out, relex, recorder, {n: _full(p) for n, p in model.named_parameters() if p.requires_grad})
+
+
+def scenario_ddp_peft(out: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    tok = tiny_tokenizer()
+    model = get_peft_model(tiny_qwen2(tokenizer=tok),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    relex, recorder = _relex(out, merge_lora=True), Recorder()
+    trainer = Trainer(model=model, args=_training_args(out), train_dataset=_dataset(tok), data_collator=_collate(tok),
+                      processing_class=tok, callbacks=[relex, recorder])
+    trainer.train()
+    _dump(out, relex, recorder, {n: _full(p) for n, p in model.named_parameters() if p.requires_grad})
+    if dist.get_rank() == 0:  # the base weights, to check the merged model
+        save_file({n: p.detach().float().contiguous() for n, p in model.named_parameters() if not p.requires_grad},
+                  str(out / "frozen.safetensors"))
+
+
+def _manual_loop(out: Path, model, tok, relex: RelexCallback, recorder: Recorder) -> None:
+    """The Trainer's event order (on_train_begin; step; on_step_end; ...; on_train_end) on a sharded model."""
+    torch.manual_seed(1234 + dist.get_rank())
+    args = _training_args(out)
+    state, control = TrainerState(), TrainerControl()
+    state.max_steps = 8
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    batches = [_collate(tok)([{"input_ids": tok(t)["input_ids"]} for t in _texts()[i * 8 + dist.get_rank() * 4 :][:4]])
+               for i in range(8)]
+    for cb in (relex, recorder):
+        cb.on_train_begin(args, state, control, model=model, processing_class=tok)
+    for batch in batches:
+        model.train()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        state.global_step += 1
+        for cb in (relex, recorder):
+            cb.on_step_end(args, state, control, model=model, processing_class=tok, optimizer=optimizer)
+        if control.should_training_stop:
+            break
+    assert state.global_step == OBSERVE, state.global_step
+    relex.on_train_end(args, state, control, model=model)
+
+
+def scenario_fsdp2(out: Path) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    tok = tiny_tokenizer()
+    model = tiny_qwen2(tokenizer=tok)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    relex, recorder = _relex(out), Recorder()
+    _manual_loop(out, model, tok, relex, recorder)
+    _dump(out, relex, recorder, {n: _full(p) for n, p in model.named_parameters() if p.requires_grad})
+
+
+def _fsdp1(model, use_orig_params: bool):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    return FSDP(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"),
+                auto_wrap_policy=ModuleWrapPolicy({Qwen2DecoderLayer}))
+
+
+def _fsdp1_full(model) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {k: v.float().clone() for k, v in state.items()} if dist.get_rank() == 0 else None)
+    return {k: v for k, v in gathered[0].items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def scenario_fsdp1(out: Path) -> None:
+    tok = tiny_tokenizer()
+    model = _fsdp1(tiny_qwen2(tokenizer=tok), use_orig_params=True)
+    relex, recorder = _relex(out), Recorder(gather=_fsdp1_full)
+    _manual_loop(out, model, tok, relex, recorder)
+    _dump(out, relex, recorder, _fsdp1_full(model))
+
+
+def scenario_unsupported(out: Path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    out.mkdir(parents=True, exist_ok=True)
+    messages = {}
+    args = _training_args(out)
+    tok = tiny_tokenizer()
+    flat = _fsdp1(tiny_qwen2(tokenizer=tok), use_orig_params=False)
+    tp = tiny_qwen2(tokenizer=tok)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    proj = tp.model.layers[0].mlp.up_proj
+    proj.weight = torch.nn.Parameter(distribute_tensor(proj.weight.data, mesh, [Shard(1)]))
+    for label, model in (("fsdp1_flat", flat), ("tensor_parallel", tp)):
+        try:
+            _relex(out / label).on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+        except UnsupportedSetupError as err:
+            messages[label] = str(err)
+        else:
+            messages[label] = None
+    (out / f"errors-rank{dist.get_rank()}.json").write_text(json.dumps(messages))
+
+
+def _zero_config(stage: int, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False, "bf16": {"enabled": bf16}, "fp16": {"enabled": False},
+    }
+
+
+def _zero_full_fp32(model) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's fp32 master copy, assembled by DeepSpeed (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _zero_full_16bit(model) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None, enabled=hasattr(param, "ds_id")):
+                out[name] = param.data.detach().float().cpu().clone()
+    return out
+
+
+def _scenario_zero(out: Path, stage: int, bf16: bool) -> None:
+    tok = tiny_tokenizer()
+    model = tiny_qwen2(tie=True, tokenizer=tok)
+    relex, recorder = _relex(out), Recorder(gather=_zero_full_fp32)
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-2,
+        report_to=[], save_strategy="no", logging_steps=100, remove_unused_columns=False, disable_tqdm=True, seed=0,
+        deepspeed=_zero_config(stage, bf16), bf16=bf16, use_cpu=bf16 and not torch.cuda.is_available(),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": tok(t)["input_ids"]} for t in _texts()],
+                      data_collator=_collate(tok), processing_class=tok, callbacks=[relex, recorder])
+    trainer.train()
+    assert trainer.state.global_step == OBSERVE, trainer.state.global_step
+    final = {f"fp32/{k}": v for k, v in _zero_full_fp32(trainer.model).items()}
+    final.update({f"16bit/{k}": v for k, v in _zero_full_16bit(trainer.model).items()})
+    _dump(out, relex, recorder, final)
+
+
+def scenario_zero2(out: Path) -> None:
+    _scenario_zero(out, 2, bf16=False)
+
+
+def scenario_zero2_bf16(out: Path) -> None:
+    _scenario_zero(out, 2, bf16=True)
+
+
+def scenario_zero3(out: Path) -> None:
+    _scenario_zero(out, 3, bf16=False)
+
+
+def scenario_zero3_bf16(out: Path) -> None:
+    _scenario_zero(out, 3, bf16=True)
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for name in sys.argv[2:]:
+        target = out / name
+        reset_communication_bytes()  # the counters are per process; count each scenario on its own
+        try:
+            globals()[f"scenario_{name}"](target)
+        except Exception:  # keep going: the test reports the traceback of the failed scenario
+            target.mkdir(parents=True, exist_ok=True)
+            (target / f"error-rank{rank}.txt").write_text(traceback.format_exc())
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,220 @@
+"""The ``relex`` command line: every command end to end, its help, and each bad input's message and exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from relex_callback import offline
+from relex_callback.cli import build_parser, main
+
+transformers = pytest.importorskip("transformers")
+
+
+def _trajectory(root: Path, steps=(1, 2, 3, 4, 5), tied: bool = True) -> tuple[Path, Path]:
+    """A tiny Llama (tied) or Qwen2 (untied, biases) base and one checkpoint-N per step, θ_t = θ_0 + c_t·v + noise."""
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    if tied:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=True, **common))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=False, **common))
+    torch.manual_seed(0)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(root / "base")
+    theta0 = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+    direction = {n: torch.randn(p.shape) for n, p in theta0.items()}
+    for t in steps:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(theta0[name] + (0.005 * t + 0.01) * direction[name] + 1e-4 * torch.randn(param.shape))
+        model.save_pretrained(root / "run" / f"checkpoint-{t}")
+    return root / "base", root / "run"
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory):
+    return _trajectory(tmp_path_factory.mktemp("cli"))
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def test_extrapolate_command(run_dirs, tmp_path, capsys):
+    base, run = run_dirs
+    code = main(["extrapolate", "--base", str(base), "--checkpoints", str(run), "--target-step", "20",
+                 "--output", str(tmp_path / "out"), "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "step 20 (effective 20, 4.00x the observed window)" in out and str(tmp_path / "out") in out
+    offline.extrapolate_checkpoints(base, [run], 20, tmp_path / "lib", progress=False)
+    ours, library = _load(tmp_path / "out"), _load(tmp_path / "lib")
+    assert ours.keys() == library.keys() and all(torch.equal(ours[n], library[n]) for n in ours)
+    report = json.loads((tmp_path / "out" / "relex_report.json").read_text())
+    assert report["settings"]["rank"] == 1 and report["bytes"]["intermediate"] == 0
+    assert {"config.json", "generation_config.json", "README.md", "model.safetensors"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_extrapolate_options(run_dirs, tmp_path, capsys):
+    base, run = run_dirs
+    checkpoints = [str(run / f"checkpoint-{t}") for t in (1, 2, 3, 4, 5)]
+    code = main(["extrapolate", "--base", str(base), "--checkpoints", *checkpoints, "--steps", "2", "4", "6", "8", "10",
+                 "--target-step", "30", "50", "--time-scale", "2", "--rank", "2", "--window", "4", "--fit", "linear",
+                 "--shrink", "0.5", "--dtype", "float32", "--max-memory", "64KiB", "--num-workers", "3",
+                 "--output", str(tmp_path / "out"), "--no-progress", "-q"])
+    assert code == 0
+    for target in (30, 50):
+        report = json.loads((tmp_path / "out" / f"step{target}" / "relex_report.json").read_text())
+        assert report["effective_target_step"] == 2 * target
+        assert report["observed_steps"] == [2, 4, 6, 8, 10] and report["window_steps"] == [4, 6, 8, 10]
+        assert report["settings"]["shrink"] == 0.5 and report["settings"]["max_memory"] == 64 * 1024
+        assert all(v.dtype == torch.float32 for v in _load(tmp_path / "out" / f"step{target}").values())
+        assert report["tensors"]["model.embed_tokens.weight"]["chunks"] > 1
+    assert "step 50 (effective 100" in capsys.readouterr().out
+
+
+def test_reconstruct_command(run_dirs, tmp_path, capsys):
+    base, run = run_dirs
+    code = main(["reconstruct", "--base", str(base), "--checkpoints", str(run), "--fit-steps", "4",
+                 "--target-step", "2", "5", "--output", str(tmp_path / "rec"), "--no-progress"])
+    assert code == 0
+    assert "step 5 -> " in capsys.readouterr().out
+    for step in (2, 5):
+        report = json.loads((tmp_path / "rec" / f"step{step}" / "relex_report.json").read_text())
+        assert report["command"] == "reconstruct" and report["in_fit"] is (step == 2)
+        assert 0 < report["relative_distance"] < 0.2
+
+
+def test_report_command(run_dirs, tmp_path, capsys):
+    base, run = run_dirs
+    code = main(["report", "--base", str(base), "--checkpoints", str(run), "--fit-steps", "3", "--target-step", "50",
+                 "--top", "2", "--output", str(tmp_path / "rep"), "--no-progress"])
+    assert code == 0
+    assert "held-out step 5: relative distance" in capsys.readouterr().out
+    names = {p.name for p in (tmp_path / "rep").iterdir()}
+    assert names == {"relex_report.json", "explained_variance.png", "coefficients.png", "r_squared.png"}
+    report = json.loads((tmp_path / "rep" / "relex_report.json").read_text())
+    assert report["heldout_steps"] == [4, 5] and len(report["trajectories"]) == 2
+    assert main(["report", "--base", str(base), "--checkpoints", str(run), "--no-plots",
+                 "--output", str(tmp_path / "json_only"), "--no-progress", "-q"]) == 0
+    assert [p.name for p in (tmp_path / "json_only").iterdir()] == ["relex_report.json"]
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_option_has_help_with_an_example():
+    for name, sub in _subparsers(build_parser()).items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and "Example:" in action.help, f"{name} {action.option_strings}"
+        assert "examples:" in sub.epilog and f"relex {name}" in sub.epilog
+
+
+@pytest.mark.parametrize("command", ["extrapolate", "reconstruct", "report"])
+def test_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--base", "--checkpoints", "--steps", "--fit-steps", "--rank", "--max-memory", "--allow-pickle",
+                   "--overwrite", "--output"):
+        assert option in text
+    assert "examples:" in text
+
+
+def test_module_and_console_script():
+    result = subprocess.run([sys.executable, "-m", "relex_callback", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "extrapolate" in result.stdout and "report" in result.stdout
+    script = shutil.which("relex") or str(Path(sys.executable).parent / "relex")
+    if not os.path.exists(script):
+        pytest.skip("the relex console script is not installed (pip install -e .)")
+    result = subprocess.run([script, "extrapolate", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--time-scale" in result.stdout
+
+
+def _error(argv: list[str], capsys) -> str:
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+def _extrapolate(base: Path, checkpoints: list[str], out: Path, *extra: str) -> list[str]:
+    return ["extrapolate", "--base", str(base), "--checkpoints", *checkpoints, "--target-step", "20",
+            "--output", str(out), "--no-progress", *extra]
+
+
+def test_bad_input_messages(run_dirs, tmp_path, capsys):
+    base, run = run_dirs
+    out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    err = _error(_extrapolate(base, [str(tmp_path / "empty")], out), capsys)
+    assert "relex extrapolate: error: no checkpoints found in" in err
+    err = _error(_extrapolate(base, [str(run / "checkpoint-1")], out), capsys)
+    assert "need at least 2 checkpoints to fit a trend, got 1" in err
+    err = _error(_extrapolate(base, [str(tmp_path / "missing")], out), capsys)
+    assert "does not exist" in err
+    err = _error(_extrapolate(base, [str(run)], out, "--steps", "1", "2"), capsys)
+    assert "--steps lists 2 step(s) but 5 checkpoint(s) were found" in err
+    err = _error(_extrapolate(base, [str(run)], out, "--max-memory", "lots"), capsys)
+    assert "cannot read the size 'lots'" in err
+    err = _error(_extrapolate(base, [str(run)], out, "--max-memory", "1KB"), capsys)
+    assert "too small" in err
+    err = _error(_extrapolate(base, [str(run)], out, "--window", "1"), capsys)
+    assert "window=1 must be an int >= 2" in err
+    err = _error(_extrapolate(base, [str(run)], out, "--shrink", "2"), capsys)
+    assert "shrink=2.0 must be in (0, 1]" in err
+    err = _error(["reconstruct", "--base", str(base), "--checkpoints", str(run), "--target-step", "9",
+                  "--output", str(out)], capsys)
+    assert "reconstruct needs observed steps; 9 not among the checkpoints" in err
+    assert not out.exists()
+    # argparse errors: exit status 2 as well, no traceback
+    assert _error(["extrapolate", "--checkpoints", str(run), "--target-step", "5", "--output", str(out)], capsys)
+    assert "--rank" in _error(_extrapolate(base, [str(run)], out, "--rank", "0"), capsys)
+
+
+def test_mismatch_and_pickle_messages(tmp_path, capsys):
+    base, run = _trajectory(tmp_path, steps=(1, 2, 3), tied=False)
+    weights = load_file(run / "checkpoint-2" / "model.safetensors")
+    weights.pop("model.layers.0.self_attn.q_proj.bias")
+    weights["lm_head.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
+    save_file(weights, run / "checkpoint-2" / "model.safetensors", metadata={"format": "pt"})
+    err = _error(_extrapolate(base, [str(run)], tmp_path / "out"), capsys)
+    assert "the checkpoints do not match the base model (2 problem(s)); nothing was read" in err
+    assert "step 2" in err and "missing tensor model.layers.0.self_attn.q_proj.bias" in err
+    assert "lm_head.weight has shape [4, 4], the base has [64, 32]" in err
+    pickled = tmp_path / "pickled"
+    for t in (1, 2):
+        (pickled / f"checkpoint-{t}").mkdir(parents=True)
+        torch.save(load_file(run / f"checkpoint-{t}" / "model.safetensors"), pickled / f"checkpoint-{t}" / "pytorch_model.bin")
+    err = _error(_extrapolate(base, [str(pickled)], tmp_path / "out"), capsys)
+    assert "holds only pickled weights (pytorch_model.bin)" in err and "--allow-pickle" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_and_overwrite(run_dirs, tmp_path, capsys):
+    base, run = run_dirs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    err = _error(_extrapolate(base, [str(run)], out), capsys)
+    assert "already exists and is not empty; pass --overwrite" in err
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert main(_extrapolate(base, [str(run)], out, "--overwrite", "-q")) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()

