@@ -32,9 +32,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("bench_offline")
 
@@ -57,9 +58,11 @@ SMOLLM2_SHAPES = dict(
 def build_trajectory(root: Path, layers: int, checkpoints: int, seed: int = 0) -> tuple[Path, Path]:
     """Base model (with a small tokenizer, which the official script needs) and ``global_step_N/`` checkpoints.
 
-    θ_t = θ_0 + c_t·v + σ·ε_t per tensor, c_t = 1e-3·t·(1 + 0.05·ξ_t), v ~ N(0, I), σ = 2e-4, in bf16;
-    one tensor (the last layer's post-attention norm) never moves.
+    θ_t = θ_0 + c_t·v + σ·ε_t per tensor, c_t = 1e-3·t·(1 + 0.05·ξ_t), v ~ N(0, I), σ = 2e-4, in bf16
+    (ε_t: a random window of one Gaussian pool, to keep the build fast); one tensor (the last layer's
+    post-attention norm) never moves.
     """
+    import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,7 +76,9 @@ def build_trajectory(root: Path, layers: int, checkpoints: int, seed: int = 0) -
     del model
     frozen = f"model.layers.{layers - 1}.post_attention_layernorm.weight"
     generator = torch.Generator().manual_seed(seed + 1)
-    directions = {n: torch.randn(p.shape, generator=generator).to(torch.bfloat16) for n, p in theta0.items()}
+    directions = {n: torch.randn(p.shape, generator=generator) for n, p in theta0.items()}
+    largest = max(p.numel() for p in theta0.values())
+    pool = torch.randn(largest + (1 << 22), generator=generator)  # noise: random windows of one pool (fast)
     for step in range(1, checkpoints + 1):
         scale = 1e-3 * step * (1.0 + 0.05 * float(torch.randn((), generator=generator)))
         tensors = {}
@@ -81,8 +86,10 @@ def build_trajectory(root: Path, layers: int, checkpoints: int, seed: int = 0) -
             if name == frozen:
                 tensors[name] = value
                 continue
-            noise = torch.randn(value.shape, generator=generator)
-            tensors[name] = (value.float() + scale * directions[name].float() + 2e-4 * noise).to(torch.bfloat16)
+            offset = int(torch.randint(0, 1 << 22, (), generator=generator))
+            noise = pool[offset : offset + value.numel()].view(value.shape)
+            moved = value.float().add_(directions[name], alpha=scale).add_(noise, alpha=2e-4)
+            tensors[name] = moved.to(torch.bfloat16)
         directory = traj_dir / f"global_step_{step}"
         directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
@@ -129,7 +136,7 @@ def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def _load_dir(directory: Path) -> dict[str, torch.Tensor]:
+def _load_dir(directory: Path) -> dict[str, "torch.Tensor"]:
     from safetensors.torch import load_file
 
     tensors = {}
@@ -138,19 +145,21 @@ def _load_dir(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _ulps(a: torch.Tensor, b: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+def _ulps(a: "torch.Tensor", b: "torch.Tensor", theta0: "torch.Tensor") -> "torch.Tensor":
     """|a − b| in units of the output dtype's spacing at the operands' scale max(|a|, |b|, |θ_0|).
 
     (At the result's own scale a prediction θ_0 + Δ̂ that cancels to ~0 would make any fp32 rounding
     look like hundreds of ulps.)
     """
+    import torch
+
     mantissa = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[b.dtype]
     a64, b64 = a.double(), b.double()
     scale = torch.maximum(torch.maximum(a64.abs(), b64.abs()), theta0.double().abs()).clamp_min(1e-38)
     return (a64 - b64).abs() / torch.pow(2.0, torch.floor(torch.log2(scale)) - mantissa)
 
 
-def compare(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, Any]:
+def compare(first: dict[str, "torch.Tensor"], second: dict[str, "torch.Tensor"], base: dict[str, "torch.Tensor"]) -> dict[str, Any]:
     """Max difference between two outputs (in output-dtype ulps at the operands' scale, and absolute)."""
     worst_ulps, worst_abs, differing, total, worst_name = 0.0, 0.0, 0, 0, None
     for name, value in second.items():
@@ -173,11 +182,12 @@ def compare(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], bas
 
 
 def fp64_reference(base_dir: Path, checkpoint_dirs: list[Path], steps: list[float], target: float,
-                   dtype: torch.dtype, chunk: int = 1 << 20) -> dict[str, torch.Tensor]:
+                   dtype: "torch.dtype", chunk: int = 1 << 20) -> dict[str, "torch.Tensor"]:
     """RELEX in float64 end to end (exact deltas, Gram, eigh, OLS on the steps, θ_0 + Δ̂), rounded once to ``dtype``.
 
     Independent of both pipelines; chunked over d so that it needs about ``T·chunk·8`` bytes per tensor.
     """
+    import torch
     from safetensors import safe_open
 
     x = torch.tensor(steps, dtype=torch.float64)
@@ -216,6 +226,11 @@ def fp64_reference(base_dir: Path, checkpoint_dirs: list[Path], steps: list[floa
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_build"]:  # internal: build the trajectory in a child process
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        build_trajectory(Path(argv[1]), int(argv[2]), int(argv[3]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official-dir", required=True, type=Path,
                         help="folder with precompute_deltas.py and svd_extrapolation.py from github.com/weizhepei/RELEX")
@@ -226,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", type=int, help="number of checkpoints (default 20, quick 8)")
     parser.add_argument("--target-step", type=int, help="extrapolation target (default 5x the last step)")
     parser.add_argument("--official-workers", type=int, default=4, help="precompute_deltas.py --num_workers (its default 4)")
-    parser.add_argument("--max-memory", nargs="+", default=["512MiB", "2GiB"],
+    parser.add_argument("--max-memory", nargs="+", default=["512MiB", "1GiB"],
                         help="relex --max-memory budget(s), one relex run each; the first is the headline "
-                             "(default: 512MiB 2GiB)")
+                             "(default: 512MiB 1GiB, relex's default)")
     parser.add_argument("--no-reference", action="store_true", help="skip the float64 reference comparison")
     parser.add_argument("--omp-wait-policy", default="PASSIVE",
                         help="OMP_WAIT_POLICY for both pipelines' processes ('' leaves the environment alone); "
@@ -252,26 +267,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
 
+    # Built in a child process: the peak RSS of a child (ru_maxrss) includes what it inherited from
+    # this process at fork, so this process must stay small while the pipelines run.
     began = time.perf_counter()
-    base, trajectory = build_trajectory(workdir, layers, count)
+    subprocess.run([sys.executable, __file__, "--_build", str(workdir), str(layers), str(count)], check=True)
+    base, trajectory = workdir / "base", workdir / "trajectory"
     build_seconds = time.perf_counter() - began
     os.sync()
 
-    relex_runs = []
-    for i, budget in enumerate(args.max_memory):
-        out_dir = workdir / f"relex_out_{i}"
+    relex_runs: list[dict[str, Any]] = []
+
+    def run_relex(budget: str, when: str) -> None:
+        out_dir = workdir / f"relex_out_{len(relex_runs)}"
         run = run_measured(
             [sys.executable, "-m", "relex_callback", "extrapolate", "--base", str(base), "--checkpoints",
              str(trajectory), "--target-step", str(target), "--output", str(out_dir), "--max-memory", budget,
              "--no-progress"],
-            env, workdir / f"relex_{i}.log",
+            env, workdir / f"relex_{len(relex_runs)}.log",
         )
-        run["max_memory"] = budget
-        run["bytes_written_final"] = tree_bytes(out_dir)
-        run["bytes_written_intermediate"] = 0
-        run["internal_timings"] = json.loads((out_dir / "relex_report.json").read_text())["timings"]
+        run.update(max_memory=budget, when=when, load_average=os.getloadavg(), bytes_written_final=tree_bytes(out_dir),
+                   bytes_written_intermediate=0,
+                   internal_timings=json.loads((out_dir / "relex_report.json").read_text())["timings"])
         relex_runs.append(run)
-    relex = relex_runs[0]
+
+    for budget in args.max_memory:
+        run_relex(budget, "before the official pipeline")
     ours_out = workdir / "relex_out_0"
 
     deltas, cache, official_out = workdir / "official_deltas", workdir / "official_svd_cache", workdir / "official_out"
@@ -286,6 +306,15 @@ def main(argv: list[str] | None = None) -> int:
          "--mode", "extrapolate", "--target_steps", str(target), "--svd_cache_dir", str(cache)],
         env, workdir / "official_svd.log",
     )
+    run_relex(args.max_memory[0], "after the official pipeline")  # the machine's load drifts: measure twice
+    headline = [r for r in relex_runs if r["max_memory"] == args.max_memory[0]]
+    relex = {
+        "max_memory": args.max_memory[0],
+        "wall_s": sum(r["wall_s"] for r in headline) / len(headline),
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in headline),
+        "bytes_written_intermediate": 0,
+        "bytes_written_final": headline[0]["bytes_written_final"],
+    }
     official = {
         "precompute": precompute,
         "svd_extrapolation": svd,
@@ -296,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "bytes_written_svd_cache": tree_bytes(cache),
         "bytes_written_final": tree_bytes(official_out),
     }
+    import torch
     from safetensors.torch import load_file
 
     base_tensors = load_file(base / "model.safetensors")
@@ -331,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "relex": relex,
         "relex_runs": relex_runs,
         "official": official,
-        "speedup": official["wall_s"] / relex["wall_s"],
+        "speedup": official["wall_s"] / relex["wall_s"],  # relex: mean of its runs before and after
         "peak_rss_ratio": relex["peak_rss_bytes"] / official["peak_rss_bytes"],
         "parity": parity,
         "accuracy": accuracy,
@@ -342,10 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     mib = 1 << 20
     for run in relex_runs:
         print(f"relex ({run['max_memory']:>6}): {run['wall_s']:8.1f} s  peak RSS {run['peak_rss_bytes'] / mib:8.0f} MiB  "
-              f"intermediate 0 B  final {run['bytes_written_final'] / mib:.0f} MiB")
-    print(f"official:        {official['wall_s']:8.1f} s  peak RSS {official['peak_rss_bytes'] / mib:8.0f} MiB  "
+              f"intermediate 0 B  final {run['bytes_written_final'] / mib:.0f} MiB  ({run['when']})")
+    print(f"official:         {official['wall_s']:8.1f} s  peak RSS {official['peak_rss_bytes'] / mib:8.0f} MiB  "
           f"intermediate {official['bytes_written_intermediate'] / mib:.0f} MiB  final {official['bytes_written_final'] / mib:.0f} MiB")
-    print(f"speedup {results['speedup']:.1f}x, peak memory {results['peak_rss_ratio']:.3f}x; parity: max "
+    print(f"speedup {results['speedup']:.1f}x (relex {args.max_memory[0]}: mean of the runs before and after), peak memory {results['peak_rss_ratio']:.3f}x; parity: max "
           f"{parity['max_diff_ulps']:.0f} ulp(s), {parity['differing_fraction']:.2e} of elements differ")
     if accuracy:
         print(f"vs float64 reference: relex {accuracy['relex_vs_fp64']['differing_fraction']:.2e} of elements differ "

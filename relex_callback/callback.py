@@ -34,7 +34,7 @@ from .distributed import (
     world_info,
     write_prediction,
 )
-from .peft_support import check_mergeable, merged_dir_name, merged_state_dict
+from .peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
 from .export import REPORT_NAME, atomic_directory, check_output_dir, summarize_explained_variance, write_json, write_model_card
 from .jump import JumpController, Probe, score_model
 
@@ -177,6 +177,8 @@ class RelexCallback(TrainerCallback, ExportableState):
                     check_output_dir(self._output_root / merged_dir_name(target), cfg.overwrite)
         if getattr(cfg, "merge_lora", False):
             check_mergeable(model)
+            if cfg.merge_lora == "delta" and world_info()[1] > 1:
+                raise ValueError("merge_lora='delta' needs the full LoRA factors on one process; use merge_lora=True under DDP/FSDP/DeepSpeed.")
         self.buffer = self._make_buffer(model)
         if self.jump is not None and self._jump_state:
             self.jump.load_state_dict(self._jump_state, state.global_step)  # restored by transformers; the sidecar wins
@@ -608,6 +610,15 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     # -- writing --------------------------------------------------------------------------------------------
 
+    def _merged_lora_deltas(self, model, target: int) -> dict[str, torch.Tensor]:
+        """merge_lora='delta': each LoRA module's extrapolated merged update s·ΣB A at ``target``."""
+        cfg = self.config
+        deltas = merged_delta_predictions(
+            self.buffer, lora_pairs(model), [float(target)], rank=cfg.rank, kind=cfg.fit, power=cfg.power,
+            origin=float(cfg.start_step), window=cfg.window,
+        )
+        return {prefix: value[0] for prefix, value in deltas.items()}
+
     @torch.no_grad()
     def _load_into_model(self, prediction: dict[str, torch.Tensor]) -> None:
         """Write ``prediction`` (this process's slices) into the live weights; collective under DDP/FSDP/DeepSpeed."""
@@ -631,10 +642,11 @@ class RelexCallback(TrainerCallback, ExportableState):
         if getattr(self.config, "merge_lora", False):
             merged = self._output_root / merged_dir_name(target)
             with atomic_directory(merged, overwrite=self.config.overwrite) as staging:
-                to_save.get_base_model().save_pretrained(staging, state_dict=merged_state_dict(model, state_dict))
+                deltas = self._merged_lora_deltas(model, target) if self.config.merge_lora == "delta" else None
+                to_save.get_base_model().save_pretrained(staging, state_dict=merged_state_dict(model, state_dict, deltas))
                 if processing_class is not None and hasattr(processing_class, "save_pretrained"):
                     processing_class.save_pretrained(staging)
-                write_json(staging / REPORT_NAME, {**report, "merged_lora": True})
+                write_json(staging / REPORT_NAME, {**report, "merged_lora": "delta" if deltas is not None else "factors"})
                 write_model_card(staging, report)
             logger.info("RELEX: wrote the merged LoRA model for step %d to %s", target, merged)
         logger.info("RELEX: wrote the extrapolated model for step %d to %s", target, final)

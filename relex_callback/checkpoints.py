@@ -28,6 +28,7 @@ import math
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -498,6 +499,7 @@ class TensorReader:
 
     def __init__(self) -> None:
         self.bytes_read = 0
+        self._lock = threading.Lock()
 
     def read_float(self, entry: TensorEntry, start: int, stop: int, out: torch.Tensor, staging: torch.Tensor | None) -> None:
         """Fill ``out`` (float32, ``stop − start`` elements) with elements ``[start, stop)`` of ``entry`` flattened.
@@ -508,7 +510,7 @@ class TensorReader:
         count = stop - start
         if entry.fmt == "pickle":
             out.copy_(_torch_load(entry.file)[entry.name].reshape(-1)[start:stop])
-            self.bytes_read += count * entry.itemsize
+            self._count(count * entry.itemsize)
             return
         if entry.dtype == torch.float32:
             self._pread(entry, start, stop, out.view(torch.uint8))
@@ -522,7 +524,7 @@ class TensorReader:
     def read_tensor(self, entry: TensorEntry) -> torch.Tensor:
         """The whole tensor in its stored dtype and shape (for small non-floating tensors)."""
         if entry.fmt == "pickle":
-            self.bytes_read += entry.nbytes
+            self._count(entry.nbytes)
             return _torch_load(entry.file)[entry.name].detach().clone().contiguous()
         raw = torch.empty(entry.nbytes, dtype=torch.uint8)
         self._pread(entry, 0, entry.numel, raw)
@@ -546,7 +548,11 @@ class TensorReader:
                 done += got
         finally:
             os.close(fd)
-        self.bytes_read += nbytes
+        self._count(nbytes)
+
+    def _count(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_read += nbytes
 
 
 def _widen(raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor) -> None:
@@ -555,10 +561,8 @@ def _widen(raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor) -> None:
     numpy runs single-threaded with the GIL released, so reader threads start no OpenMP teams of their
     own that would spin against the main thread's (oversubscription made reads several times slower).
     """
-    if dtype == torch.bfloat16:  # bf16 is the top half of an fp32: widen the bits and shift
-        bits = out.numpy().view(np.uint32)
-        bits[:] = raw.numpy().view(np.uint16)
-        bits <<= 16
+    if dtype == torch.bfloat16:  # bf16 is the top half of an fp32: widen the bits and shift, in one pass
+        np.left_shift(raw.numpy().view(np.uint16), 16, out=out.numpy().view(np.uint32), dtype=np.uint32)
     elif dtype == torch.float16:
         np.copyto(out.numpy(), raw.numpy().view(np.float16))
     else:

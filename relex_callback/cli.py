@@ -38,7 +38,8 @@ examples:
       --target-step 500 --time-scale 2 --output RELEX-Qwen2.5-Math-1.5B
 
 Step numbers come from the directory names (or --steps) and the line is fitted on them, so unevenly
-spaced checkpoints are fine. Nothing is written outside --output, which appears only when complete.
+spaced checkpoints are fine. The output is written into a hidden temporary directory next to --output
+and renamed to it only when complete.
 """
 
 _RECONSTRUCT_EPILOG = """\
@@ -91,7 +92,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_inputs(parser: argparse.ArgumentParser) -> None:
+def _add_inputs(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("inputs")
     group.add_argument("--base", required=True, metavar="BASE_DIR",
                        help="the model before RL (θ_0, step 0), a Hugging Face directory. Example: --base Qwen3-4B-Base")
@@ -108,14 +109,16 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow-pickle", action="store_true",
                        help="accept pickled .bin/.pt weights, loaded with torch.load(weights_only=True). Off by "
                             "default: unpickling untrusted files can run code. Example: --allow-pickle")
+    return group
 
 
-def _add_resources(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("resources and output")
-    group.add_argument("--max-memory", default="2GiB", metavar="SIZE",
-                       help="budget of the working buffers (deltas of one tensor chunk for every snapshot, θ_0, "
-                            "the output chunk); larger tensors are processed in chunks and read twice. About 300 "
-                            "MB of interpreter and torch come on top. Default: 2GiB. Example: --max-memory 8GiB")
+def _add_resources(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("output and resources")
+    group.add_argument("--max-memory", default="1GiB", metavar="SIZE",
+                       help="budget of the working buffers (the deltas of one tensor chunk for every snapshot, θ_0, "
+                            "the output chunk); a tensor that does not fit is processed in chunks and read twice. "
+                            "About 250 MB of interpreter and torch come on top. Default: 1GiB. "
+                            "Example: --max-memory 8GiB")
     group.add_argument("--num-workers", type=_positive_int, metavar="N",
                        help="threads reading checkpoints in parallel. Default: the CPU count, 2 to 8. "
                             "Example: --num-workers 16")
@@ -125,9 +128,10 @@ def _add_resources(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar. Example: --no-progress")
     group.add_argument("-v", "--verbose", action="store_true", help="log debug messages. Example: -v")
     group.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only. Example: -q")
+    return group
 
 
-def _add_model(parser: argparse.ArgumentParser, trend: bool) -> None:
+def _add_model(parser: argparse.ArgumentParser, trend: bool) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("model")
     group.add_argument("--rank", type=_positive_int, default=1, metavar="R",
                        help="singular directions kept per tensor (r; the paper uses 1). Default: 1. Example: --rank 2")
@@ -146,6 +150,7 @@ def _add_model(parser: argparse.ArgumentParser, trend: bool) -> None:
                            help="largest acceptable backtest distance ||θ̂ − θ|| / ||θ − θ_0|| (fit the first half, "
                                 "predict the last snapshot); targets beyond the horizon it supports get a warning. "
                                 "Default: 0.75. Example: --backtest-tolerance 0.5")
+    return group
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,53 +168,53 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write θ̂(K) = θ_0 + Σ_i ĉ_i(S·K) v_i per tensor for each target step K.",
         epilog=_EXTRAPOLATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_inputs(ex)
-    ex.add_argument("--target-step", required=True, nargs="+", type=_int, metavar="K",
-                    help="step(s) to extrapolate to; one output directory per target (OUT/step{K} when several). "
-                         "Example: --target-step 500")
-    ex.add_argument("--output", required=True, metavar="OUT_DIR",
-                    help="output model directory (created; refused when it exists and is not empty unless "
-                         "--overwrite). Example: --output relex-step500")
-    _add_model(ex, trend=True)
-    ex.add_argument("--shrink", type=_positive_float, default=1.0, metavar="λ",
-                    help="keep θ_N + λ(θ̂ − θ_N), θ_N the last fit snapshot; λ in (0, 1]. Default: 1 (the paper). "
-                         "Example: --shrink 0.5")
-    ex.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                    help="dtype of the floating tensors written; auto keeps each tensor's dtype in the base. "
-                         "Default: auto. Example: --dtype bfloat16")
-    _add_resources(ex)
+    inputs = _add_inputs(ex)
+    inputs.add_argument("--target-step", required=True, nargs="+", type=_int, metavar="K",
+                        help="step(s) to extrapolate to; one output directory per target (OUT/step{K} when "
+                             "several). Example: --target-step 500")
+    model = _add_model(ex, trend=True)
+    model.add_argument("--shrink", type=_positive_float, default=1.0, metavar="λ",
+                       help="keep θ_N + λ(θ̂ − θ_N), θ_N the last fit snapshot; λ in (0, 1]. Default: 1 (the paper). "
+                            "Example: --shrink 0.5")
+    output = _add_resources(ex)
+    output.add_argument("--output", required=True, metavar="OUT_DIR",
+                        help="output model directory (created; refused when it exists and is not empty unless "
+                             "--overwrite). Example: --output relex-step500")
+    output.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                        help="dtype of the floating tensors written; auto keeps each tensor's dtype in the base. "
+                             "Default: auto. Example: --dtype bfloat16")
 
     rec = commands.add_parser(
         "reconstruct", help="project observed checkpoints onto the rank-r subspace (Finding-1 check)",
         description="Write θ_0 + V_r V_rᵀ (θ_t − θ_0) for observed steps t, V_r from the fit snapshots.",
         epilog=_RECONSTRUCT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_inputs(rec)
-    rec.add_argument("--target-step", nargs="+", type=_int, metavar="K",
-                     help="observed step(s) to reconstruct. Default: the last fit step. Example: --target-step 50 75")
-    rec.add_argument("--output", required=True, metavar="OUT_DIR",
-                     help="output model directory (OUT/step{K} when several steps). Example: --output rec75")
+    inputs = _add_inputs(rec)
+    inputs.add_argument("--target-step", nargs="+", type=_int, metavar="K",
+                        help="observed step(s) to reconstruct. Default: the last fit step. Example: --target-step 50 75")
     _add_model(rec, trend=False)
-    rec.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                     help="dtype of the floating tensors written; auto keeps the base's. Example: --dtype float32")
-    _add_resources(rec)
+    output = _add_resources(rec)
+    output.add_argument("--output", required=True, metavar="OUT_DIR",
+                        help="output model directory (OUT/step{K} when several steps). Example: --output rec75")
+    output.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                        help="dtype of the floating tensors written; auto keeps the base's. Example: --dtype float32")
 
     rep = commands.add_parser(
         "report", help="diagnostics only: explained variance, R², backtest, plots",
         description="Tell, before spending compute, whether a run looks extrapolatable.",
         epilog=_REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_inputs(rep)
-    rep.add_argument("--output", required=True, metavar="REPORT_DIR",
-                     help="directory for relex_report.json and the PNG plots. Example: --output report/")
-    rep.add_argument("--target-step", nargs="+", type=_int, metavar="K",
-                     help="step(s) you intend to extrapolate to: the plotted lines extend to them and the horizon "
-                          "ratios are reported. Example: --target-step 500")
+    inputs = _add_inputs(rep)
+    inputs.add_argument("--target-step", nargs="+", type=_int, metavar="K",
+                        help="step(s) you intend to extrapolate to: the plotted lines extend to them and the "
+                             "horizon ratios are reported. Example: --target-step 500")
     _add_model(rep, trend=True)
-    rep.add_argument("--top", type=int, default=6, metavar="N",
-                     help="plot the coefficient trajectories of the N largest tensors. Default: 6. Example: --top 4")
-    rep.add_argument("--no-plots", action="store_true", help="write the JSON only. Example: --no-plots")
-    _add_resources(rep)
+    output = _add_resources(rep)
+    output.add_argument("--output", required=True, metavar="REPORT_DIR",
+                        help="directory for relex_report.json and the PNG plots. Example: --output report/")
+    output.add_argument("--top", type=int, default=6, metavar="N",
+                        help="plot the coefficient trajectories of the N largest tensors. Default: 6. Example: --top 4")
+    output.add_argument("--no-plots", action="store_true", help="write the JSON only. Example: --no-plots")
     return parser
 
 

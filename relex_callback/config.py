@@ -63,8 +63,12 @@ class RelexConfig:
             trainer's ``args.output_dir``).
         overwrite (`bool`, defaults to `False`): replace existing non-empty output directories.
         save_model (`bool`, defaults to `True`): write the extrapolated model directories (halt mode).
-        merge_lora (`bool`, defaults to `False`): with a LoRA ``PeftModel``, also write a merged full model
-            ``relex-step{K}-merged/`` (W + scaling·B̂Â) next to the adapter directory ``relex-step{K}/``.
+        merge_lora (`bool` or `str`, defaults to `False`): with a LoRA ``PeftModel``, also write a merged full
+            model ``relex-step{K}-merged/`` next to the adapter directory ``relex-step{K}/``. ``True`` (or
+            ``"factors"``) merges the extrapolated factors, W + s·B̂Â; ``"delta"`` instead extrapolates each
+            module's merged update ΔW_t = s·B_t A_t (its Gram comes from the stored factors, r× the factor
+            Gram cost) and writes W + ΔŴ, which no rank-r adapter can hold: the adapter directory and the live
+            model keep the factor prediction. ``"delta"`` needs one process.
         backtest_tolerance (`float`, defaults to `0.75`): largest acceptable relative distance
             ||θ̂ − θ|| / ||θ − θ_0|| of the in-window backtest; targets beyond the horizon it supports
             get a warning (halt mode) or cap the jump horizon (jump mode with ``auto_horizon``).
@@ -112,7 +116,7 @@ class RelexConfig:
     output_dir: str | None = _help("Folder of the relex-step{K} directories (default: args.output_dir).", None)
     overwrite: bool = _help("Replace existing non-empty output directories.", False)
     save_model: bool = _help("Write the extrapolated model directories.", True)
-    merge_lora: bool = _help("LoRA: also write a merged full model relex-step{K}-merged/.", False)
+    merge_lora: bool | str = _help("LoRA: also write relex-step{K}-merged/ (True/'factors' or 'delta').", False)
     backtest_tolerance: float = _help("Largest acceptable backtest distance before warning.", 0.75)
     jump_every: int | None = _help("Jump mode: real steps J between jumps (default: observe).", None)
     jump_horizon: int | None = _help("Jump mode: steps H each jump moves ahead (default: jump_every).", None)
@@ -167,7 +171,9 @@ class RelexConfig:
         self.exclude = self._check_patterns("exclude")
         if self.output_dir is not None and not isinstance(self.output_dir, str):
             raise TypeError(f"output_dir must be a str path, got {type(self.output_dir).__name__}.")
-        for name in ("overwrite", "save_model", "merge_lora"):
+        if not (isinstance(self.merge_lora, bool) or self.merge_lora in ("factors", "delta")):
+            raise TypeError(f"merge_lora={self.merge_lora!r} must be False, True, 'factors' or 'delta'.")
+        for name in ("overwrite", "save_model"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be True or False.")
         if isinstance(self.backtest_tolerance, bool) or not isinstance(self.backtest_tolerance, (int, float)) or not self.backtest_tolerance > 0:

@@ -328,7 +328,8 @@ def _check_fsdp1(modules: list[Any]) -> None:
                 "switch to FSDP2 (fsdp_version: 2)."
             )
         strategy = getattr(module, "sharding_strategy", None)
-        if strategy not in (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP):
+        sharded = strategy in (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP)
+        if not sharded and not (strategy == ShardingStrategy.NO_SHARD and world_info()[1] == 1):
             raise UnsupportedSetupError(
                 f"RELEX supports FSDP1 only with FULL_SHARD or SHARD_GRAD_OP, got {strategy}: replicated or hybrid "
                 "shards would be counted more than once. Use FULL_SHARD, FSDP2 or DDP."
@@ -383,9 +384,7 @@ def track_parameters(model: torch.nn.Module, chosen: Sequence[tuple[str, torch.n
                     f"RELEX needs ZeRO-1/2 partitions over all {world} processes; {name!r} is partitioned over "
                     f"{dist.get_world_size(group=group)}."
                 )
-            item = ZeroFragment(name, param)
-            item.stop = item.local_data().numel()
-            items.append(item)
+            items.append(ZeroFragment(name, param))
         elif _is_dtensor(param):
             _check_dtensor(name, param)
             items.append(LocalShard(name, param, full_shape=tuple(param.shape)))
@@ -439,7 +438,7 @@ def _gather_slices(
     device = _reduce_device()
     for bucket in _slices_by_bucket(items):
         meta = torch.tensor([[item.offset, item.numel] for item in bucket], dtype=torch.int64, device=device).reshape(-1)
-        local = torch.cat([values[item.name].reshape(-1).to(device, dtype) for item in bucket]) if bucket else torch.empty(0, dtype=dtype, device=device)
+        local = torch.cat([values[item.name].reshape(-1).to(device, dtype) for item in bucket])
         if world == 1:
             metas, pieces = [meta], [local]
         else:
@@ -489,6 +488,7 @@ def write_prediction(tracked: Sequence[TrackedTensor], prediction: dict[str, tor
         else:
             target = item.view()
             target.copy_(value.to(target.device, target.dtype))
+
     def receive(item: ReplicatedSlice, offset: int, piece: torch.Tensor) -> None:
         flat = item.full_flat()
         flat[offset : offset + piece.numel()].copy_(piece.to(flat.device, flat.dtype))
@@ -512,10 +512,17 @@ def _write_zero3(items: list[Zero3Partition], prediction: dict[str, torch.Tensor
         safe_set_local_fp32_param(item.param, master)
         low = item.param.ds_tensor.data.reshape(-1)
         low[: item.numel].copy_(value.to(low.device, low.dtype))
-        if getattr(item.param, "ds_persist", False):
-            persisted.append(item.param)
+        persisted.append(item.param)
+    _regather_persistent(persisted)
+
+
+def _regather_persistent(params: list[torch.nn.Parameter]) -> None:
+    """ZeRO-3 keeps small ("persistent") parameters gathered between steps: rebuild them from the partitions.
+
+    Collective over every process; only parameters with ``ds_persist`` are touched.
+    """
+    persisted = [p for p in params if getattr(p, "ds_persist", False)]
     if persisted:
-        # persistent (small) parameters stay gathered between steps: re-gather them from the new partitions
         persisted[0].partition(param_list=persisted, has_been_updated=False)
         persisted[0].all_gather(param_list=persisted)
 
@@ -557,6 +564,7 @@ def _aliases(model: torch.nn.Module) -> dict[int, list[str]]:
 def _swapped_into_shards(items: list[TrackedTensor], prediction: dict[str, torch.Tensor]) -> Iterator[None]:
     """Temporarily put the predicted local shards into the live (16-bit for ZeRO-3) parameters."""
     saved = []
+    zero3 = [item.param for item in items if isinstance(item, Zero3Partition)]
     try:
         for item in items:
             if isinstance(item, Zero3Partition):
@@ -565,10 +573,12 @@ def _swapped_into_shards(items: list[TrackedTensor], prediction: dict[str, torch
                 target = item.view()
             saved.append((target, target.clone()))
             target.copy_(prediction[item.name].to(target.device, target.dtype))
+        _regather_persistent(zero3)
         yield
     finally:
         for target, original in saved:
             target.copy_(original)
+        _regather_persistent(zero3)
 
 
 def _zero3_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -381,7 +381,11 @@ class JumpController:
         accepted = True
         if probe is not None:
             t0 = time.perf_counter()
-            after = score_model(probe, model)
+            try:
+                after = score_model(probe, model)
+            except BaseException:
+                callback._load_into_model(saved)  # never leave an unchecked jump behind
+                raise
             probe_seconds += time.perf_counter() - t0
             record["probe_after"] = after
             before = record["probe_before"]

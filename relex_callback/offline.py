@@ -7,10 +7,11 @@ a trend ĉ(x) is fitted on the real step numbers, and the output ``θ_0 + Σ_t w
 chunk by chunk and written straight into the output shards. ``V`` is never materialised and nothing
 but the output directory is written.
 
-Memory model: one chunk of ``c`` elements costs ``4·T`` (the deltas) + 4 (θ_0) + ``workers·itemsize``
-(read staging) + ``n·(4 + out_itemsize)`` (n predictions and their cast) bytes per element; ``c`` is
-the largest size within ``max_memory``. A tensor that fits is read once; a larger one is read twice
-(pass 1 sums the chunk Gram matrices, pass 2 combines the chunks).
+Memory model: a chunk of ``c`` elements costs ``2·(4·T + 4)`` (two buffer slots of deltas and θ_0:
+the next chunk is read while the current one is processed) + ``workers·itemsize`` (read staging) +
+``n·(4 + out_itemsize)`` (n predictions and their cast) bytes per element; ``c`` is the largest size
+within ``max_memory``. A tensor that fits is read once; a larger one is read twice (pass 1 sums the
+chunk Gram matrices, pass 2 combines the chunks).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .checkpoints import (
@@ -71,10 +73,11 @@ logger = logging.getLogger(__name__)
 
 FIT_KINDS = ("linear", "poly2")
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DEFAULT_MAX_MEMORY = 2 << 30
+DEFAULT_MAX_MEMORY = 1 << 30
 REPORT_FORMAT = "relex-offline/1"
 _MIN_CHUNK = 1024
-_PARALLEL_MIN_ELEMENTS = 1 << 20  # smaller tensors (elements of M) run single-threaded
+_PARALLEL_MIN_ELEMENTS = 1 << 20
+_PREFETCH = os.environ.get("RELEX_PREFETCH", "1") != "0"  # smaller tensors (elements of M) run single-threaded
 _AUX_FILES: dict[str, tuple[str, ...]] = {
     "config": ("config.json",),
     "generation_config": ("generation_config.json",),
@@ -131,8 +134,9 @@ class _Plan:
     models: list[ModelDir]  # every checkpoint, sorted by step
     num_fit: int  # the first num_fit models span the subspace and the fit (step <= fit_steps)
     tracked: list[str]  # floating tensors streamed, in the base's order
-    tied: dict[str, str]  # output embedding -> its (predicted) input embedding
+    tied: dict[str, str]  # output embedding -> its (predicted) input embedding, when saved in the base
     config: dict[str, Any] | None
+    tie_word_embeddings: bool = False
 
     @property
     def steps(self) -> list[int]:
@@ -192,7 +196,8 @@ def _prepare(
         len(tracked),
         f"; tied: {', '.join(f'{k} = {v}' for k, v in tied.items())}" if tied else "",
     )
-    return _Plan(base=base_model, models=models, num_fit=num_fit, tracked=tracked, tied=tied, config=config)
+    return _Plan(base=base_model, models=models, num_fit=num_fit, tracked=tracked, tied=tied, config=config,
+                 tie_word_embeddings=tied_flag)
 
 
 def _steps_text(models: Sequence[ModelDir]) -> str:
@@ -261,8 +266,29 @@ def _check_targets(target_steps: Sequence[int] | int, what: str = "target step")
 # -- streaming -------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One read of elements ``[start, stop)`` of a tensor for ``rows`` snapshots.
+
+    ``kind``: ``"whole"`` (the tensor fits one chunk: Gram, fit and output from one read), ``"gram"``
+    (pass 1 of a chunked tensor) or ``"emit"`` (pass 2: combine and write).
+    """
+
+    name: str
+    kind: str
+    start: int
+    stop: int
+    rows: int
+    last: bool = False  # the last "gram" chunk of its tensor
+
+
 class _Stream:
-    """Reads chunks of (θ_0, Δ_1..Δ_R) of one tensor into reused fp32 buffers, in parallel threads."""
+    """Reads chunks of (θ_0, Δ_1..Δ_R) into two reused fp32 buffer slots, in parallel threads.
+
+    While the caller works on one job's chunk, the next job is read into the other slot (prefetch).
+    Reader threads use numpy only (pread, widening, Δ = θ_t − θ_0), so they start no OpenMP teams that
+    would compete with the main thread's torch work.
+    """
 
     def __init__(self, plan: _Plan, rows: int, max_memory: int, out_bytes: int, num_workers: int | None) -> None:
         self.plan = plan
@@ -272,7 +298,7 @@ class _Stream:
         entries = [plan.base.tensors[n] for n in plan.tracked]
         self.max_itemsize = max((e.itemsize for e in entries), default=4)
         staging = self.workers * self.max_itemsize if any(e.dtype != torch.float32 for e in entries) else 0
-        per_element = 4 * rows + 4 + staging + out_bytes
+        per_element = 2 * (4 * rows + 4) + staging + out_bytes  # two slots of Δ and θ_0
         largest = max((e.numel for e in entries), default=0)
         self.cap = min(max_memory // per_element, largest)
         if largest and self.cap < min(_MIN_CHUNK, largest):
@@ -281,11 +307,14 @@ class _Stream:
                 f"{_MIN_CHUNK} elements needs {_format_bytes(per_element * _MIN_CHUNK)}"
             )
         self.per_element = per_element
-        self._deltas = torch.empty(rows * self.cap, dtype=torch.float32)
-        self._theta0 = torch.empty(self.cap, dtype=torch.float32)
+        self._slots = [
+            (torch.empty(rows * self.cap, dtype=torch.float32), torch.empty(self.cap, dtype=torch.float32))
+            for _ in range(2)
+        ]
         self._local = threading.local()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="relex-read")
-        self.read_seconds = 0.0
+        self._inflight: list[concurrent.futures.Future] = []
+        self.read_seconds = 0.0  # time the caller waited for reads (the rest overlaps its work)
         logger.info(
             "memory budget %s: chunks of up to %s elements (%s of buffers), %d read threads",
             _format_bytes(max_memory),
@@ -303,36 +332,45 @@ class _Stream:
             staging = self._local.staging = torch.empty(self.cap * self.max_itemsize, dtype=torch.uint8)
         self.reader.read_float(entry, start, stop, out, staging)
 
-    def load(self, name: str, start: int, stop: int, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """θ_0 ``[n]`` and Δ ``[rows, n]`` (fp32 views of the reused buffers) of elements ``[start, stop)``."""
-        rows = self.rows if rows is None else rows
-        count = stop - start
-        began = time.perf_counter()
-        theta0 = self._theta0[:count]
-        deltas = self._deltas[: rows * count].view(rows, count)
-        jobs = [(self.plan.base.tensors[name], theta0)]
-        jobs += [(self.plan.models[i].tensors[name], deltas[i]) for i in range(rows)]
-        futures = [self._pool.submit(self._read, entry, start, stop, out) for entry, out in jobs]
-        concurrent.futures.wait(futures)
-        for future in futures:
-            future.result()
-        deltas.sub_(theta0)  # Δ_t = θ_t − θ_0, exact for bf16/fp16 snapshots
-        self.read_seconds += time.perf_counter() - began
-        return theta0, deltas
+    def _read_delta(
+        self, entry: Any, start: int, stop: int, out: torch.Tensor, base: concurrent.futures.Future, theta0: torch.Tensor
+    ) -> None:
+        self._read(entry, start, stop, out)
+        base.result()  # θ_0's read was queued first (FIFO), so this never waits on an unstarted task
+        np.subtract(out.numpy(), theta0.numpy(), out=out.numpy())  # Δ_t = θ_t − θ_0, exact for bf16/fp16
 
-    def gram(self, name: str) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Pass 1: ``G`` over all rows; the loaded chunk is returned when the tensor was read in one piece."""
-        numel = self.plan.base.tensors[name].numel
-        chunks = self.chunks(numel)
-        if len(chunks) == 1:
-            theta0, deltas = self.load(name, 0, numel)
-            return gram_matrix_blocked(deltas), (theta0, deltas)
-        gram = torch.zeros(self.rows, self.rows, dtype=torch.float64)
-        for start, stop in chunks:  # no chunk at all for an empty tensor
-            gram += gram_matrix_blocked(self.load(name, start, stop)[1])
-        return gram, None
+    def _submit(self, slot: int, job: _Job) -> tuple[torch.Tensor, torch.Tensor, list[concurrent.futures.Future]]:
+        count = job.stop - job.start
+        deltas_buffer, theta_buffer = self._slots[slot]
+        theta0 = theta_buffer[:count]
+        deltas = deltas_buffer[: job.rows * count].view(job.rows, count)
+        base = self._pool.submit(self._read, self.plan.base.tensors[job.name], job.start, job.stop, theta0)
+        futures = [base]
+        for i in range(job.rows):
+            entry = self.plan.models[i].tensors[job.name]
+            futures.append(self._pool.submit(self._read_delta, entry, job.start, job.stop, deltas[i], base, theta0))
+        return theta0, deltas, futures
+
+    def run(self, jobs: Sequence[_Job]) -> Iterator[tuple[_Job, torch.Tensor, torch.Tensor]]:
+        """Yield ``(job, θ_0 [n], Δ [rows, n])`` per job; the views are valid until the next item is asked for."""
+        if not jobs:
+            return
+        pending = self._submit(0, jobs[0])
+        for index, job in enumerate(jobs):
+            theta0, deltas, futures = pending
+            self._inflight = futures
+            began = time.perf_counter()
+            concurrent.futures.wait(futures)
+            self.read_seconds += time.perf_counter() - began
+            for future in futures:
+                future.result()
+            if index + 1 < len(jobs):
+                pending = self._submit((index + 1) % 2, jobs[index + 1])
+                self._inflight = futures + pending[2]
+            yield job, theta0, deltas
 
     def close(self) -> None:
+        concurrent.futures.wait(self._inflight)  # never leave reads running into freed buffers
         self._pool.shutdown(wait=True)
 
 
@@ -450,6 +488,7 @@ class _Run:
     tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
     grams: dict[str, torch.Tensor] = field(default_factory=dict)
     read_seconds: float = 0.0
+    gram_seconds: float = 0.0
     compute_seconds: float = 0.0
     write_seconds: float = 0.0
     bytes_read: int = 0
@@ -487,41 +526,64 @@ def _stream_tensors(
 
     ``observe(name, deltas, predicted_deltas)`` sees every chunk of pass 2 (``emit_rows`` rows of Δ).
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     out_itemsize = max((_itemsize(o.dtypes[n]) for o in outputs for n in plan.tracked), default=0)
     out_bytes = len(outputs) * (4 + out_itemsize)  # fp32 predictions and their cast
     stream = _Stream(plan, rows, max_memory, out_bytes, num_workers)
+    emit_rows = plan.num_fit if emit_rows is None else emit_rows
+    jobs: list[_Job] = []
+    for name in plan.tracked:
+        chunks = stream.chunks(plan.base.tensors[name].numel)
+        if len(chunks) == 1:
+            jobs.append(_Job(name, "whole", 0, chunks[0][1], rows))
+        elif chunks:
+            jobs += [_Job(name, "gram", a, b, rows, last=i == len(chunks) - 1) for i, (a, b) in enumerate(chunks)]
+            if outputs:
+                jobs += [_Job(name, "emit", a, b, emit_rows) for a, b in chunks]
     run = _Run()
     copies: dict[str, list[str]] = {}
     for target, source in plan.tied.items():
         copies.setdefault(source, []).append(target)
-    emit_rows = plan.num_fit if emit_rows is None else emit_rows
     threads = torch.get_num_threads()
+    weights: dict[str, torch.Tensor | None] = {}
+    partial: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(plan.tracked), desc=desc, unit="tensor", disable=not progress, leave=False)
+
+    def fit(name: str, gram: torch.Tensor) -> None:
+        entry = plan.base.tensors[name]
+        began = time.perf_counter()
+        weights[name], stats = weights_fn(name, gram)
+        run.compute_seconds += time.perf_counter() - began
+        chunks = len(stream.chunks(entry.numel))
+        stats.update(shape=list(entry.shape), numel=entry.numel, dtype=str(entry.dtype).replace("torch.", ""), chunks=chunks)
+        run.tensors[name] = stats
+        run.grams[name] = gram
+        run.chunked += chunks > 1
+        if weights[name] is None or not outputs:
+            bar.update()
+
     try:
-        for name in tqdm(plan.tracked, desc=desc, unit="tensor", disable=not progress, leave=False):
-            entry = plan.base.tensors[name]
-            chunks = stream.chunks(entry.numel)
-            small = rows * min(entry.numel, stream.cap) < _PARALLEL_MIN_ELEMENTS
+        for job, theta0, deltas in stream.run(jobs):
+            small = job.rows * (job.stop - job.start) < _PARALLEL_MIN_ELEMENTS
             with _torch_threads(1 if small else threads):
-                gram, loaded = stream.gram(name)
                 began = time.perf_counter()
-                weights, stats = weights_fn(name, gram)
-                run.compute_seconds += time.perf_counter() - began
-                stats.update(shape=list(entry.shape), numel=entry.numel, dtype=str(entry.dtype).replace("torch.", ""),
-                             chunks=len(chunks))
-                run.tensors[name] = stats
-                run.grams[name] = gram
-                run.chunked += len(chunks) > 1
-                if weights is None or not outputs:
-                    continue
-                moving = bool(weights.abs().sum() > 0)
-                for start, stop in chunks:
-                    if loaded is not None:
-                        theta0, deltas = loaded
+                if job.kind in ("whole", "gram"):
+                    gram = gram_matrix_blocked(deltas)
+                    run.gram_seconds += time.perf_counter() - began
+                    if job.kind == "whole":
+                        fit(job.name, gram)
                     else:
-                        theta0, deltas = stream.load(name, start, stop, rows=emit_rows if moving else 0)
-                    _emit(run, name, start, theta0, deltas, weights, plan.num_fit, moving, outputs, copies.get(name, ()), observe)
+                        partial[job.name] = partial.get(job.name, 0) + gram
+                        if job.last:
+                            fit(job.name, partial.pop(job.name))
+                if job.kind in ("whole", "emit") and outputs and weights[job.name] is not None:
+                    _emit(run, job.name, job.start, theta0, deltas, weights[job.name], plan.num_fit, outputs,
+                          copies.get(job.name, ()), observe)
+                    if job.stop == plan.base.tensors[job.name].numel:
+                        bar.update()
+        for name in [n for n in plan.tracked if plan.base.tensors[n].numel == 0]:  # empty tensors: nothing to read
+            fit(name, torch.zeros(rows, rows, dtype=torch.float64))
         began = time.perf_counter()
         for name, entry in plan.base.tensors.items():
             if entry.is_floating or not outputs:
@@ -531,6 +593,7 @@ def _stream_tensors(
                 output.write(name, 0, values)
         run.write_seconds += time.perf_counter() - began
     finally:
+        bar.close()
         stream.close()
     run.read_seconds = stream.read_seconds
     run.bytes_read = stream.reader.bytes_read
@@ -545,19 +608,18 @@ def _emit(
     deltas: torch.Tensor,
     weights: torch.Tensor,
     num_fit: int,
-    moving: bool,
     outputs: Sequence[_OutputModel],
     copies: Sequence[str],
     observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None,
 ) -> None:
     """θ_0 + w M of one chunk, cast and written to every output (and to the tied copies)."""
     began = time.perf_counter()
-    if moving:
+    if bool(weights.abs().sum() > 0):
         predicted = combine(deltas[:num_fit], weights)  # Δ̂ = w M, fp32
         if observe is not None:
             observe(name, deltas, predicted)
         predicted += theta0
-    else:  # nothing moved (or zero weights): θ_0 exactly
+    else:  # nothing moved: θ_0 exactly
         predicted = theta0.expand(weights.shape[0], -1)
     run.compute_seconds += time.perf_counter() - began
     began = time.perf_counter()
@@ -722,13 +784,15 @@ def extrapolate_checkpoints(
                 ),
                 "base": str(plan.base.path),
                 "checkpoints": _checkpoint_list(plan)[: plan.num_fit],
+                "tie_word_embeddings": plan.tie_word_embeddings,
                 "tied": plan.tied,
                 "explained_variance": summarize_explained_variance(ev_values),
                 "backtest": backtest_info,
                 "warnings": target_warnings,
                 "copied_files": {k: str(v) for k, v in sources.items()},
                 "timings": {
-                    "read_s": run.read_seconds,
+                    "read_wait_s": run.read_seconds,
+                    "gram_s": run.gram_seconds,
                     "compute_s": run.compute_seconds,
                     "write_s": run.write_seconds,
                     "total_s": time.perf_counter() - began,
@@ -746,7 +810,7 @@ def extrapolate_checkpoints(
                 logger.warning("%s", warning)
             reports.append(report)
     logger.info(
-        "extrapolated %d tensors to step(s) %s in %.1f s (read %.1f s, %s; %d tensor(s) chunked)",
+        "extrapolated %d tensors to step(s) %s in %.1f s (waited %.1f s for reads of %s; %d tensor(s) chunked)",
         len(plan.tracked), ", ".join(map(str, targets)), time.perf_counter() - began, run.read_seconds,
         _format_bytes(run.bytes_read), run.chunked,
     )
@@ -796,7 +860,8 @@ def reconstruct_checkpoints(
     held = [position[t] for t in targets if position[t] >= plan.num_fit]
     order = list(range(plan.num_fit)) + sorted(set(held))
     rows_plan = _Plan(base=plan.base, models=[plan.models[i] for i in order], num_fit=plan.num_fit,
-                      tracked=plan.tracked, tied=plan.tied, config=plan.config)
+                      tracked=plan.tracked, tied=plan.tied, config=plan.config,
+                      tie_word_embeddings=plan.tie_word_embeddings)
     row_of = {plan.steps[i]: r for r, i in enumerate(order)}
     target_rows = [row_of[t] for t in targets]
     norms = torch.zeros(len(targets), dtype=torch.float64)
@@ -861,10 +926,11 @@ def reconstruct_checkpoints(
                                       num_workers=num_workers),
                 "base": str(plan.base.path),
                 "checkpoints": _checkpoint_list(plan),
+                "tie_word_embeddings": plan.tie_word_embeddings,
                 "tied": plan.tied,
                 "explained_variance": summarize_explained_variance(ev_values),
                 "copied_files": {k: str(v) for k, v in sources.items()},
-                "timings": {"read_s": run.read_seconds, "compute_s": run.compute_seconds,
+                "timings": {"read_wait_s": run.read_seconds, "gram_s": run.gram_seconds, "compute_s": run.compute_seconds,
                             "write_s": run.write_seconds, "total_s": time.perf_counter() - began},
                 "bytes": {"read": run.bytes_read, "written": out.nbytes, "intermediate": 0},
                 "tensors": {n: {**{k: v for k, v in run.tensors[n].items() if k != "relative_error"},
@@ -1018,6 +1084,7 @@ def report_checkpoints(
                                   max_memory=budget, num_workers=num_workers, backtest_tolerance=backtest_tolerance, top=top),
             "base": str(plan.base.path),
             "checkpoints": _checkpoint_list(plan),
+            "tie_word_embeddings": plan.tie_word_embeddings,
             "tied": plan.tied,
             "explained_variance": {
                 **summarize_explained_variance(ev_values),
@@ -1033,7 +1100,7 @@ def report_checkpoints(
         }
         if plots:
             report["plots"] = _write_plots(staging, report, plan, rank, horizon_end)
-        report["timings"] = {"read_s": run.read_seconds, "compute_s": run.compute_seconds,
+        report["timings"] = {"read_wait_s": run.read_seconds, "gram_s": run.gram_seconds, "compute_s": run.compute_seconds,
                              "total_s": time.perf_counter() - began}
         report["bytes"] = {"read": run.bytes_read, "intermediate": 0}
         write_json(staging / REPORT_NAME, report)

@@ -15,7 +15,11 @@ Scenarios:
   callback's events (accelerate only enables FSDP on accelerators, so the Trainer cannot run FSDP on CPU);
 * ``fsdp1``: FSDP1 with ``use_orig_params=True``, same loop;
 * ``unsupported``: FSDP1 without ``use_orig_params`` and a tensor-parallel DTensor (``Shard(1)``) must raise
-  ``UnsupportedSetupError`` in ``on_train_begin``.
+  ``UnsupportedSetupError`` in ``on_train_begin``;
+* ``zero1``, ``zero2``, ``zero3``, ``zero2_bf16``, ``zero3_bf16``: the real ``Trainer`` with DeepSpeed ZeRO-1/2/3 (fp32 or bf16
+  weights; ``zero3`` partitions every tensor, ``zero3_bf16`` keeps the tiny tensors "persistent"). DeepSpeed
+  runs on CPU through its CPU accelerator and gloo; the Recorder reads fp32 masters with
+  ``safe_get_full_fp32_param``.
 """
 
 from __future__ import annotations
@@ -107,6 +111,7 @@ def _dump(out: Path, callback: RelexCallback, recorder: Recorder, final: dict[st
         "report_buffer": report["buffer"],
         "communication_bytes": report["communication_bytes"],
         "steps": callback.buffer.steps,
+        "zero3_persistent": sum(bool(getattr(item.param, "ds_persist", False)) for item in callback.buffer.tracked),
     }
     (out / f"info-rank{rank}.json").write_text(json.dumps(info))
     if rank == 0:
@@ -239,10 +244,13 @@ def scenario_unsupported(out: Path) -> None:
     (out / f"errors-rank{dist.get_rank()}.json").write_text(json.dumps(messages))
 
 
-def _zero_config(stage: int, bf16: bool) -> dict:
+def _zero_config(stage: int, bf16: bool, persistence_threshold: int | None = None) -> dict:
+    zero: dict = {"stage": stage}
+    if persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = persistence_threshold
     return {
         "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+        "zero_optimization": zero, "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False, "bf16": {"enabled": bf16}, "fp16": {"enabled": False},
     }
 
@@ -265,14 +273,14 @@ def _zero_full_16bit(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _scenario_zero(out: Path, stage: int, bf16: bool) -> None:
+def _scenario_zero(out: Path, stage: int, bf16: bool, persistence_threshold: int | None = None) -> None:
     tok = tiny_tokenizer()
     model = tiny_qwen2(tie=True, tokenizer=tok)
     relex, recorder = _relex(out), Recorder(gather=_zero_full_fp32)
     args = TrainingArguments(
         output_dir=str(out / "trainer"), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-2,
         report_to=[], save_strategy="no", logging_steps=100, remove_unused_columns=False, disable_tqdm=True, seed=0,
-        deepspeed=_zero_config(stage, bf16), bf16=bf16, use_cpu=bf16 and not torch.cuda.is_available(),
+        deepspeed=_zero_config(stage, bf16, persistence_threshold), bf16=bf16, use_cpu=bf16 and not torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": tok(t)["input_ids"]} for t in _texts()],
                       data_collator=_collate(tok), processing_class=tok, callbacks=[relex, recorder])
@@ -281,6 +289,10 @@ def _scenario_zero(out: Path, stage: int, bf16: bool) -> None:
     final = {f"fp32/{k}": v for k, v in _zero_full_fp32(trainer.model).items()}
     final.update({f"16bit/{k}": v for k, v in _zero_full_16bit(trainer.model).items()})
     _dump(out, relex, recorder, final)
+
+
+def scenario_zero1(out: Path) -> None:
+    _scenario_zero(out, 1, bf16=False)
 
 
 def scenario_zero2(out: Path) -> None:
@@ -292,11 +304,11 @@ def scenario_zero2_bf16(out: Path) -> None:
 
 
 def scenario_zero3(out: Path) -> None:
-    _scenario_zero(out, 3, bf16=False)
+    _scenario_zero(out, 3, bf16=False, persistence_threshold=0)  # every parameter partitioned between steps
 
 
 def scenario_zero3_bf16(out: Path) -> None:
-    _scenario_zero(out, 3, bf16=True)
+    _scenario_zero(out, 3, bf16=True)  # the tiny model's tensors are all below the persistence threshold
 
 
 def main() -> None:

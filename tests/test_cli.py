@@ -73,14 +73,14 @@ def test_extrapolate_options(run_dirs, tmp_path, capsys):
     checkpoints = [str(run / f"checkpoint-{t}") for t in (1, 2, 3, 4, 5)]
     code = main(["extrapolate", "--base", str(base), "--checkpoints", *checkpoints, "--steps", "2", "4", "6", "8", "10",
                  "--target-step", "30", "50", "--time-scale", "2", "--rank", "2", "--window", "4", "--fit", "linear",
-                 "--shrink", "0.5", "--dtype", "float32", "--max-memory", "64KiB", "--num-workers", "3",
+                 "--shrink", "0.5", "--dtype", "float32", "--max-memory", "128KiB", "--num-workers", "3",
                  "--output", str(tmp_path / "out"), "--no-progress", "-q"])
     assert code == 0
     for target in (30, 50):
         report = json.loads((tmp_path / "out" / f"step{target}" / "relex_report.json").read_text())
         assert report["effective_target_step"] == 2 * target
         assert report["observed_steps"] == [2, 4, 6, 8, 10] and report["window_steps"] == [4, 6, 8, 10]
-        assert report["settings"]["shrink"] == 0.5 and report["settings"]["max_memory"] == 64 * 1024
+        assert report["settings"]["shrink"] == 0.5 and report["settings"]["max_memory"] == 128 * 1024
         assert all(v.dtype == torch.float32 for v in _load(tmp_path / "out" / f"step{target}").values())
         assert report["tensors"]["model.embed_tokens.weight"]["chunks"] > 1
     assert "step 50 (effective 100" in capsys.readouterr().out

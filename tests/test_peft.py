@@ -80,10 +80,18 @@ def tok():
     return tiny_tokenizer(chat_template=False)
 
 
-def test_grpo_lora_writes_adapter_and_merged_model(tmp_path, tok):
+def merged_oracle(weights, prefix: str, scaling: float, steps: list[int], target: int) -> torch.Tensor:
+    """RELEX on the explicitly formed merged updates s·B_t A_t of one module: the total LoRA term at ``target``."""
+    merged = {s: {"m": scaling * weights[s][f"{prefix}.lora_B.default.weight"].double() @ weights[s][f"{prefix}.lora_A.default.weight"].double()}
+              for s in [0, *steps]}
+    return oracle(merged, steps, target)["m"]
+
+
+@pytest.mark.parametrize("merge", [True, "delta"])
+def test_grpo_lora_writes_adapter_and_merged_model(tmp_path, tok, merge):
     lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
     capture = Capture()
-    relex = RelexCallback(observe=5, extrapolate_to=[12, 30], buffer_dtype="float32", merge_lora=True)
+    relex = RelexCallback(observe=5, extrapolate_to=[12, 30], buffer_dtype="float32", merge_lora=merge)
     trainer = grpo(tmp_path, tiny_qwen2(tokenizer=tok), tok, [capture, relex], peft_config=lora)
     assert isinstance(trainer.model, PeftModel)
     trainer.train()
@@ -109,13 +117,16 @@ def test_grpo_lora_writes_adapter_and_merged_model(tmp_path, tok):
         for layer in range(2):
             for proj in ("q_proj", "v_proj"):
                 prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
-                delta = expected[f"{prefix}.lora_B.default.weight"] @ expected[f"{prefix}.lora_A.default.weight"]
-                want = base_weights[f"{prefix}.base_layer.weight"].double() + 4.0 * delta  # scaling = 16 / 4
+                if merge == "delta":  # the merged update s·B_t A_t extrapolated directly
+                    lora_term = merged_oracle(capture.weights, prefix, 4.0, [1, 2, 3, 4, 5], target)
+                else:  # scaling = 16 / 4 times the product of the extrapolated factors
+                    lora_term = 4.0 * expected[f"{prefix}.lora_B.default.weight"] @ expected[f"{prefix}.lora_A.default.weight"]
+                want = base_weights[f"{prefix}.base_layer.weight"].double() + lora_term
                 close(merged_params[f"model.layers.{layer}.self_attn.{proj}.weight"], want)
         close(merged_params["model.layers.0.mlp.up_proj.weight"], base_weights["base_model.model.model.layers.0.mlp.up_proj.weight"], atol=0)
-        # the merged model gives the same logits as the base model with the loaded adapter
-        ids = torch.tensor([tok("3 + 4 =")["input_ids"]])
-        close(merged(ids).logits, loaded(ids).logits, atol=1e-4)
+        if merge is True:  # the merged model gives the same logits as the base model with the loaded adapter
+            ids = torch.tensor([tok("3 + 4 =")["input_ids"]])
+            close(merged(ids).logits, loaded(ids).logits, atol=1e-4)
     live = dict(trainer.model.named_parameters())
     for name, value in oracle(capture.weights, [1, 2, 3, 4, 5], 30).items():
         close(live[name], value)
@@ -124,7 +135,7 @@ def test_grpo_lora_writes_adapter_and_merged_model(tmp_path, tok):
 def test_merge_lora_needs_a_lora_model(tmp_path):
     callback = RelexCallback(observe=4, extrapolate_to=8, merge_lora=True, output_dir=str(tmp_path))
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    with pytest.raises(ValueError, match="merge_lora=True needs a peft.PeftModel"):
+    with pytest.raises(ValueError, match="merge_lora needs a peft.PeftModel"):
         callback.on_train_begin(args, TrainerState(), TrainerControl(), model=tiny_qwen2())
     dora = get_peft_model(tiny_qwen2(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
@@ -175,3 +186,37 @@ def test_smollm2_lora_r8_adapter_equals_independent_prediction(tmp_path):
         close(live[name], value, atol=1e-5)
         moved += int(not torch.equal(value.float(), capture.weights[0][name]))
     assert moved > 0
+
+
+def test_merged_delta_extrapolation_equals_relex_on_explicit_merged_deltas():
+    """The merged-ΔW fit from stored A/B factors equals RELEX on the explicitly formed s·B_t A_t."""
+    from relex_callback.buffer import DeltaBuffer, TrackedTensor
+    from relex_callback.peft_support import LoraPair, merged_delta_gram, merged_delta_predictions
+
+    torch.manual_seed(0)
+    r, d_in, d_out, steps, scaling = 3, 7, 5, [1, 2, 3, 4, 5], 2.5
+    a = torch.nn.Parameter(torch.randn(r, d_in))
+    b = torch.nn.Parameter(torch.randn(d_out, r) * 0.1)
+    buffer = DeltaBuffer([TrackedTensor("m.lora_A.default.weight", a), TrackedTensor("m.lora_B.default.weight", b)], 5, "float32")
+    buffer.capture_base()
+    history = {0: (a.detach().clone(), b.detach().clone())}
+    drift_a, drift_b = torch.randn(r, d_in) * 0.05, torch.randn(d_out, r) * 0.05
+    with torch.no_grad():
+        for step in steps:
+            a.add_(drift_a + 0.01 * torch.randn(r, d_in))
+            b.add_(drift_b + 0.01 * torch.randn(d_out, r))
+            buffer.record(step)
+            history[step] = (a.detach().clone(), b.detach().clone())
+    merged = {s: scaling * (history[s][1].double() @ history[s][0].double()) for s in history}
+    deltas = torch.stack([(merged[s] - merged[0]).reshape(-1) for s in steps])
+    pair = LoraPair("m", "m.lora_A.default.weight", "m.lora_B.default.weight", (r, d_in), (d_out, r), scaling)
+    hist_a = torch.stack([history[s][0] for s in [0, *steps]])
+    hist_b = torch.stack([history[s][1] for s in [0, *steps]])
+    torch.testing.assert_close(merged_delta_gram(hist_a, hist_b, scaling), deltas @ deltas.T, rtol=1e-5, atol=1e-7)
+    predicted = merged_delta_predictions(buffer, [pair], [8.0, 20.0])["m"]
+    x = torch.tensor(steps, dtype=torch.float64)
+    _, _, vh = torch.linalg.svd(deltas, full_matrices=False)
+    line = torch.linalg.lstsq(torch.stack([torch.ones_like(x), x], 1), (deltas @ vh[0])[:, None]).solution[:, 0]
+    for j, target in enumerate((8.0, 20.0)):
+        want = merged[0] + ((line[0] + line[1] * target) * vh[0]).view(d_out, d_in)
+        torch.testing.assert_close(predicted[j].double(), want, rtol=1e-4, atol=1e-5)

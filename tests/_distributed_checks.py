@@ -1,0 +1,138 @@
+"""Shared by the multi-process tests: launch ``_distributed_worker.py`` with torchrun and check its files
+against an independent single-process RELEX (``torch.linalg.svd`` + least squares, no relex_callback code)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("_distributed_worker.py")
+OBSERVE, TARGETS = 4, [10, 20]  # as in the worker
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_torchrun(script: Path, args: list[str], nproc: int = 2, timeout: float = 420, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` in ``nproc`` processes with ``torch.distributed.run`` on a free local port."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}", str(script), *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def run_scenarios(out: Path, scenarios: list[str], nproc: int = 2, env: dict | None = None) -> Path:
+    """Run the worker's ``scenarios`` in one launch (each test then reads its scenario's folder)."""
+    result = run_torchrun(WORKER, [str(out), *scenarios], nproc=nproc, env=env)
+    if result.returncode != 0:
+        pytest.fail(f"torchrun failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return out
+
+
+def scenario(runs: Path, name: str) -> Path:
+    directory = runs / name
+    errors = sorted(directory.glob("error-rank*.txt"))
+    if errors:
+        pytest.fail(f"scenario {name} failed:\n" + "\n".join(e.read_text() for e in errors))
+    return directory
+
+
+def oracle(snapshots: dict[str, torch.Tensor], targets: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """θ̂(K) = θ_0 + ĉ(K)·v from the top right singular vector of the stacked deltas (fp64, one process).
+
+    ``snapshots`` maps ``"{step}/{name}"`` to the full tensor; step 0 is θ_0.
+    """
+    steps = sorted({int(k.split("/", 1)[0]) for k in snapshots})
+    names = sorted({k.split("/", 1)[1] for k in snapshots})
+    observed = [s for s in steps if s > 0]
+    x = torch.tensor(observed, dtype=torch.float64)
+    design = torch.stack([torch.ones_like(x), x], dim=1)
+    out: dict[int, dict[str, torch.Tensor]] = {t: {} for t in targets}
+    for name in names:
+        base = snapshots[f"0/{name}"].double()
+        deltas = torch.stack([(snapshots[f"{s}/{name}"].double() - base).reshape(-1) for s in observed])
+        _, sigma, vh = torch.linalg.svd(deltas, full_matrices=False)
+        if sigma[0] <= 1e-12:
+            for t in targets:
+                out[t][name] = base
+            continue
+        line = torch.linalg.lstsq(design, (deltas @ vh[0])[:, None]).solution[:, 0]
+        for t in targets:
+            out[t][name] = base + ((line[0] + line[1] * t) * vh[0]).view_as(base)
+    return out
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, dtype: torch.dtype = torch.float32) -> None:
+    """fp32: tight; a 16-bit copy: within one rounding of the expected value."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+    else:
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(actual.double(), expected.double(), rtol=eps, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def infos(directory: Path, world: int) -> list[dict]:
+    return [json.loads((directory / f"info-rank{r}.json").read_text()) for r in range(world)]
+
+
+def check_sharded_run(
+    directory: Path,
+    kinds: set[str],
+    exact_halves: bool,
+    world: int = 2,
+    final_keys: dict[str, torch.dtype] | None = None,
+    saved_dtype: torch.dtype = torch.float32,
+) -> None:
+    """The checkpoints, the live weights of every process, the buffer split and the fit's communication.
+
+    ``final_keys`` maps a key prefix of the ``final-rank*.safetensors`` files (e.g. ``"fp32/"``) to the
+    precision that copy has; default: one fp32 copy without a prefix.
+    """
+    snapshots = load_file(str(directory / "snapshots.safetensors"))
+    expected = oracle(snapshots, TARGETS)
+    names = list(expected[TARGETS[0]])
+    for target in TARGETS:  # rank 0's checkpoints hold the full extrapolated weights
+        saved = load_file(str(directory / f"relex-step{target}" / "model.safetensors"))
+        for name in names:
+            assert saved[name].dtype == saved_dtype, (name, saved[name].dtype)
+            assert_close(saved[name], expected[target][name], f"step {target} {name}", saved_dtype)
+        report = json.loads((directory / f"relex-step{target}" / "relex_report.json").read_text())
+        assert report["buffer"]["world_size"] == world
+    finals = [load_file(str(directory / f"final-rank{r}.safetensors")) for r in range(world)]
+    for prefix, dtype in (final_keys or {"": torch.float32}).items():
+        for name in names:  # every process ends with the same live weights: the last target's prediction
+            key = prefix + name
+            for other in finals[1:]:
+                assert torch.equal(finals[0][key], other[key]), f"ranks differ on {key}"
+            assert_close(finals[0][key], expected[TARGETS[-1]][name], f"live {key}", dtype)
+    info = infos(directory, world)
+    assert {k for i in info for k in i["kinds"]} == kinds
+    total = sum(v.numel() for k, v in snapshots.items() if k.startswith("0/"))
+    assert sum(i["tracked_elements"] for i in info) == total
+    single_bytes = total * (OBSERVE * 4 + 4)  # float32 deltas + float32 θ_0, as one process would hold them
+    assert sum(i["buffer_bytes"] for i in info) == single_bytes
+    for i in info:
+        assert i["report_buffer"]["bytes_all_processes"] == single_bytes
+        share = i["buffer_bytes"] / single_bytes
+        if exact_halves:
+            assert abs(i["buffer_bytes"] - single_bytes / world) <= len(names) * (OBSERVE * 4 + 4), share
+        else:
+            assert abs(share - 1 / world) <= 0.15, share
+        # the fit communicates only the packed Gram matrices: T(T+1)/2 fp64 values per tensor
+        comm = i["communication_bytes"]
+        per_fit = len(names) * OBSERVE * (OBSERVE + 1) // 2 * 8 if world > 1 else 0
+        assert comm["last_fit_bytes"] == per_fit
+        assert comm["cumulative"].get("gram_all_reduce", 0) == per_fit

@@ -1,0 +1,73 @@
+"""RELEX under DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 with the real transformers Trainer (skipped without deepspeed).
+
+The fit tracks DeepSpeed's fp32 master partitions; the prediction must reach both the fp32 master copy
+(else the next optimizer step undoes it) and the 16-bit weights, identically on every process, and the
+halt-mode checkpoint must hold the full weights. Expected values come from an independent single-process
+computation on full fp32 masters gathered by a separate callback (``safe_get_full_fp32_param``).
+
+DeepSpeed runs on CPU through its CPU accelerator with the gloo backend, so these tests run on 2 CPU
+processes wherever ``import deepspeed`` works (``pip install deepspeed`` builds no extension by default).
+With CUDA, ``RELEX_TEST_WORLD`` (default: 2 on CPU, the GPU count capped at 2 on CUDA) sets the processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    from tests._distributed_checks import check_sharded_run, infos, run_scenarios, scenario
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from _distributed_checks import check_sharded_run, infos, run_scenarios, scenario
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (pip install deepspeed)"),
+]
+
+SCENARIOS = ["zero1", "zero2", "zero3", "zero2_bf16", "zero3_bf16"]
+
+
+def _world() -> int:
+    if "RELEX_TEST_WORLD" in os.environ:
+        return int(os.environ["RELEX_TEST_WORLD"])
+    return min(torch.cuda.device_count(), 2) if torch.cuda.is_available() else 2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return run_scenarios(tmp_path_factory.mktemp("relex-deepspeed"), SCENARIOS, nproc=_world())
+
+
+FP32 = {"fp32/": torch.float32, "16bit/": torch.float32}
+BF16 = {"fp32/": torch.float32, "16bit/": torch.bfloat16}
+
+
+def test_zero1_fp32_masters_and_weights(runs):
+    check_sharded_run(scenario(runs, "zero1"), {"ZeroFragment"}, exact_halves=False, world=_world(), final_keys=FP32)
+
+
+def test_zero2_fp32_masters_and_weights(runs):
+    check_sharded_run(scenario(runs, "zero2"), {"ZeroFragment"}, exact_halves=False, world=_world(), final_keys=FP32)
+
+
+def test_zero3_fp32_masters_and_weights(runs):
+    directory = scenario(runs, "zero3")
+    check_sharded_run(directory, {"Zero3Partition"}, exact_halves=True, world=_world(), final_keys=FP32)
+    assert all(i["zero3_persistent"] == 0 for i in infos(directory, _world()))  # all partitioned between steps
+
+
+def test_zero2_bf16_reaches_master_and_16bit_copy(runs):
+    check_sharded_run(scenario(runs, "zero2_bf16"), {"ZeroFragment"}, exact_halves=False, world=_world(),
+                      final_keys=BF16, saved_dtype=torch.bfloat16)
+
+
+def test_zero3_bf16_reaches_master_and_16bit_copy(runs):
+    directory = scenario(runs, "zero3_bf16")
+    check_sharded_run(directory, {"Zero3Partition"}, exact_halves=True, world=_world(), final_keys=BF16,
+                      saved_dtype=torch.bfloat16)
+    assert all(i["zero3_persistent"] > 0 for i in infos(directory, _world()))  # small tensors stay gathered
