@@ -560,6 +560,29 @@ def plot(args, seeds: list[dict[str, Any]], summary_rows: list[dict], out: Path)
     fig.savefig(out / "accuracy_vs_step.png", dpi=110)
     plt.close(fig)
 
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, res in enumerate(seeds):
+        hist = [h for h in res.get("history", []) if h.get("reward") is not None]
+        if not hist:
+            continue
+        steps = [h["step"] for h in hist]
+        reward = [float(h["reward"]) for h in hist]
+        window = 5
+        smooth = [sum(reward[max(0, j - window + 1) : j + 1]) / len(reward[max(0, j - window + 1) : j + 1]) for j in range(len(reward))]
+        ax.plot(steps, reward, color=f"C{i}", alpha=0.25, lw=1)
+        ax.plot(steps, smooth, color=f"C{i}", lw=2, label=f"seed {res['seed']} (5-step mean)")
+        zero = [float(h.get("frac_reward_zero_std") or 0.0) for h in hist]
+        ax.scatter([s for s, z in zip(steps, zero) if z >= 1.0], [0.0] * sum(z >= 1.0 for z in zero), color=f"C{i}", marker="x", s=20)
+    ax.axvline(args.observe, color="0.3", ls=":", lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean training reward (16 samples, T=0.7)")
+    ax.set_title("training reward per step (x: no reward variance in any group: zero gradient)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "train_reward.png", dpi=110)
+    plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in METHODS:
         rows = sorted((r["K"], r["distance_mean"], r.get("distance_ci95", math.nan)) for r in summary_rows
@@ -588,6 +611,19 @@ def _fmt(value: Any, spec: str) -> str:
 def _pm(mean: Any, half: Any, spec: str) -> str:
     text = _fmt(mean, spec)
     return f"{text} ± {_fmt(half, '.3f')}" if text and _fmt(half, ".3f") else text
+
+
+def print_markdown(args, summary_rows: list[dict]) -> None:
+    """The summary as a Markdown table (for docs/benchmarks.md)."""
+    print("| method | K | seeds | held-out accuracy (mean ± 1.96·SE over seeds) | minus real(K), paired | distance | norm ratio | cosine | real steps | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    order = {m: i for i, m in enumerate(("real",) + METHODS)}
+    for r in sorted(summary_rows, key=lambda r: (order[r["method"]], r["K"])):
+        acc = _pm(r.get("accuracy_mean"), r.get("accuracy_ci95_seeds"), ".3f") if r.get("n_seeds") else "–"
+        name = "real GRPO" if r["method"] == "real" else METHOD_LABELS[r["method"]]
+        print(f"| {name} | {r['K']} | {r.get('n_seeds', 0)} | {acc} | {_pm(r.get('minus_real_mean'), r.get('minus_real_ci95'), '+.3f') or '–'} | "
+              f"{_fmt(r.get('distance_mean'), '.2f') or '–'} | {_fmt(r.get('norm_ratio_mean'), '.2f') or '–'} | "
+              f"{_fmt(r.get('cosine_mean'), '.2f') or '–'} | {_fmt(r.get('real_steps'), 'd') or '–'} | {_fmt(r.get('wall_seconds_mean'), '.0f') or '–'} |")
 
 
 def print_table(args, summary_rows: list[dict]) -> None:
@@ -628,6 +664,8 @@ def replot(out: Path) -> None:
     write_json(out / "results.json", data)
     plot(settings, seeds, summary_rows, out)
     print_table(settings, summary_rows)
+    print()
+    print_markdown(settings, summary_rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -672,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
         plot(args, seeds, summary_rows, out)
         log.info("seed %d done; results so far in %s (%.0f min total)", seed, out, (time.perf_counter() - started) / 60)
     print_table(args, summary_rows)
-    print(f"\nwrote {out}/results.json, summary.csv, evals.csv, distances.csv, accuracy_vs_step.png, distance_vs_step.png")
+    print(f"\nwrote {out}/results.json, summary.csv, evals.csv, distances.csv, accuracy_vs_step.png, distance_vs_step.png, train_reward.png")
 
 
 if __name__ == "__main__":

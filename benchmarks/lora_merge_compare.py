@@ -40,6 +40,12 @@ class Capture(TrainerCallback):
         self._grab(state.global_step, model)
 
 
+def digits_reward(completions, **kwargs) -> list[float]:
+    """A dense reward: the fraction of digit characters in the completion text."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+
 def factor_prediction(weights, names, steps, targets):
     """RELEX on each factor tensor separately (the callback's default): {name: [n, *shape]}."""
     grams, stacks = [], {}
@@ -79,6 +85,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a tiny random Qwen2 (tests/_tiny.py) instead of SmolLM2")
+    parser.add_argument("--reward", choices=["addition", "digits"], default="addition",
+                        help="'digits' (fraction of digit characters) is dense, for the tiny model")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -107,7 +115,8 @@ def main() -> None:
         save_strategy="no", logging_steps=5, report_to=[], seed=args.seed, disable_tqdm=True,
     )
     capture = Capture()
-    trainer = GRPOTrainer(model=model, reward_funcs=addition_reward, args=config, processing_class=tok,
+    reward = addition_reward if args.reward == "addition" else digits_reward
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, processing_class=tok,
                           train_dataset=make_addition_dataset(500, seed=args.seed), peft_config=lora, callbacks=[capture])
     started = time.perf_counter()
     trainer.train()
@@ -134,7 +143,7 @@ def main() -> None:
             norm += float((real - last).pow(2).sum())
         rows.append({"target": target, "ratio": target / args.observe,
                      **{k: (v / norm) ** 0.5 if norm > 0 else None for k, v in err.items()}})
-    result = {"model": "tiny Qwen2 (tests/_tiny.py)" if args.tiny else "SmolLM2-135M-Instruct", "lora_r": args.lora_r, "lr": args.lr, "observe": args.observe,
+    result = {"model": "tiny Qwen2 (tests/_tiny.py)" if args.tiny else "SmolLM2-135M-Instruct", "reward": args.reward, "lora_r": args.lora_r, "lr": args.lr, "observe": args.observe,
               "steps": args.steps, "modules": len(pairs), "train_seconds": seconds, "relative_distance": rows}
     logger.info(json.dumps(result, indent=2))
     if args.out:

@@ -545,7 +545,9 @@ def _stream_tensors(
     copies: dict[str, list[str]] = {}
     for target, source in plan.tied.items():
         copies.setdefault(source, []).append(target)
-    threads = torch.get_num_threads()
+    # The reader threads prefetch the next chunk meanwhile: leave them a core (on 2 cores, OpenMP regions
+    # competing with them cost more CPU than they save).
+    threads = max(1, torch.get_num_threads() - 1)
     weights: dict[str, torch.Tensor | None] = {}
     partial: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(plan.tracked), desc=desc, unit="tensor", disable=not progress, leave=False)
@@ -614,21 +616,25 @@ def _emit(
 ) -> None:
     """θ_0 + w M of one chunk, cast and written to every output (and to the tied copies)."""
     began = time.perf_counter()
-    if bool(weights.abs().sum() > 0):
+    moving = bool(weights.abs().sum() > 0)
+    predicted = None
+    if moving:
         predicted = combine(deltas[:num_fit], weights)  # Δ̂ = w M, fp32
         if observe is not None:
             observe(name, deltas, predicted)
-        predicted += theta0
-    else:  # nothing moved: θ_0 exactly
-        predicted = theta0.expand(weights.shape[0], -1)
     run.compute_seconds += time.perf_counter() - began
-    began = time.perf_counter()
     for j, output in enumerate(outputs):
-        values = predicted[j].to(output.dtypes[name])
+        began = time.perf_counter()
+        if moving:  # θ_0 + Δ̂ in fp32, rounded once to the output dtype (one fused pass)
+            values = torch.add(predicted[j], theta0, out=torch.empty_like(theta0, dtype=output.dtypes[name]))
+        else:  # nothing moved: θ_0 exactly
+            values = theta0.to(output.dtypes[name])
+        run.compute_seconds += time.perf_counter() - began
+        began = time.perf_counter()
         output.write(name, start, values)
         for target in copies:
             output.write(target, start, values)
-    run.write_seconds += time.perf_counter() - began
+        run.write_seconds += time.perf_counter() - began
 
 
 # -- commands -------------------------------------------------------------------------------------------
