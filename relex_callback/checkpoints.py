@@ -305,12 +305,12 @@ def open_model_dir(path: str | os.PathLike, allow_pickle: bool = False, step: in
     directory = find_weights_dir(path)
     if directory is None:
         fsdp = sorted(path.rglob("model_world_size_*_rank_*.pt"))[:1]
-        hint = (
-            f" It holds FSDP shards ({fsdp[0].name}); merge them to a Hugging Face directory first "
-            "(verl: `python -m verl.model_merger merge`)."
-            if fsdp
-            else ""
-        )
+        hint = ""
+        if fsdp:
+            hint = (f" It holds FSDP shards ({fsdp[0].name}); merge them to a Hugging Face directory first "
+                    "(verl: `python -m verl.model_merger merge`).")
+        elif (path / "adapter_model.safetensors").is_file():
+            hint = " It holds a PEFT adapter (adapter_model.safetensors); merge it into the base model first."
         raise RelexInputError(
             f"no model weights found in {path}: expected *.safetensors (or model.safetensors.index.json) in it "
             f"or in one of its subdirectories {', '.join(s + '/' for s in _WEIGHT_SUBDIRS if s)}.{hint}"
@@ -600,6 +600,7 @@ class SafetensorsWriter:
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         self._layout: dict[str, tuple[int, int, int]] = {}  # name -> (begin, nbytes, itemsize)
+        self._dtypes: dict[str, torch.dtype] = {}
         offset = 0
         for name, dtype, shape in entries:
             if dtype not in _TORCH_TO_ST:
@@ -608,6 +609,7 @@ class SafetensorsWriter:
             nbytes = math.prod(shape) * itemsize
             header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._layout[name] = (offset, nbytes, itemsize)
+            self._dtypes[name] = dtype
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)
@@ -623,6 +625,8 @@ class SafetensorsWriter:
         if self._fd is None:
             raise ValueError(f"{self.path} is closed")
         begin, nbytes, itemsize = self._layout[name]
+        if values.dtype != self._dtypes[name]:
+            raise ValueError(f"{name} is declared {self._dtypes[name]} in {self.path}, got {values.dtype}")
         data = values.detach().contiguous().reshape(-1).view(torch.uint8)
         position = begin + start * itemsize
         if position + data.numel() > begin + nbytes:

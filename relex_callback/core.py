@@ -36,7 +36,6 @@ __all__ = [
     "Trend",
     "Backtest",
     "gram_matrix",
-    "gram_matrix_blocked",
     "subspace_from_gram",
     "fit_trend",
     "r_squared",
@@ -59,16 +58,32 @@ def _chunk_columns(num_rows: int, num_cols: int, chunk_elements: int) -> int:
     return max(1, min(num_cols, chunk_elements // max(num_rows, 1)))
 
 
-def gram_matrix(deltas: torch.Tensor, chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
-    """``G = M Mᵀ`` (fp64, ``[T, T]``) of a ``[T, d]`` delta stack, computed in fp32 chunks over d."""
+def gram_matrix(
+    deltas: torch.Tensor, chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS, block: int = 4096
+) -> torch.Tensor:
+    """``G = M Mᵀ`` (fp64, ``[T, T]``) of a ``[T, d]`` delta stack, summed in fp64 from fp32 Grams of
+    ``block``-column slices, one batched matmul per chunk of about ``chunk_elements`` upcast values.
+
+    Each fp32 dot product runs over only ``block`` elements: the relative error of ``G`` stays near 1e-6
+    where one fp32 accumulation over millions of columns reaches ~1e-4 (enough to flip bf16 roundings of
+    an extrapolated model), and the batched call is also faster than one long, thin matmul.
+    """
     if deltas.dim() != 2:
         raise ValueError(f"deltas must be a 2-D [T, d] tensor, got shape {tuple(deltas.shape)}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     num_rows, num_cols = deltas.shape
     gram = torch.zeros(num_rows, num_rows, dtype=torch.float64, device=deltas.device)
-    width = _chunk_columns(num_rows, num_cols, chunk_elements)
+    width = max(block, _chunk_columns(num_rows, num_cols, chunk_elements) // block * block)
     for start in range(0, num_cols, width):
-        block = deltas[:, start : start + width].to(torch.float32)
-        gram += (block @ block.T).to(torch.float64)
+        chunk = deltas[:, start : start + width].to(torch.float32)
+        whole = chunk.shape[1] // block * block
+        if whole:
+            blocks = chunk[:, :whole].reshape(num_rows, whole // block, block).transpose(0, 1)  # [n, T, block]
+            gram += torch.bmm(blocks, blocks.transpose(1, 2)).sum(0, dtype=torch.float64)
+        if whole < chunk.shape[1]:
+            rest = chunk[:, whole:]
+            gram += (rest @ rest.T).to(torch.float64)
     return gram
 
 
@@ -398,30 +413,3 @@ def fit_trajectory(
     return TrajectoryFit(steps=[float(s) for s in steps], targets=[float(t) for t in targets], tensors=tensor_fits, backtest=result)
 
 
-def gram_matrix_blocked(
-    deltas: torch.Tensor, block: int = 4096, chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS
-) -> torch.Tensor:
-    """``G = M Mᵀ`` (fp64, ``[T, T]``) summed in fp64 from fp32 Grams of ``block``-column slices.
-
-    The same quantity as :func:`gram_matrix`, but each fp32 dot product runs over only ``block``
-    elements, in one batched matmul per chunk: on CPU the relative error of ``G`` stays near 1e-6 where
-    one fp32 accumulation over millions of columns reaches ~1e-4 — enough to flip bf16 roundings of an
-    extrapolated model — and the batched call is also faster than one long, thin matmul.
-    """
-    if deltas.dim() != 2:
-        raise ValueError(f"deltas must be a 2-D [T, d] tensor, got shape {tuple(deltas.shape)}")
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    num_rows, num_cols = deltas.shape
-    gram = torch.zeros(num_rows, num_rows, dtype=torch.float64, device=deltas.device)
-    width = max(block, _chunk_columns(num_rows, num_cols, chunk_elements) // block * block)
-    for start in range(0, num_cols, width):
-        chunk = deltas[:, start : start + width].to(torch.float32)
-        whole = chunk.shape[1] // block * block
-        if whole:
-            blocks = chunk[:, :whole].reshape(num_rows, whole // block, block).transpose(0, 1)  # [n, T, block]
-            gram += torch.bmm(blocks, blocks.transpose(1, 2)).sum(0, dtype=torch.float64)
-        if whole < chunk.shape[1]:
-            rest = chunk[:, whole:]
-            gram += (rest @ rest.T).to(torch.float64)
-    return gram

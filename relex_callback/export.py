@@ -36,6 +36,9 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     check_output_dir(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private (0700); give it the usual permissions
     try:
         yield staging
         if final.exists():

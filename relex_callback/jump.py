@@ -195,7 +195,7 @@ class JumpController:
         }
 
     def load_state_dict(self, values: dict[str, Any], step: int | None = None) -> None:
-        """Restore the bookkeeping; with ``step``, forget jumps after that real step (a resumed run redoes them)."""
+        """Restore the bookkeeping; with ``step``, refuse a state that records jumps after that real step."""
         version = int(values.get("version", 0))
         if version != JUMP_STATE_VERSION:
             raise ValueError(f"saved jump-mode state has version {version}; this version reads {JUMP_STATE_VERSION}.")

@@ -46,12 +46,12 @@ from .checkpoints import (
     validate_trajectory,
 )
 from .core import (
+    gram_matrix,
     Subspace,
     Trend,
     backtest,
     combine,
     fit_trend,
-    gram_matrix_blocked,
     prediction_weights,
     r_squared,
     reconstruction_weights,
@@ -571,7 +571,7 @@ def _stream_tensors(
             with _torch_threads(1 if small else threads):
                 began = time.perf_counter()
                 if job.kind in ("whole", "gram"):
-                    gram = gram_matrix_blocked(deltas)
+                    gram = gram_matrix(deltas)
                     run.gram_seconds += time.perf_counter() - began
                     if job.kind == "whole":
                         fit(job.name, gram)
@@ -649,16 +649,6 @@ def _check_output(output: Path, overwrite: bool) -> None:
             f"output directory {output} already exists and is not empty; pass --overwrite (overwrite=True) "
             "to replace it, or choose another output directory"
         ) from None
-
-
-@contextlib.contextmanager
-def _staging(output: Path, overwrite: bool) -> Iterator[Path]:
-    """:func:`export.atomic_directory` with the usual permissions (mkdtemp makes it private, 0700)."""
-    with atomic_directory(output, overwrite) as staging:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
-        yield staging
 
 
 def _settings(**values: Any) -> dict[str, Any]:
@@ -746,7 +736,7 @@ def extrapolate_checkpoints(
             "predicted_coefficients": [_floats(row) for row in predicted],
         }
 
-    with _staging(output, overwrite) as staging:
+    with atomic_directory(output, overwrite) as staging:
         outputs = _open_outputs(staging, targets, plan.base, out_dtype)
         try:
             run = _stream_tensors(plan, plan.num_fit, weights_fn, outputs, budget, num_workers, progress, "extrapolate")
@@ -897,7 +887,7 @@ def reconstruct_checkpoints(
         for j, row in enumerate(target_rows):
             tensor_errors[name][j] += float((predicted[j] - deltas[row]).double().pow(2).sum())
 
-    with _staging(output, overwrite) as staging:
+    with atomic_directory(output, overwrite) as staging:
         outputs = _open_outputs(staging, targets, plan.base, out_dtype)
         try:
             run = _stream_tensors(rows_plan, len(order), weights_fn, outputs, budget, num_workers, progress,
@@ -1057,7 +1047,7 @@ def report_checkpoints(
             }
         return None, stats
 
-    with _staging(output, overwrite) as staging:
+    with atomic_directory(output, overwrite) as staging:
         run = _stream_tensors(plan, len(plan.models), weights_fn, [], budget, num_workers, progress, "report")
         bt = backtest([run.grams[n][:fit_count, :fit_count] for n in plan.tracked], x_fit, rank=rank, kind=fit)
         backtest_info = None

@@ -57,9 +57,13 @@ def test_grpo_on_smollm2_writes_the_independent_prediction(tmp_path):
         seed=0,
         disable_tqdm=True,
     )
+    def length_bonus(completions, **kwargs):
+        # a dense term so that every group has reward variance and the weights always move
+        return [0.01 * len(c[0]["content"] if isinstance(c, list) else c) for c in completions]
+
     model.train()
     trainer = GRPOTrainer(
-        model=model, reward_funcs=addition_reward, args=args, train_dataset=train, processing_class=tokenizer,
+        model=model, reward_funcs=[addition_reward, length_bonus], args=args, train_dataset=train, processing_class=tokenizer,
         callbacks=[capture, relex],
     )
     trainer.train()
