@@ -30,7 +30,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--observe", type=int, default=10, help="observation window N in optimizer steps")
     parser.add_argument("--target", type=int, default=20, help="global step K to extrapolate to")
     parser.add_argument("--output-dir", default="runs/smollm2-grpo", help="trainer output folder")
-    parser.add_argument("--heldout", type=int, default=200, help="held-out prompts for the accuracy check")
+    parser.add_argument("--heldout", type=int, default=100, help="held-out prompts for the accuracy check")
     parser.add_argument("--max-operand", type=int, default=50, help="largest a and b in a + b")
     parser.add_argument("--lr", type=float, default=5e-6, help="constant learning rate")
     parser.add_argument("--prompts-per-step", type=int, default=2, help="prompts per optimizer step")
