@@ -162,24 +162,32 @@ def synthetic_buffer(shapes, snapshots: int, dtype: str = "bfloat16", seed: int 
 # (a) snapshot
 
 
-def bandwidth(nbytes: int, repeats: int) -> dict[str, float]:
-    """Copy (read+write) and read-only bandwidth of this process's threads on buffers much larger than the cache."""
+def bandwidth(nbytes: int, repeats: int) -> dict[str, Any]:
+    """Copy (read+write), read-only and add bandwidth on arrays much larger than the cache, timed round-robin, plus
+    the matmul throughput of this process's threads (a 2048³ GEMM in fp32 and in bf16): on a CPU the Gram pass
+    (2·T² FLOP per stored column) can be compute-bound rather than bandwidth-bound."""
     n = nbytes // 4
     src = torch.ones(n)
-    dst = torch.empty(n)
-    dst.copy_(src)  # touch the pages
-    copy = timeit(lambda: dst.copy_(src), repeats)
-    read = timeit(lambda: src.sum(), repeats)
-    add_out = torch.empty(n)
-    add = timeit(lambda: torch.add(src, dst, out=add_out), repeats)
+    dst = torch.zeros(n)
+    add_out = torch.zeros(n)
+    a32 = torch.randn(2048, 2048)
+    a16 = a32.to(torch.bfloat16)
+    times = timeit_interleaved({
+        "copy": lambda: dst.copy_(src),
+        "read": lambda: src.sum(),
+        "add": lambda: torch.add(src, dst, out=add_out),
+        "gemm_fp32": lambda: a32 @ a32,
+        "gemm_bf16": lambda: a16 @ a16,
+    }, repeats)
+    flops = 2 * 2048**3
     return {
         "array_bytes": 4 * n,
-        "copy_GBps": 2 * 4 * n / copy["min"] / 1e9,
-        "read_GBps": 4 * n / read["min"] / 1e9,
-        "add_GBps": 3 * 4 * n / add["min"] / 1e9,
-        "copy_seconds": copy,
-        "read_seconds": read,
-        "add_seconds": add,
+        "copy_GBps": 2 * 4 * n / times["copy"]["min"] / 1e9,
+        "read_GBps": 4 * n / times["read"]["min"] / 1e9,
+        "add_GBps": 3 * 4 * n / times["add"]["min"] / 1e9,
+        "gemm_fp32_GFLOPs": flops / times["gemm_fp32"]["min"] / 1e9,
+        "gemm_bf16_GFLOPs": flops / times["gemm_bf16"]["min"] / 1e9,
+        "times_seconds": times,
     }
 
 
@@ -284,6 +292,9 @@ def bench_snapshot(shapes, repeats: int, bw: dict[str, float]) -> dict[str, Any]
         "bare_two_kernel_over_bandwidth_floor": t_min["bare_two_kernel_prealloc"] / floor_bw,
         "fp32_add_12B_over_its_bandwidth_floor": t_min["fp32_add_12B"] / (numel * 12 / (bw["copy_GBps"] * 1e9)),
         "best_variant": min(variants, key=lambda v: t_min[v]),
+        # same-run floor: a plain fp32 kernel over the same tensors (8 B read + 4 B written), scaled to 10 B/param
+        "add_floor_seconds": t_min["fp32_add_12B"] * 10 / 12,
+        "ratios_over_add_floor": {k: v / (t_min["fp32_add_12B"] * 10 / 12) for k, v in t_min.items()},
         "ratios_over_bandwidth_floor": {k: v / floor_bw for k, v in t_min.items()},
     }
     del buf, tracked, tmp32, row_bf16
@@ -434,6 +445,11 @@ def bench_fit(buf: DeltaBuffer, repeats: int, bw: dict[str, float], experiments:
     # producing θ̂ = θ_0 + Δ̂ also reads θ_0 and writes θ̂ (fp32): 8 B per parameter and target
     io_floor = numel * 8 * len(targets) / (bw["copy_GBps"] * 1e9)
     matmul_floor = t["native_bf16_gram"] + t["native_bf16_projection"]
+    # the Gram pass costs 2·T² FLOP per column (fp32 math, as core does it), the projection 2·n·T: at this
+    # machine's measured fp32 GEMM rate the Gram may take longer than reading the buffer
+    gram_flops = 2 * T * T * numel
+    compute_floor_gram = gram_flops / (bw["gemm_fp32_GFLOPs"] * 1e9) if "gemm_fp32_GFLOPs" in bw else math.nan
+    realistic_floor = max(t["read_pass"], compute_floor_gram) + t["read_pass"]
     out: dict[str, Any] = {
         "parameters": numel,
         "tensors": len(stacks),
@@ -447,6 +463,10 @@ def bench_fit(buf: DeltaBuffer, repeats: int, bw: dict[str, float], experiments:
         "floor_two_read_passes_seconds": 2 * t["read_pass"],
         "floor_two_reads_bandwidth_seconds": bw_floor_2reads,
         "floor_two_reads_plus_theta_io_seconds": bw_floor_2reads + io_floor,
+        "gram_flops": gram_flops,
+        "floor_gram_compute_fp32_seconds": compute_floor_gram,
+        "floor_compute_aware_seconds": realistic_floor,
+        "fit_over_compute_aware_floor": best["total"] / realistic_floor,
         "fit_over_matmul_floor": best["total"] / matmul_floor,
         "fit_over_two_read_passes": best["total"] / (2 * t["read_pass"]),
         "fit_over_bandwidth_floor": best["total"] / bw_floor_2reads,
@@ -593,6 +613,9 @@ def measure_scaling_point(shapes, snapshots: int) -> dict[str, Any]:
     timing = fit_predict(buf, [2 * snapshots])
     peak = peak_rss_bytes()
     timing2 = fit_predict(buf, [2 * snapshots]) if numel <= (1 << 26) else None  # a second sample where cheap
+    stacks = [buf.stack(i.name) for i in buf.tracked]
+    read = timeit(lambda: [s.sum() for s in stacks], 2)["min"]
+    del stacks
     best = timing if timing2 is None or timing["total"] <= timing2["total"] else timing2
     buffer_bytes = sum(buf.stack(i.name).numel() * buf.dtype.itemsize for i in buf.tracked)
     del buf
@@ -611,6 +634,7 @@ def measure_scaling_point(shapes, snapshots: int) -> dict[str, Any]:
         "peak_rss_during_fit_bytes": peak if can_reset else None,
         "fit_extra_peak_bytes": (peak - rss_buffer) if can_reset else None,
         "ns_per_buffer_byte": 1e9 * best["total"] / buffer_bytes,
+        "read_pass_seconds": read,
     }
 
 
@@ -643,8 +667,11 @@ def scaling(args, bw) -> tuple[list[dict], list[dict]]:
         by_snapshots.append(point)
     for point in by_params + by_snapshots:
         if "buffer_bytes" in point:
-            point["two_reads_bandwidth_floor_seconds"] = 2 * point["buffer_bytes"] / (bw["read_GBps"] * 1e9)
-            point["fit_over_bandwidth_floor"] = point["fit_plus_predict_seconds"] / point["two_reads_bandwidth_floor_seconds"]
+            point["two_read_passes_seconds"] = 2 * point["read_pass_seconds"]
+            point["fit_over_two_read_passes"] = point["fit_plus_predict_seconds"] / point["two_read_passes_seconds"]
+            compute = 2 * point["snapshots"] ** 2 * point["parameters"] / (bw["gemm_fp32_GFLOPs"] * 1e9)
+            point["compute_aware_floor_seconds"] = max(point["read_pass_seconds"], compute) + point["read_pass_seconds"]
+            point["fit_over_compute_aware_floor"] = point["fit_plus_predict_seconds"] / point["compute_aware_floor_seconds"]
     return by_params, by_snapshots
 
 
@@ -661,8 +688,8 @@ def plots(out: Path, results: dict[str, Any]) -> None:
     snap = results["snapshot"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     t = {k: v["min"] for k, v in snap["times_seconds"].items()}
-    labels = ["bandwidth\nfloor", "bare 2-kernel\n(prealloc)", "1 kernel\nsub(out=bf16)", "chunked\n256K", "chunked\n64K", "Delta-\nBuffer.record"]
-    vals = [snap["bandwidth_floor_seconds"], t["bare_two_kernel_prealloc"], t["one_kernel_sub_out_bf16"], t["chunked_record_256K"],
+    labels = ["floor (fp32 add\nscaled to 10 B)", "bare 2-kernel\n(prealloc)", "1 kernel\nsub(out=bf16)", "chunked\n256K", "chunked\n64K", "Delta-\nBuffer.record"]
+    vals = [snap["add_floor_seconds"], t["bare_two_kernel_prealloc"], t["one_kernel_sub_out_bf16"], t["chunked_record_256K"],
             t["chunked_record_64K"], t["record"]]
     axes[0].bar(labels, [1e3 * v for v in vals], color=["0.6", "C1", "C2", "C0", "C9", "C3"])
     axes[0].set_ylabel("ms per snapshot")
@@ -670,10 +697,10 @@ def plots(out: Path, results: dict[str, Any]) -> None:
     axes[0].tick_params(axis="x", labelsize=7)
     fit = results["fit"]
     b = fit["times_seconds"]
-    labels = ["2 reads\n(bandwidth)", "native bf16\nGram+proj", "core: Gram\npass", "core: small\nmath", "core: proj.\npass", "callback\nfit+predict"]
-    vals = [fit["floor_two_reads_bandwidth_seconds"], fit["floor_matmul_seconds"], b["gram_pass"]["min"], b["small_math"]["min"],
+    labels = ["2 read\npasses", "compute-\naware floor", "native bf16\nGram+proj", "core: Gram\npass", "core: small\nmath", "core: proj.\npass", "callback\nfit+predict"]
+    vals = [fit["floor_two_read_passes_seconds"], fit["floor_compute_aware_seconds"], fit["floor_matmul_seconds"], b["gram_pass"]["min"], b["small_math"]["min"],
             b["projection_pass"]["min"], fit["fit_plus_predict_seconds"]["min"]]
-    axes[1].bar(labels, vals, color=["0.6", "C2", "C1", "C4", "C5", "C3"])
+    axes[1].bar(labels, vals, color=["0.6", "0.4", "C2", "C1", "C4", "C5", "C3"])
     axes[1].set_ylabel("seconds")
     axes[1].set_title(f"fit, {fit['parameters'] / 1e6:.1f}M params, T={fit['snapshots']}")
     axes[1].tick_params(axis="x", labelsize=7)
@@ -689,7 +716,8 @@ def plots(out: Path, results: dict[str, Any]) -> None:
             continue
         xs = [r[key] for r in rows]
         ax.loglog(xs, [r["fit_plus_predict_seconds"] for r in rows], "o-", color="C3", label="fit + predict (s)")
-        ax.loglog(xs, [r["two_reads_bandwidth_floor_seconds"] for r in rows], "--", color="0.5", label="2 reads at read bandwidth (s)")
+        ax.loglog(xs, [r["two_read_passes_seconds"] for r in rows], "--", color="0.5", label="two read passes over the buffer (s)")
+        ax.loglog(xs, [r["compute_aware_floor_seconds"] for r in rows], ":", color="0.3", label="compute-aware floor (s)")
         ax2 = ax.twinx()
         peaks = [r["fit_extra_peak_bytes"] / GiB if r.get("fit_extra_peak_bytes") else math.nan for r in rows]
         ax2.loglog(xs, [r["buffer_bytes"] / GiB for r in rows], "s:", color="C0", label="buffer (GiB)")
@@ -722,8 +750,8 @@ def main(argv: list[str] | None = None) -> None:
 
     bw = bandwidth((16 if args.smoke else 128 if args.quick else 256) << 20, args.repeats)
     results["bandwidth"] = bw
-    log.info("bandwidth: copy %.1f GB/s, read %.1f GB/s, add %.1f GB/s (load %s)", bw["copy_GBps"], bw["read_GBps"],
-             bw["add_GBps"], load_average())
+    log.info("bandwidth: copy %.1f GB/s, read %.1f GB/s, add %.1f GB/s; GEMM fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s (load %s)",
+             bw["copy_GBps"], bw["read_GBps"], bw["add_GBps"], bw["gemm_fp32_GFLOPs"], bw["gemm_bf16_GFLOPs"], load_average())
 
     if args.smoke:
         shapes = smollm2_shapes(layers=2, hidden=64, inter=128, kv=32, vocab=1024)
@@ -732,11 +760,12 @@ def main(argv: list[str] | None = None) -> None:
     snap = bench_snapshot(shapes, args.repeats, bw)
     results["snapshot"] = snap
     r = snap["ratios_over_bandwidth_floor"]
-    log.info("snapshot (%.1fM params, %.0f MB touched): bandwidth floor %.1f ms; x floor: record %.2f, bare two-kernel %.2f, "
-             "one-kernel sub(out=bf16) %.2f, chunked 256K %.2f, chunked 64K %.2f, fp32 add (12 B) %.2f; bit-exact %s",
-             snap["parameters"] / 1e6, snap["bytes_touched_per_snapshot"] / 1e6, 1e3 * snap["bandwidth_floor_seconds"], r["record"],
+    r = snap["ratios_over_add_floor"]
+    log.info("snapshot (%.1fM params, %.0f MB touched): same-run floor (fp32 add scaled to 10 B) %.1f ms; x floor: record %.2f, "
+             "bare two-kernel %.2f, one-kernel sub(out=bf16) %.2f, chunked 256K %.2f, chunked 64K %.2f, fp32 add (12 B) %.2f; bit-exact %s",
+             snap["parameters"] / 1e6, snap["bytes_touched_per_snapshot"] / 1e6, 1e3 * snap["add_floor_seconds"], r["record"],
              r["bare_two_kernel_prealloc"], r["one_kernel_sub_out_bf16"], r["chunked_record_256K"], r["chunked_record_64K"],
-             snap["fp32_add_12B_over_its_bandwidth_floor"], snap["bit_exact_vs_record"])
+             r["fp32_add_12B"], snap["bit_exact_vs_record"])
     write_json(out / "results.json", results)
 
     buf = synthetic_buffer(shapes, args.snapshots)
@@ -744,11 +773,12 @@ def main(argv: list[str] | None = None) -> None:
     del buf
     gc.collect()
     results["fit"] = fit
-    log.info("fit (%.1fM params, T=%d, %.0f MiB bf16): fit+predict %.3fs; native bf16 Gram+proj %.3fs; 2 reads %.3fs (bw) -> "
-             "%.2fx matmul floor, %.2fx bandwidth floor; breakdown gram %.3fs small math %.3fs projection %.3fs",
+    log.info("fit (%.1fM params, T=%d, %.0f MiB bf16): fit+predict %.3fs; two read passes %.3fs; compute-aware floor %.3fs; "
+             "native bf16 Gram+proj %.3fs -> %.1fx two reads, %.1fx compute-aware floor, %.1fx matmul floor; breakdown gram %.3fs "
+             "small math %.3fs projection %.3fs",
              fit["parameters"] / 1e6, fit["snapshots"], fit["buffer_bytes"] / 2**20, fit["fit_plus_predict_seconds"]["min"],
-             fit["floor_matmul_seconds"], fit["floor_two_reads_bandwidth_seconds"], fit["fit_over_matmul_floor"],
-             fit["fit_over_bandwidth_floor"], fit["times_seconds"]["gram_pass"]["min"],
+             fit["floor_two_read_passes_seconds"], fit["floor_compute_aware_seconds"], fit["floor_matmul_seconds"],
+             fit["fit_over_two_read_passes"], fit["fit_over_compute_aware_floor"], fit["fit_over_matmul_floor"], fit["times_seconds"]["gram_pass"]["min"],
              fit["times_seconds"]["small_math"]["min"], fit["times_seconds"]["projection_pass"]["min"])
     write_json(out / "results.json", results)
 
