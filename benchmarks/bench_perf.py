@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice; 1 is faster on an oversubscribed shared CPU)")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--scaling-point", type=int, nargs=2, metavar=("PARAMS", "SNAPSHOTS"), default=None,
+                        help=argparse.SUPPRESS)  # internal: measure one scaling point in a fresh process, print JSON
     args = parser.parse_args(argv)
     args.quick = args.quick or args.smoke
     args.repeats = args.repeats or (2 if args.smoke else 3 if args.quick else 7)
@@ -600,14 +602,26 @@ def fit_experiments(stacks, grams, weights, steps, targets, repeats, base_times)
 # (c) scaling
 
 
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS, so that RSS reflects live data (glibc only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:  # pragma: no cover
+        pass
+
+
 def measure_scaling_point(shapes, snapshots: int) -> dict[str, Any]:
     gc.collect()
+    _malloc_trim()
     rss0 = rss_bytes()
     t0 = time.perf_counter()
     buf = synthetic_buffer(shapes, snapshots)
     build = time.perf_counter() - t0
     numel = sum(math.prod(s) for _, s in shapes)
     gc.collect()
+    _malloc_trim()
     rss_buffer = rss_bytes()
     can_reset = reset_peak_rss()
     timing = fit_predict(buf, [2 * snapshots])
@@ -629,13 +643,28 @@ def measure_scaling_point(shapes, snapshots: int) -> dict[str, Any]:
         "fit_seconds": best["fit"],
         "predict_seconds": best["predict"],
         "fit_plus_predict_seconds": best["total"],
-        "rss_before_bytes": rss0,
+        "rss_process_start_bytes": rss0,
         "rss_with_buffer_bytes": rss_buffer,
         "peak_rss_during_fit_bytes": peak if can_reset else None,
+        "peak_rss_process_bytes": peak_rss_bytes(),
         "fit_extra_peak_bytes": (peak - rss_buffer) if can_reset else None,
         "ns_per_buffer_byte": 1e9 * best["total"] / buffer_bytes,
         "read_pass_seconds": read,
     }
+
+
+def scaling_point_subprocess(args, params: int, snapshots: int) -> dict[str, Any]:
+    """One scaling point in a fresh Python process, so that its peak RSS is its own."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--scaling-point", str(params), str(snapshots)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"parameters": params, "snapshots": snapshots, "skipped": f"subprocess failed: {done.stderr[-500:]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def scaling(args, bw) -> tuple[list[dict], list[dict]]:
@@ -649,7 +678,7 @@ def scaling(args, bw) -> tuple[list[dict], list[dict]]:
                      cap / GiB, host_available_bytes() / GiB)
             by_params.append({"parameters": n, "snapshots": 10, "skipped": f"needs {need / GiB:.1f} GiB"})
             continue
-        point = measure_scaling_point(uniform_shapes(n), 10)
+        point = scaling_point_subprocess(args, n, 10)
         log.info("scaling: %5.0fM params, T=10: fit+predict %.3fs, fit extra peak %s MiB (load %s)", n / 1e6,
                  point["fit_plus_predict_seconds"], None if point["fit_extra_peak_bytes"] is None else point["fit_extra_peak_bytes"] >> 20,
                  load_average())
@@ -662,7 +691,7 @@ def scaling(args, bw) -> tuple[list[dict], list[dict]]:
         if need > cap:
             by_snapshots.append({"parameters": fixed, "snapshots": t, "skipped": f"needs {need / GiB:.1f} GiB"})
             continue
-        point = measure_scaling_point(uniform_shapes(fixed), t)
+        point = scaling_point_subprocess(args, fixed, t)
         log.info("scaling: %5.0fM params, T=%d: fit+predict %.3fs", fixed / 1e6, t, point["fit_plus_predict_seconds"])
         by_snapshots.append(point)
     for point in by_params + by_snapshots:
@@ -740,6 +769,13 @@ def plots(out: Path, results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.scaling_point:
+        set_threads(args.threads)
+        import json
+
+        params, snapshots = args.scaling_point
+        print(json.dumps(measure_scaling_point(uniform_shapes(params), snapshots)))
+        return
     setup_logging()
     set_threads(args.threads)
     out: Path = args.output

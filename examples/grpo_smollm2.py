@@ -5,7 +5,7 @@ steps, writes the RELEX-extrapolated checkpoint for ``--target`` (with ``relex_r
 card) and prints the greedy held-out accuracy of the base model, the last observed step and the
 extrapolated model. Runs on CPU in a few minutes; nothing is downloaded.
 
-    python examples/grpo_smollm2.py --observe 10 --target 20 --output-dir runs/smollm2
+    python examples/grpo_smollm2.py --observe 8 --target 16 --output-dir runs/smollm2
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from relex_callback.probe import RewardProbe
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--observe", type=int, default=10, help="observation window N in optimizer steps")
-    parser.add_argument("--target", type=int, default=20, help="global step K to extrapolate to")
+    parser.add_argument("--observe", type=int, default=8, help="observation window N in optimizer steps")
+    parser.add_argument("--target", type=int, default=16, help="global step K to extrapolate to")
     parser.add_argument("--output-dir", default="runs/smollm2-grpo", help="trainer output folder")
     parser.add_argument("--heldout", type=int, default=100, help="held-out prompts for the accuracy check")
     parser.add_argument("--max-operand", type=int, default=50, help="largest a and b in a + b")
