@@ -204,6 +204,17 @@ def fused_record(buf: DeltaBuffer, step: float) -> None:
     buf.steps.append(float(step))
 
 
+@torch.no_grad()
+def alloc_record(buf: DeltaBuffer, step: float) -> None:
+    """DeltaBuffer.record as first written (before commit ebfcdf9): a fresh full-size fp32 difference per tensor,
+    then a copy into the compact row. Kept here as the reference the chunked recording replaced."""
+    row = len(buf.steps)
+    for item in buf.tracked:
+        delta = torch.sub(item.view().to(torch.float32), buf.theta0[item.name])
+        buf.deltas[item.name][row].copy_(delta)
+    buf.steps.append(float(step))
+
+
 def chunked_record_factory(buf: DeltaBuffer, chunk: int):
     """Candidate 2 for DeltaBuffer.record on a CPU: the difference goes through one reused, cache-sized fp32
     scratch (``chunk`` elements), then is rounded into the row: no allocation, no page faults, and the
@@ -230,7 +241,7 @@ def chunked_record_factory(buf: DeltaBuffer, chunk: int):
 def bench_snapshot(shapes, repeats: int, bw: dict[str, float]) -> dict[str, Any]:
     tracked = make_params(shapes)
     numel = sum(t.numel for t in tracked)
-    variants = ("record", "fused_record", "chunked_record_256K", "chunked_record_64K")
+    variants = ("record", "alloc_record_first_version", "fused_record", "chunked_record_256K", "chunked_record_64K")
     rounds = repeats + 1
     buf = DeltaBuffer(tracked, capacity=len(variants) * rounds + 1, dtype="bfloat16", device="cpu")
     buf.capture_base()
@@ -250,6 +261,7 @@ def bench_snapshot(shapes, repeats: int, bw: dict[str, float]) -> dict[str, Any]
 
     fns = {
         "record": tagged("record", buf.record),
+        "alloc_record_first_version": tagged("alloc_record_first_version", lambda s: alloc_record(buf, s)),
         "fused_record": tagged("fused_record", lambda s: fused_record(buf, s)),
         "chunked_record_256K": tagged("chunked_record_256K", chunked256),
         "chunked_record_64K": tagged("chunked_record_64K", chunked64),
@@ -569,6 +581,17 @@ def fit_experiments(stacks, grams, weights, steps, targets, repeats, base_times)
         fns[f"gram_bmm_scratch_w{width}"] = (lambda w=width, sc=scratch: [_gram_fp64_rows(s, w, sc) for s in stacks])
         fns[f"projection_scratch_w{width}"] = (lambda w=width, sc=scratch: [_combine_scratch(s, wt, w, sc) for s, wt in zip(stacks, weights)])
     fns["gram_native_bf16_chunked_w65536"] = lambda: [_gram_native_chunked(s, 1 << 16) for s in stacks]
+    # is the Gram pass paying for the upcast or for the FLOPs? the same core call on an fp32 copy of a subset
+    subset, total = [], 0
+    for st in sorted(stacks, key=lambda x: -x.shape[1]):
+        if total >= sum(x.shape[1] for x in stacks) // 4:
+            break
+        subset.append(st)
+        total += st.shape[1]
+    subset32 = [st.float() for st in subset]
+    fns["gram_pass_quarter_bf16"] = lambda: [gram_matrix(st) for st in subset]
+    fns["gram_pass_quarter_fp32_no_upcast"] = lambda: [gram_matrix(st) for st in subset32]
+    fns["gram_native_bf16_quarter"] = lambda: [torch.mm(st, st.T) for st in subset]
     fns["gram_fp32_whole_tensor"] = lambda: [s.float() @ s.float().T for s in stacks]
     res["times_seconds"] = {k: v["min"] for k, v in timeit_interleaved(fns, repeats, warmup=1).items()}
     # precision of the variants against core's Gram / combine (largest tensor)
@@ -626,7 +649,7 @@ def measure_scaling_point(shapes, snapshots: int) -> dict[str, Any]:
     can_reset = reset_peak_rss()
     timing = fit_predict(buf, [2 * snapshots])
     peak = peak_rss_bytes()
-    timing2 = fit_predict(buf, [2 * snapshots]) if numel <= (1 << 26) else None  # a second sample where cheap
+    timing2 = fit_predict(buf, [2 * snapshots])  # a second, warm sample (the first pays one-off initialisation)
     stacks = [buf.stack(i.name) for i in buf.tracked]
     read = timeit(lambda: [s.sum() for s in stacks], 2)["min"]
     del stacks
@@ -717,10 +740,11 @@ def plots(out: Path, results: dict[str, Any]) -> None:
     snap = results["snapshot"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     t = {k: v["min"] for k, v in snap["times_seconds"].items()}
-    labels = ["floor (fp32 add\nscaled to 10 B)", "bare 2-kernel\n(prealloc)", "1 kernel\nsub(out=bf16)", "chunked\n256K", "chunked\n64K", "Delta-\nBuffer.record"]
-    vals = [snap["add_floor_seconds"], t["bare_two_kernel_prealloc"], t["one_kernel_sub_out_bf16"], t["chunked_record_256K"],
-            t["chunked_record_64K"], t["record"]]
-    axes[0].bar(labels, [1e3 * v for v in vals], color=["0.6", "C1", "C2", "C0", "C9", "C3"])
+    labels = ["floor (fp32 add\nscaled to 10 B)", "bare 2-kernel\n(prealloc)", "1 kernel\nsub(out=bf16)", "chunked\n64K",
+              "first version\n(fp32 temp.)", "Delta-\nBuffer.record"]
+    vals = [snap["add_floor_seconds"], t["bare_two_kernel_prealloc"], t["one_kernel_sub_out_bf16"], t["chunked_record_64K"],
+            t.get("alloc_record_first_version", math.nan), t["record"]]
+    axes[0].bar(labels, [1e3 * v for v in vals], color=["0.6", "C1", "C2", "C9", "C5", "C3"])
     axes[0].set_ylabel("ms per snapshot")
     axes[0].set_title(f"snapshot, {snap['parameters'] / 1e6:.1f}M params (bf16 buffer)")
     axes[0].tick_params(axis="x", labelsize=7)
@@ -798,8 +822,9 @@ def main(argv: list[str] | None = None) -> None:
     r = snap["ratios_over_bandwidth_floor"]
     r = snap["ratios_over_add_floor"]
     log.info("snapshot (%.1fM params, %.0f MB touched): same-run floor (fp32 add scaled to 10 B) %.1f ms; x floor: record %.2f, "
-             "bare two-kernel %.2f, one-kernel sub(out=bf16) %.2f, chunked 256K %.2f, chunked 64K %.2f, fp32 add (12 B) %.2f; bit-exact %s",
+             "first version (fp32 temporary) %.2f, bare two-kernel %.2f, one-kernel sub(out=bf16) %.2f, chunked 256K %.2f, chunked 64K %.2f, fp32 add (12 B) %.2f; bit-exact %s",
              snap["parameters"] / 1e6, snap["bytes_touched_per_snapshot"] / 1e6, 1e3 * snap["add_floor_seconds"], r["record"],
+             r["alloc_record_first_version"],
              r["bare_two_kernel_prealloc"], r["one_kernel_sub_out_bf16"], r["chunked_record_256K"], r["chunked_record_64K"],
              r["fp32_add_12B"], snap["bit_exact_vs_record"])
     write_json(out / "results.json", results)

@@ -23,7 +23,7 @@ under a per-seed time budget, and every skipped evaluation is recorded.
     python benchmarks/bench_quality.py --quick            # CI smoke run, a few minutes
     python benchmarks/bench_quality.py                    # full: 3 seeds, N=10, K ∈ {20, 50, 100} (+200 extrapolated)
 
-Results: ``benchmarks/results/quality[-quick]/`` (results.json, evals.csv, distances.csv, seeds.csv, PNG plots).
+Results: ``benchmarks/results/quality[-quick]/`` (results.json, summary.csv, evals.csv, distances.csv, PNG plots).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from _common import (  # noqa: E402
 )
 
 from relex_callback.buffer import DeltaBuffer, TrackedTensor, select_parameters  # noqa: E402
-from relex_callback.core import POWER_GRID, backtest, combine, fit_trajectory, select_power  # noqa: E402
+from relex_callback.core import backtest, combine, fit_trajectory, select_power  # noqa: E402
 
 METHODS = ("relex", "perparam", "first", "rank2", "rank3", "poly2", "power0.5", "powerauto")
 METHOD_LABELS = {
