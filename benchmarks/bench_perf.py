@@ -392,6 +392,9 @@ def bench_grpo_share(steps: int, snapshot_seconds_synthetic: float | None) -> di
 # (b) fit
 
 
+PREVIOUS_CHUNK = 1 << 24  # core's chunk size before the 1M-element CPU default
+
+
 def callback_for(buf: DeltaBuffer, targets: list[int]):
     from relex_callback import RelexCallback
 
@@ -451,9 +454,22 @@ def bench_fit(buf: DeltaBuffer, repeats: int, bw: dict[str, float], experiments:
         for s in stacks:
             s.sum()
 
+    def core_fit_predict():  # the package's passes and math with their current defaults
+        g = [(n, gram_matrix(s)) for n, s in zip(names, stacks)]
+        f = fit_trajectory(g, buf.steps, [float(t) for t in targets], rank=1, kind="linear", origin=0.0)
+        for s, tf in zip(stacks, f.tensors):
+            combine(s, tf.weights)
+
+    def previous_fit_predict():  # as released before: 16M-element chunks (fresh 64 MiB upcasts), math tensor by tensor
+        g = [(n, gram_matrix(s, chunk_elements=PREVIOUS_CHUNK)) for n, s in zip(names, stacks)]
+        fits = [fit_trajectory([x], buf.steps, [float(t) for t in targets], rank=1, kind="linear", origin=0.0) for x in g]
+        for s, f in zip(stacks, fits):
+            combine(s, f.tensors[0].weights, chunk_elements=PREVIOUS_CHUNK)
+
     times = timeit_interleaved({"gram_pass": gram_pass, "small_math": small_math, "projection_pass": combine_pass,
                                 "native_bf16_gram": native_gram, "native_bf16_projection": native_proj,
-                                "read_pass": read_pass}, repeats)
+                                "read_pass": read_pass, "core_fit_predict": core_fit_predict,
+                                "previous_fit_predict": previous_fit_predict}, repeats)
     t = {k: v["min"] for k, v in times.items()}
     bw_floor_2reads = 2 * buffer_bytes / (bw["read_GBps"] * 1e9)
     # producing θ̂ = θ_0 + Δ̂ also reads θ_0 and writes θ̂ (fp32): 8 B per parameter and target
@@ -486,6 +502,9 @@ def bench_fit(buf: DeltaBuffer, repeats: int, bw: dict[str, float], experiments:
         "fit_over_bandwidth_floor": best["total"] / bw_floor_2reads,
         "fit_over_bandwidth_floor_with_theta_io": best["total"] / (bw_floor_2reads + io_floor),
         "core_passes_over_matmul_floor": (t["gram_pass"] + t["projection_pass"]) / matmul_floor,
+        "previous_over_current_core": t["previous_fit_predict"] / t["core_fit_predict"],
+        "core_fit_predict_over_compute_aware_floor": t["core_fit_predict"] / realistic_floor,
+        "core_fit_predict_over_two_read_passes": t["core_fit_predict"] / (2 * t["read_pass"]),
         "gram_pass_over_native_bf16_gram": t["gram_pass"] / t["native_bf16_gram"],
         "projection_pass_over_native_bf16_projection": t["projection_pass"] / t["native_bf16_projection"],
     }
@@ -544,25 +563,6 @@ def _combine_scratch(deltas: torch.Tensor, weights: torch.Tensor, width: int, sc
     return out
 
 
-def _batched_linear_rank1_weights(grams: list[torch.Tensor], steps: list[float], targets: list[float]) -> list[torch.Tensor]:
-    """Rank-1 linear-trend prediction weights of all tensors at once: the per-tensor small math of
-    core.fit_trajectory (eigh, line fit, weights) batched over tensors (backtest and R² left out)."""
-    g = torch.stack([x.double() for x in grams])
-    g = 0.5 * (g + g.transpose(1, 2))
-    evals, evecs = torch.linalg.eigh(g)
-    sigma = evals[:, -1].clamp_min(0.0).sqrt()
-    u = evecs[:, :, -1]  # [B, T]
-    c = u * sigma[:, None]
-    x = torch.tensor(steps, dtype=torch.float64)
-    xc = x - x.mean()
-    slope = (c * xc).sum(1) / xc.pow(2).sum()
-    intercept = c.mean(1) - slope * x.mean()
-    k = torch.tensor(targets, dtype=torch.float64)
-    c_hat = intercept[:, None] + slope[:, None] * k[None, :]  # [B, n]
-    inv = torch.where(sigma > 0, 1.0 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
-    return list(((c_hat * inv[:, None])[:, :, None] * u[:, None, :]).unbind(0))
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
 
@@ -605,19 +605,23 @@ def fit_experiments(stacks, grams, weights, steps, targets, repeats, base_times)
         "projection_native_bf16": _rel(torch.mm(w.to(s.dtype), s), ref_proj),
     }
     holder: dict[str, Any] = {}
+    named = [(f"t{i}", g) for i, g in enumerate(grams)]
+    ks = [float(t) for t in targets]
 
-    def batched():
-        holder["w"] = _batched_linear_rank1_weights(grams, steps, [float(t) for t in targets])
+    def per_tensor():  # the previous fit_trajectory: one eigh, lstsq and backtest per tensor
+        holder["w"] = [fit_trajectory([x], steps, ks, rank=1, kind="linear", origin=0.0).tensors[0].weights for x in named]
 
     small = timeit_interleaved({
-        "batched": batched,
+        "batched_fit_trajectory": lambda: fit_trajectory(named, steps, ks, rank=1, kind="linear", origin=0.0),
+        "per_tensor_fit_trajectory": per_tensor,
         "per_tensor_eigh_only": lambda: [subspace_from_gram(x, 1) for x in grams],
     }, repeats)
     diffs = [_rel(a, b) for a, b in zip(holder["w"], weights) if float(b.abs().max()) > 0]
     res["small_math"] = {"fit_trajectory_seconds": base_times["small_math"],
+                         "batched_fit_trajectory_seconds": small["batched_fit_trajectory"]["min"],
+                         "per_tensor_fit_trajectory_seconds": small["per_tensor_fit_trajectory"]["min"],
                          "per_tensor_eigh_only_seconds": small["per_tensor_eigh_only"]["min"],
-                         "batched_rank1_linear_seconds": small["batched"]["min"],
-                         "batched_max_rel_diff_vs_core": max(diffs) if diffs else 0.0}
+                         "per_tensor_max_rel_diff_vs_batched": max(diffs) if diffs else 0.0}
     return res
 
 
@@ -636,6 +640,8 @@ def _malloc_trim() -> None:
 
 
 def measure_scaling_point(shapes, snapshots: int) -> dict[str, Any]:
+    import relex_callback.callback  # noqa: F401  (its imports, ~150 MiB of RSS, are not the fit's memory)
+
     gc.collect()
     _malloc_trim()
     rss0 = rss_bytes()
@@ -841,6 +847,10 @@ def main(argv: list[str] | None = None) -> None:
              fit["floor_two_read_passes_seconds"], fit["floor_compute_aware_seconds"], fit["floor_matmul_seconds"],
              fit["fit_over_two_read_passes"], fit["fit_over_compute_aware_floor"], fit["fit_over_matmul_floor"], fit["times_seconds"]["gram_pass"]["min"],
              fit["times_seconds"]["small_math"]["min"], fit["times_seconds"]["projection_pass"]["min"])
+    log.info("fit, core passes + math interleaved: current defaults %.3fs, previous settings (16M chunks, per-tensor math) %.3fs "
+             "-> %.2fx faster; current = %.1fx compute-aware floor, %.1fx two read passes",
+             fit["times_seconds"]["core_fit_predict"]["min"], fit["times_seconds"]["previous_fit_predict"]["min"],
+             fit["previous_over_current_core"], fit["core_fit_predict_over_compute_aware_floor"], fit["core_fit_predict_over_two_read_passes"])
     write_json(out / "results.json", results)
 
     if args.grpo_steps > 0:

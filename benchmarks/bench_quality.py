@@ -55,6 +55,7 @@ from _common import (  # noqa: E402
 
 from relex_callback.buffer import DeltaBuffer, TrackedTensor, select_parameters  # noqa: E402
 from relex_callback.core import backtest, combine, fit_trajectory, select_power  # noqa: E402
+from relex_callback.probe import choose_candidate  # noqa: E402
 
 METHODS = ("relex", "perparam", "first", "rank2", "rank3", "poly2", "power0.5", "powerauto")
 METHOD_LABELS = {
@@ -67,6 +68,21 @@ METHOD_LABELS = {
     "power0.5": "rank 1, √t (p=0.5)",
     "powerauto": "rank 1, backtest-chosen p",
 }
+
+
+def method_label(method: str) -> str:
+    if method == "real":
+        return "real GRPO"
+    if method.startswith("select-"):
+        return f"halt + probe over {METHOD_LABELS[method[7:]]}"
+    return METHOD_LABELS[method]
+
+
+def method_order(method: str) -> int:
+    names = ("real",) + METHODS + tuple(f"select-{m}" for m in METHODS)
+    return names.index(method)
+
+
 FIT_SPECS = {  # rank-r subspace methods: (rank, trend kind, power)
     "relex": (1, "linear", 1.0),
     "rank2": (2, "linear", 1.0),
@@ -99,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-budget-min", type=float, default=None,
                         help="per-seed wall-clock budget (minutes) for the post-training evaluations; the rest "
                              "are skipped and listed")
+    parser.add_argument("--select", default=None,
+                        help="halt mode with a probe: candidate sets 'method:multiples;...' (default 'relex:2,3,5;power0.5:2,3,5'); "
+                             "each set is scored with the selection probe and the package's rule (probe.choose_candidate) "
+                             "picks one or keeps θ_N; 'none' turns it off")
+    parser.add_argument("--select-prompts", type=int, default=None,
+                        help="prompts of the selection probe, disjoint from training and held-out prompts (default 64)")
     parser.add_argument("--probe-batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice; 1 is faster on an oversubscribed shared CPU)")
@@ -114,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.extrapolate_only is None:
         args.extrapolate_only = [5 * args.observe] if quick else [20 * args.observe]
     args.heldout = args.heldout or (24 if quick else 200)
+    args.select_prompts = args.select_prompts or (8 if quick else 64)
+    if args.select is None:
+        args.select = "relex:2,5" if quick else "relex:2,3,5;power0.5:2,3,5"
     if args.eval_plan is None:
         args.eval_plan = "relex:2,5;perparam:2" if quick else "all"
     args.output = Path(args.output) if args.output else RESULTS_ROOT / ("quality-quick" if quick else "quality")
@@ -378,7 +403,53 @@ def window_diagnostics(grams, steps: list[float], fit) -> dict[str, Any]:
 # one seed
 
 
-def run_seed(args, seed: int, model, tokenizer, train_set, probe, base_acc: float) -> dict[str, Any]:
+@torch.no_grad()
+def load_observed(buffer: DeltaBuffer, row: int) -> None:
+    """Write the observed θ_0 + Δ_row (bf16-stored delta) into the model."""
+    for item in buffer.tracked:
+        item.view().copy_(buffer.stack(item.name)[row].to(torch.float32).add_(buffer.theta0[item.name]))
+
+
+def parse_select(spec: str, observe: int, targets: list[float]) -> list[tuple[str, list[int]]]:
+    """``'relex:2,3,5;power0.5:2,3'`` -> ``[("relex", [20, 30, 50]), ...]`` for N = 10."""
+    if spec.strip().lower() == "none":
+        return []
+    sets = []
+    for part in spec.split(";"):
+        method, _, multiples = part.strip().partition(":")
+        if method not in METHODS:
+            raise SystemExit(f"unknown method {method!r} in --select; choose from {METHODS}")
+        ks = [int(round(float(m) * observe)) for m in multiples.split(",")]
+        missing = [k for k in ks if float(k) not in targets]
+        if missing:
+            raise SystemExit(f"--select asks for K={missing}, not among the horizons and --extrapolate-only {targets[1:]}")
+        sets.append((method, ks))
+    return sets
+
+
+def select_with_probe(model, buffer: DeltaBuffer, methods, targets: list[float], selector, sets) -> dict[str, Any]:
+    """Halt mode with a probe, as the callback does it: score θ_N and each candidate of a set on the selection
+    prompts and keep the one ``probe.choose_candidate`` picks (θ_N when every candidate scores below it)."""
+    started = time.perf_counter()
+    params = dict(model.named_parameters())
+    load_observed(buffer, len(buffer.steps) - 1)
+    current = selector(model)
+    out: dict[str, Any] = {"current_score": current, "sets": {}}
+    for method, ks in sets:
+        scores = []
+        for k in ks:
+            load_prediction(params, buffer, methods[method]["weights"], targets.index(float(k)))
+            scores.append(selector(model))
+        chosen = choose_candidate(current, scores, ks)
+        out["sets"][method] = {"candidates": ks, "scores": scores, "chosen_K": None if chosen is None else ks[chosen]}
+        log.info("select %-9s scores %s (θ_N %.3f) -> %s", method, dict(zip(ks, [round(v, 3) for v in scores])), current,
+                 "keep θ_N" if chosen is None else f"K={ks[chosen]}")
+    out["probe_seconds"] = time.perf_counter() - started
+    out["probe_evaluations"] = 1 + sum(len(ks) for _, ks in sets)
+    return out
+
+
+def run_seed(args, seed: int, model, tokenizer, train_set, probe, base_acc: float, selector=None) -> dict[str, Any]:
     log.info("seed %d: GRPO to step %d (N=%d), load %s", seed, max(args.horizons), args.observe, load_average())
     trained = train_seed(args, seed, model, tokenizer, train_set, probe)
     buffer: DeltaBuffer = trained["buffer"]
@@ -410,8 +481,13 @@ def run_seed(args, seed: int, model, tokenizer, train_set, probe, base_acc: floa
     diagnostics["power_auto"] = power_auto
     diagnostics["power_backtest_distances"] = power_grid
 
+    # halt mode with a probe on the selection prompts; the chosen candidates' held-out accuracy is evaluated first
+    sets = parse_select(args.select, args.observe, targets) if selector is not None else []
+    selection = select_with_probe(model, buffer, methods, targets, selector, sets) if sets else None
+    chosen = [(m, v["chosen_K"]) for m, v in selection["sets"].items() if v["chosen_K"] is not None] if selection else []
+
     # accuracy of the predictions, in priority order, under the optional budget
-    plan = parse_plan(args.eval_plan, args.observe, args.horizons, args.extrapolate_only)
+    plan = chosen + [e for e in parse_plan(args.eval_plan, args.observe, args.horizons, args.extrapolate_only) if e not in chosen]
     params = dict(model.named_parameters())
     evals: dict[tuple[str, int], dict[str, Any]] = {}
     skipped = []
@@ -421,7 +497,9 @@ def run_seed(args, seed: int, model, tokenizer, train_set, probe, base_acc: floa
         if method == "powerauto" and abs(power_auto - 0.5) < 1e-9 and ("power0.5", k) in evals:
             evals[(method, k)] = {**evals[("power0.5", k)], "same_as": "power0.5"}
             continue
-        if budget is not None and time.perf_counter() - eval_started > budget:
+        if (method, k) in evals:
+            continue
+        if budget is not None and time.perf_counter() - eval_started > budget and (method, k) not in chosen:
             skipped.append(f"{method}@{k}")
             continue
         j = targets.index(float(k))
@@ -454,6 +532,7 @@ def run_seed(args, seed: int, model, tokenizer, train_set, probe, base_acc: floa
             for m, v in methods.items()
         },
         "skipped_evaluations": skipped,
+        "selection": selection,
     }
     del buffer, trained, methods, grams
     gc.collect()
@@ -486,7 +565,22 @@ def summarise(args, seeds: list[dict[str, Any]], base_acc: float) -> tuple[list[
                 })
             for k, d in sorted(m["distances"].items()):
                 dist_rows.append({"seed": seed, "method": method, "K": k, **d})
-    methods = ["real"] + list(METHODS)
+        selection = res.get("selection") or {"sets": {}}
+        for method, chosen in selection["sets"].items():
+            ks, k_pick = chosen["candidates"], chosen["chosen_K"]
+            acc = res["real_accuracy"].get(args.observe) if k_pick is None else res["methods"][method]["accuracy"].get(k_pick)
+            if acc is None:
+                continue
+            share = (len(ks) + 1) / selection["probe_evaluations"]  # θ_N's score is shared by the sets
+            m = res["methods"][method]
+            fit_seconds = res["gram_seconds"] + m["fit_small_math_seconds"] + m["combine_seconds"].get(k_pick, 0.0)
+            eval_rows.append({
+                "seed": seed, "method": f"select-{method}", "K": max(ks), "accuracy": acc, "binomial_se": binomial_se(acc, n_held),
+                "real_accuracy_K": res["real_accuracy"].get(max(ks)), "real_steps": args.observe, "chosen_K": k_pick or args.observe,
+                "wall_seconds": res["train_seconds_at_step"].get(args.observe, 0.0) + fit_seconds + share * selection["probe_seconds"],
+                "fit_seconds": fit_seconds, "probe_seconds": share * selection["probe_seconds"],
+            })
+    methods = ["real"] + list(METHODS) + [f"select-{m}" for m in METHODS if any(r["method"] == f"select-{m}" for r in eval_rows)]
     for method in methods:
         for k in [0, args.observe] + ks:
             rows = [r for r in eval_rows if r["method"] == method and r["K"] == k]
@@ -497,6 +591,8 @@ def summarise(args, seeds: list[dict[str, Any]], base_acc: float) -> tuple[list[
                    "accuracy_binomial_se_pooled": binomial_se(acc["mean"], n_held * acc["n"]) if acc["n"] else math.nan,
                    "real_steps": rows[0]["real_steps"],
                    "wall_seconds_mean": mean_ci(r["wall_seconds"] for r in rows if r.get("wall_seconds") is not None)["mean"]}
+            if method.startswith("select-"):
+                row["chosen_K"] = ",".join(str(r["chosen_K"]) for r in rows)
             if method != "real":
                 paired = [r["accuracy"] - r["real_accuracy_K"] for r in rows if r.get("real_accuracy_K") is not None]
                 gap = mean_ci(paired)
@@ -551,6 +647,13 @@ def plot(args, seeds: list[dict[str, Any]], summary_rows: list[dict], out: Path)
         ax.errorbar(xs, [r[1] for r in rows], yerr=yerr, ls="-", lw=0.8, alpha=0.9,
                     marker=markers[method], color=colours[method], capsize=2, ms=6,
                     label=f"{METHOD_LABELS[method]} from N={args.observe}")
+    for i, method in enumerate(m for m in METHODS if any(r["method"] == f"select-{m}" for r in summary_rows)):
+        rows = [r for r in summary_rows if r["method"] == f"select-{method}" and r.get("n_seeds")]
+        for r in rows:
+            yerr = 1.96 * binomial_se(r["accuracy_mean"], args.heldout) if single or not math.isfinite(r["accuracy_ci95_seeds"]) else r["accuracy_ci95_seeds"]
+            ax.errorbar([r["K"] + (i + 1) * 0.012 * max(args.horizons)], [r["accuracy_mean"]], yerr=[yerr], marker="*", ms=13,
+                        color=colours[method], mec="k", capsize=3, ls="none",
+                        label=f"{method_label('select-' + method)}, {args.observe} real steps + probe (chose K = {r.get('chosen_K')})")
     anchor = getattr(args, "anchor_real", None)
     if anchor:
         pts = []
@@ -630,10 +733,11 @@ def print_markdown(args, summary_rows: list[dict]) -> None:
     """The summary as a Markdown table (for docs/benchmarks.md)."""
     print("| method | K | seeds | held-out accuracy (mean ± 1.96·SE over seeds) | minus real(K), paired | distance | norm ratio | cosine | real steps | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    order = {m: i for i, m in enumerate(("real",) + METHODS)}
-    for r in sorted(summary_rows, key=lambda r: (order[r["method"]], r["K"])):
+    for r in sorted(summary_rows, key=lambda r: (method_order(r["method"]), r["K"])):
         acc = _pm(r.get("accuracy_mean"), r.get("accuracy_ci95_seeds"), ".3f") if r.get("n_seeds") else "–"
-        name = "real GRPO" if r["method"] == "real" else METHOD_LABELS[r["method"]]
+        name = method_label(r["method"])
+        if r.get("chosen_K"):
+            name += f" (chose K = {r['chosen_K']})"
         print(f"| {name} | {r['K']} | {r.get('n_seeds', 0)} | {acc} | {_pm(r.get('minus_real_mean'), r.get('minus_real_ci95'), '+.3f') or '–'} | "
               f"{_fmt(r.get('distance_mean'), '.2f') or '–'} | {_fmt(r.get('norm_ratio_mean'), '.2f') or '–'} | "
               f"{_fmt(r.get('cosine_mean'), '.2f') or '–'} | {_fmt(r.get('real_steps'), 'd') or '–'} | {_fmt(r.get('wall_seconds_mean'), '.0f') or '–'} |")
@@ -641,12 +745,11 @@ def print_markdown(args, summary_rows: list[dict]) -> None:
 
 def print_table(args, summary_rows: list[dict]) -> None:
     print()
-    print(f"{'method':<12}{'K':>5}{'seeds':>6}{'accuracy':>18}{'minus real(K)':>18}{'dist':>8}{'norm':>7}{'cos':>7}{'steps':>7}{'wall s':>8}")
-    order = {m: i for i, m in enumerate(("real",) + METHODS)}
-    for r in sorted(summary_rows, key=lambda r: (order[r["method"]], r["K"])):
+    print(f"{'method':<16}{'K':>5}{'seeds':>6}{'accuracy':>18}{'minus real(K)':>18}{'dist':>8}{'norm':>7}{'cos':>7}{'steps':>7}{'wall s':>8}")
+    for r in sorted(summary_rows, key=lambda r: (method_order(r["method"]), r["K"])):
         acc = _pm(r.get("accuracy_mean"), r.get("accuracy_ci95_seeds"), ".3f") if r.get("n_seeds") else ""
         gap = _pm(r.get("minus_real_mean"), r.get("minus_real_ci95"), "+.3f")
-        print(f"{r['method']:<12}{r['K']:>5}{r.get('n_seeds', 0):>6}{acc:>18}{gap:>18}{_fmt(r.get('distance_mean'), '.2f'):>8}"
+        print(f"{r['method']:<16}{r['K']:>5}{r.get('n_seeds', 0):>6}{acc:>18}{gap:>18}{_fmt(r.get('distance_mean'), '.2f'):>8}"
               f"{_fmt(r.get('norm_ratio_mean'), '.2f'):>7}{_fmt(r.get('cosine_mean'), '.2f'):>7}"
               f"{_fmt(r.get('real_steps'), 'd'):>7}{_fmt(r.get('wall_seconds_mean'), '.0f'):>8}")
 
@@ -686,6 +789,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     set_threads(args.threads)
     from relex_callback.demo import addition_reward, load_smollm2, split_train_heldout
+    from relex_callback.demo.arithmetic import make_addition_dataset, prompt_pair
     from relex_callback.probe import RewardProbe
 
     out: Path = args.output
@@ -698,6 +802,10 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_smollm2()
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     train_set, heldout = split_train_heldout(n_train=1000, n_heldout=args.heldout, seed=args.heldout_seed, max_operand=args.max_operand)
+    used = [prompt_pair(p) for p in train_set["prompt"]] + [prompt_pair(p) for p in heldout["prompt"]]
+    selection_set = make_addition_dataset(args.select_prompts, seed=args.heldout_seed + 1, max_operand=args.max_operand,
+                                          exclude_pairs=used)  # disjoint from training and held-out prompts
+    selector = RewardProbe(selection_set, addition_reward, tokenizer, max_new_tokens=16, batch_size=args.probe_batch_size)
     probe = RewardProbe(heldout, addition_reward, tokenizer, max_new_tokens=16, batch_size=args.probe_batch_size)
     t0 = time.perf_counter()
     base_acc = probe(model)
@@ -711,7 +819,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, p in model.named_parameters():
                 p.copy_(initial[name])
         torch.manual_seed(seed)
-        seeds.append(run_seed(args, seed, model, tokenizer, train_set, probe, base_acc))
+        seeds.append(run_seed(args, seed, model, tokenizer, train_set, probe, base_acc, selector))
         eval_rows, dist_rows, summary_rows = summarise(args, seeds, base_acc)
         info["load_average_at_end"] = load_average()
         info["wall_seconds_total"] = time.perf_counter() - started

@@ -90,6 +90,28 @@ def select_parameters(
     return chosen
 
 
+def write_delta(current: torch.Tensor, base: torch.Tensor, out: torch.Tensor, scratch: list[torch.Tensor], fused: bool | None = None) -> None:
+    """``out ← θ_t − θ_0`` (flat tensors on one device): the difference in fp32, rounded once to ``out``'s dtype.
+
+    ``fused`` (default: off the CPU) is one kernel, ``torch.sub(θ_t, θ_0, out=out)``, which reads θ_t and θ_0
+    and writes the compact delta once. On CPU that cast-on-store kernel is slow, so the difference goes
+    through a cache-sized fp32 ``scratch`` chunk (kept in the list between tensors) and is copied out.
+    Both give bit-identical results (docs/benchmarks.md).
+    """
+    if fused is None:
+        fused = base.device.type != "cpu"
+    if fused:
+        torch.sub(current, base, out=out)
+        return
+    if not scratch:
+        scratch.append(torch.empty(_RECORD_CHUNK, dtype=torch.float32, device=base.device))
+    for start in range(0, base.numel(), _RECORD_CHUNK):
+        stop = min(start + _RECORD_CHUNK, base.numel())
+        piece = scratch[0][: stop - start]
+        torch.sub(current[start:stop], base[start:stop], out=piece)
+        out[start:stop].copy_(piece)
+
+
 class DeltaBuffer:
     """Exact float32 θ_0 plus a ``[capacity, numel]`` delta stack per tracked tensor."""
 
@@ -143,24 +165,13 @@ class DeltaBuffer:
         if len(self.steps) >= self.capacity:
             raise RuntimeError(f"delta buffer is full ({self.capacity} snapshots)")
         row = len(self.steps)
-        scratch = None
+        scratch: list[torch.Tensor] = []
         for item in self.tracked:
             base = self.theta0[item.name]
             current = item.view()
-            out = self.deltas[item.name][row]
-            if current.device == base.device and base.device.type == "cpu":
-                # In cache-sized chunks: no full-size fp32 temporary, ~3x faster on CPU (docs/benchmarks.md).
-                if scratch is None:
-                    scratch = torch.empty(_RECORD_CHUNK, dtype=torch.float32)
-                for start in range(0, base.numel(), _RECORD_CHUNK):
-                    stop = min(start + _RECORD_CHUNK, base.numel())
-                    piece = scratch[: stop - start]
-                    torch.sub(current[start:stop], base[start:stop], out=piece)
-                    out[start:stop].copy_(piece)
-            elif current.device == base.device:
-                out.copy_(torch.sub(current.to(torch.float32), base))
-            else:
-                out.copy_(current.to(base.device, torch.float32, non_blocking=False).sub_(base))
+            if current.device != base.device:
+                current = current.to(base.device)  # in the parameter's dtype: bf16 params cross the bus at half size
+            write_delta(current, base, self.deltas[item.name][row], scratch)
         self.steps.append(float(step))
 
     def drop_oldest(self, keep: int) -> None:

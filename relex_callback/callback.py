@@ -34,6 +34,7 @@ from .distributed import (
     world_info,
     write_prediction,
 )
+from .probe import choose_candidate
 from .peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
 from .export import REPORT_NAME, atomic_directory, check_output_dir, summarize_explained_variance, write_json, write_model_card
 from .jump import JumpController, Probe, score_model
@@ -469,10 +470,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         finally:
             self._load_into_model(saved)  # bit-exact: the copies have the parameters' dtype
         del saved
-        ranked = sorted((i for i, v in enumerate(scores) if math.isfinite(v)), key=lambda i: (-scores[i], targets[i]))
-        best = ranked[0] if ranked else None
-        worse = best is not None and math.isfinite(current) and scores[best] < current
-        chosen = None if best is None or (worse and not self.config.allow_worse) else best
+        chosen = choose_candidate(current, scores, targets, self.config.allow_worse)
         self.probe_scores = {"current": current, **{str(t): v for t, v in zip(targets, scores, strict=True)}}
         for i, target in enumerate(targets):
             self.reports[target]["probe"] = {

@@ -51,18 +51,46 @@ __all__ = [
 TREND_KINDS = ("linear", "power", "poly2")
 POWER_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SINGULAR_VALUE_RTOL = 1e-6
-_DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# fp32 values upcast per chunk. On CPU a 4 MiB chunk is served from the heap and stays in cache; a 64 MiB one
+# is a fresh mmap that the kernel page-faults in on every call (2-3x slower passes, measured in
+# benchmarks/bench_perf.py). GPUs keep large chunks: the caching allocator reuses them and kernels want size.
+_CPU_CHUNK_ELEMENTS = 1 << 20
+_GPU_CHUNK_ELEMENTS = 1 << 24
 
 
 def _chunk_columns(num_rows: int, num_cols: int, chunk_elements: int) -> int:
     return max(1, min(num_cols, chunk_elements // max(num_rows, 1)))
 
 
-def gram_matrix(
-    deltas: torch.Tensor, chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS, block: int = 4096
-) -> torch.Tensor:
+def _resolve_chunk(device: torch.device, chunk_elements: int | None) -> int:
+    if chunk_elements is None:
+        return _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _GPU_CHUNK_ELEMENTS
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+    return chunk_elements
+
+
+class _Upcaster:
+    """fp32 views of ``[T, w]`` column slices of a delta stack, written into one reused scratch buffer
+    (no allocation per chunk); fp32 stacks are sliced without a copy."""
+
+    def __init__(self, deltas: torch.Tensor, width: int):
+        self.deltas = deltas
+        self.scratch = None
+        if deltas.dtype != torch.float32:
+            self.scratch = torch.empty(deltas.shape[0] * min(width, deltas.shape[1]), dtype=torch.float32, device=deltas.device)
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        piece = self.deltas[:, start:stop]
+        if self.scratch is None:
+            return piece
+        return self.scratch[: piece.numel()].view(piece.shape).copy_(piece)
+
+
+def gram_matrix(deltas: torch.Tensor, chunk_elements: int | None = None, block: int = 4096) -> torch.Tensor:
     """``G = M Mᵀ`` (fp64, ``[T, T]``) of a ``[T, d]`` delta stack, summed in fp64 from fp32 Grams of
-    ``block``-column slices, one batched matmul per chunk of about ``chunk_elements`` upcast values.
+    ``block``-column slices, one batched matmul per chunk of about ``chunk_elements`` upcast values
+    (default: 1M on CPU, 16M on GPU).
 
     Each fp32 dot product runs over only ``block`` elements: the relative error of ``G`` stays near 1e-6
     where one fp32 accumulation over millions of columns reaches ~1e-4 (enough to flip bf16 roundings of
@@ -73,10 +101,12 @@ def gram_matrix(
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     num_rows, num_cols = deltas.shape
+    chunk_elements = _resolve_chunk(deltas.device, chunk_elements)
     gram = torch.zeros(num_rows, num_rows, dtype=torch.float64, device=deltas.device)
     width = max(block, _chunk_columns(num_rows, num_cols, chunk_elements) // block * block)
+    upcast = _Upcaster(deltas, width)
     for start in range(0, num_cols, width):
-        chunk = deltas[:, start : start + width].to(torch.float32)
+        chunk = upcast(start, start + width)
         whole = chunk.shape[1] // block * block
         if whole:
             blocks = chunk[:, :whole].reshape(num_rows, whole // block, block).transpose(0, 1)  # [n, T, block]
@@ -106,7 +136,11 @@ class Subspace:
     @property
     def coefficients(self) -> torch.Tensor:
         """c_t,i = Δ_t · v_i = (U_r Σ_r)_t,i, ``[T, r]`` fp64."""
-        return self.left * self.singular_values
+        return self.left * self.singular_values.unsqueeze(-2)
+
+    def __getitem__(self, index: int) -> Subspace:
+        """The subspace of one tensor of a batched result."""
+        return Subspace(left=self.left[index], singular_values=self.singular_values[index], eigenvalues=self.eigenvalues[index])
 
     @property
     def explained_variance(self) -> float:
@@ -118,21 +152,25 @@ class Subspace:
 
 
 def subspace_from_gram(gram: torch.Tensor, rank: int) -> Subspace:
-    """Eigendecompose ``G`` (fp64) and keep the top ``rank`` components."""
-    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+    """Eigendecompose ``G`` (fp64) and keep the top ``rank`` components.
+
+    ``gram`` may carry leading batch dimensions (``[n, T, T]``, one batched ``eigh`` for n tensors); the
+    fields of the result then carry them too."""
+    if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
         raise ValueError(f"gram must be square, got shape {tuple(gram.shape)}")
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     gram64 = gram.detach().to(device="cpu", dtype=torch.float64)
-    gram64 = 0.5 * (gram64 + gram64.T)
+    gram64 = 0.5 * (gram64 + gram64.transpose(-1, -2))
     eigenvalues, eigenvectors = torch.linalg.eigh(gram64)
-    eigenvalues = eigenvalues.flip(0).clamp_min(0.0)
-    eigenvectors = eigenvectors.flip(1)
-    rank = min(rank, gram.shape[0])
-    singular_values = eigenvalues[:rank].sqrt()
-    threshold = singular_values[0] * SINGULAR_VALUE_RTOL if singular_values[0] > 0 else 1e-12
+    eigenvalues = eigenvalues.flip(-1).clamp_min(0.0)
+    eigenvectors = eigenvectors.flip(-1)
+    rank = min(rank, gram.shape[-1])
+    singular_values = eigenvalues[..., :rank].sqrt()
+    top = singular_values[..., :1]
+    threshold = torch.where(top > 0, top * SINGULAR_VALUE_RTOL, torch.full_like(top, 1e-12))
     singular_values = torch.where(singular_values > threshold, singular_values, torch.zeros_like(singular_values))
-    return Subspace(left=eigenvectors[:, :rank].contiguous(), singular_values=singular_values, eigenvalues=eigenvalues)
+    return Subspace(left=eigenvectors[..., :rank].contiguous(), singular_values=singular_values, eigenvalues=eigenvalues)
 
 
 @dataclass(frozen=True)
@@ -165,8 +203,12 @@ class Trend:
         raise ValueError(f"unknown trend kind {self.kind!r}; choose one of {TREND_KINDS}")
 
     def __call__(self, steps: torch.Tensor | Sequence[float]) -> torch.Tensor:
-        """ĉ at ``steps``: ``[len(steps), r]`` fp64."""
+        """ĉ at ``steps``: ``[len(steps), r]`` fp64 (``[n, len(steps), r]`` for batched params)."""
         return self.basis(steps) @ self.params
+
+    def __getitem__(self, index: int) -> Trend:
+        """The trend of one tensor of a batched fit."""
+        return Trend(kind=self.kind, params=self.params[index], power=self.power, origin=self.origin, center=self.center, scale=self.scale)
 
 
 def _num_basis(kind: str) -> int:
@@ -180,15 +222,18 @@ def fit_trend(
     power: float = 1.0,
     origin: float = 0.0,
 ) -> Trend:
-    """Ordinary least squares (fp64) of each column of ``coefficients`` ``[T, r]`` on ``steps``."""
+    """Ordinary least squares (fp64) of each column of ``coefficients`` ``[T, r]`` on ``steps``.
+
+    ``coefficients`` may be ``[n, T, r]`` (n tensors on the same steps, one batched solve); ``params``
+    is then ``[n, num_basis, r]``."""
     if kind not in TREND_KINDS:
         raise ValueError(f"kind must be one of {TREND_KINDS}, got {kind!r}")
     x = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)
     c = coefficients.detach().to(device="cpu", dtype=torch.float64)
     if c.dim() == 1:
         c = c[:, None]
-    if x.numel() != c.shape[0]:
-        raise ValueError(f"got {x.numel()} steps for {c.shape[0]} coefficient rows")
+    if x.numel() != c.shape[-2]:
+        raise ValueError(f"got {x.numel()} steps for {c.shape[-2]} coefficient rows")
     if x.numel() < _num_basis(kind):
         raise ValueError(f"a {kind} trend needs at least {_num_basis(kind)} snapshots, got {x.numel()}")
     if kind == "power" and not power > 0:
@@ -202,7 +247,7 @@ def fit_trend(
         center = float(x.mean())
         scale = float((x - center).abs().max()) or 1.0
     trend = Trend(kind=kind, params=torch.empty(0), power=float(power), origin=float(origin), center=center, scale=scale)
-    design = trend.basis(x)
+    design = trend.basis(x).expand(*c.shape[:-2], -1, -1)
     params = torch.linalg.lstsq(design, c, driver="gelsd").solution
     return Trend(kind=kind, params=params, power=float(power), origin=float(origin), center=center, scale=scale)
 
@@ -212,8 +257,8 @@ def r_squared(steps: torch.Tensor | Sequence[float], coefficients: torch.Tensor,
     c = coefficients.to(torch.float64)
     if c.dim() == 1:
         c = c[:, None]
-    residual = (c - trend(steps)).pow(2).sum(0)
-    total = (c - c.mean(0)).pow(2).sum(0)
+    residual = (c - trend(steps)).pow(2).sum(-2)
+    total = (c - c.mean(-2, keepdim=True)).pow(2).sum(-2)
     return torch.where(total > 0, 1.0 - residual / total.clamp_min(1e-300), torch.ones_like(total))
 
 
@@ -224,7 +269,7 @@ def prediction_weights(subspace: Subspace, predicted_coefficients: torch.Tensor)
         c_hat = c_hat[None, :]
     sigma = subspace.singular_values
     inverse = torch.where(sigma > 0, 1.0 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
-    return (c_hat * inverse) @ subspace.left.T
+    return (c_hat * inverse.unsqueeze(-2)) @ subspace.left.transpose(-1, -2)
 
 
 def reconstruction_weights(subspace: Subspace) -> torch.Tensor:
@@ -233,9 +278,7 @@ def reconstruction_weights(subspace: Subspace) -> torch.Tensor:
     return (subspace.left * kept) @ subspace.left.T
 
 
-def combine(
-    deltas: torch.Tensor, weights: torch.Tensor, chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS
-) -> torch.Tensor:
+def combine(deltas: torch.Tensor, weights: torch.Tensor, chunk_elements: int | None = None) -> torch.Tensor:
     """``weights @ deltas`` in fp32 chunks over d: ``[n, T] × [T, d] → [n, d]`` fp32."""
     if weights.dim() == 1:
         weights = weights[None, :]
@@ -244,9 +287,10 @@ def combine(
         raise ValueError(f"weights have {weights.shape[1]} columns for {num_rows} delta rows")
     out = torch.empty(weights.shape[0], num_cols, dtype=torch.float32, device=deltas.device)
     w32 = weights.to(device=deltas.device, dtype=torch.float32)
-    width = _chunk_columns(num_rows, num_cols, chunk_elements)
+    width = _chunk_columns(num_rows, num_cols, _resolve_chunk(deltas.device, chunk_elements))
+    upcast = _Upcaster(deltas, width)
     for start in range(0, num_cols, width):
-        torch.mm(w32, deltas[:, start : start + width].to(torch.float32), out=out[:, start : start + width])
+        torch.mm(w32, upcast(start, start + width), out=out[:, start : start + width])
     return out
 
 
@@ -264,17 +308,17 @@ def backtest_errors(
     Returns ``(squared_error, squared_norm)``, each ``[T − num_fit]`` fp64: ||Δ̂_t − Δ_t||² and
     ||Δ_t||² for every held-out snapshot t. With v_i = M_fitᵀ u_i / σ_i orthonormal,
     ||Δ̂_t||² = Σ ĉ_i², Δ̂_t·Δ_t = Σ ĉ_i u_iᵀ G[:fit, t] / σ_i. Sum both over tensors for a
-    whole-model relative distance.
+    whole-model relative distance. A batched ``gram`` ``[n, T, T]`` gives ``[n, T − num_fit]`` each.
     """
     x = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)
     g = gram.detach().to(device="cpu", dtype=torch.float64)
-    fit_sub = subspace_from_gram(g[:num_fit, :num_fit], rank)
+    fit_sub = subspace_from_gram(g[..., :num_fit, :num_fit], rank)
     trend = fit_trend(x[:num_fit], fit_sub.coefficients, kind=kind, power=power, origin=origin)
-    c_hat = trend(x[num_fit:])  # [H, r]
-    weights = prediction_weights(fit_sub, c_hat)  # [H, num_fit]: Δ̂_t = w_t M_fit
-    cross = (weights * g[num_fit:, :num_fit]).sum(1)  # Δ̂_t · Δ_t
-    pred_norm = torch.einsum("hi,ij,hj->h", weights, g[:num_fit, :num_fit], weights)
-    squared_norm = torch.diagonal(g)[num_fit:]
+    c_hat = trend(x[num_fit:])  # [..., H, r]
+    weights = prediction_weights(fit_sub, c_hat)  # [..., H, num_fit]: Δ̂_t = w_t M_fit
+    cross = (weights * g[..., num_fit:, :num_fit]).sum(-1)  # Δ̂_t · Δ_t
+    pred_norm = ((weights @ g[..., :num_fit, :num_fit]) * weights).sum(-1)
+    squared_norm = torch.diagonal(g, dim1=-2, dim2=-1)[..., num_fit:]
     squared_error = (pred_norm - 2.0 * cross + squared_norm).clamp_min(0.0)
     return squared_error, squared_norm
 
@@ -318,12 +362,11 @@ def backtest(
         num_fit = max(_num_basis(kind), min(num_steps - 1, (num_steps + 1) // 2))
     if num_fit < max(_num_basis(kind), 1) or num_fit >= num_steps:
         return None
-    error = torch.zeros((), dtype=torch.float64)
-    norm = torch.zeros((), dtype=torch.float64)
-    for gram in grams:
-        sq_err, sq_norm = backtest_errors(gram, x, num_fit, rank=rank, kind=kind, power=power, origin=origin)
-        error += sq_err[-1].cpu()
-        norm += sq_norm[-1].cpu()
+    error = norm = torch.zeros((), dtype=torch.float64)
+    if len(grams):
+        stacked = torch.stack([g.detach().to(device="cpu", dtype=torch.float64) for g in grams])
+        sq_err, sq_norm = backtest_errors(stacked, x, num_fit, rank=rank, kind=kind, power=power, origin=origin)
+        error, norm = sq_err[:, -1].sum(), sq_norm[:, -1].sum()
     distance = float(error.sqrt() / norm.sqrt()) if norm > 0 else 0.0
     span_fit = float(x[num_fit - 1] - origin)
     ratio = float(x[-1] - origin) / span_fit if span_fit > 0 else math.inf
@@ -395,20 +438,18 @@ def fit_trajectory(
 
     ``weights[j]`` of a tensor gives Δ̂(targets[j]) = weights[j] · M (apply with :func:`combine`).
     """
-    tensor_fits = []
-    for name, gram in grams:
-        subspace = subspace_from_gram(gram, rank)
-        coefficients = subspace.coefficients
-        trend = fit_trend(steps, coefficients, kind=kind, power=power, origin=origin)
-        tensor_fits.append(
-            TensorFit(
-                name=name,
-                subspace=subspace,
-                trend=trend,
-                r2=r_squared(steps, coefficients, trend),
-                weights=prediction_weights(subspace, trend(list(targets))),
-            )
-        )
+    if not grams:
+        raise ValueError("fit_trajectory needs at least one tensor's Gram matrix")
+    names = [name for name, _ in grams]
+    stacked = torch.stack([g.detach().to(device="cpu", dtype=torch.float64) for _, g in grams])  # [n, T, T]
+    subspace = subspace_from_gram(stacked, rank)  # one batched eigh and one batched solve for all tensors
+    coefficients = subspace.coefficients
+    trend = fit_trend(steps, coefficients, kind=kind, power=power, origin=origin)
+    r2 = r_squared(steps, coefficients, trend)
+    weights = prediction_weights(subspace, trend(list(targets)))
+    tensor_fits = [
+        TensorFit(name=name, subspace=subspace[i], trend=trend[i], r2=r2[i], weights=weights[i]) for i, name in enumerate(names)
+    ]
     result = backtest([g for _, g in grams], steps, rank=rank, kind=kind, power=power, origin=origin)
     return TrajectoryFit(steps=[float(s) for s in steps], targets=[float(t) for t in targets], tensors=tensor_fits, backtest=result)
 

@@ -26,6 +26,22 @@ RewardFunc = Callable[..., Any]
 _RESERVED_COLUMNS = ("prompt", "completion", "completion_ids")
 
 
+def choose_candidate(current: float, scores: Sequence[float], targets: Sequence[float], allow_worse: bool = False) -> int | None:
+    """Halt mode's selection rule: the index of the best-scoring candidate (ties: the nearest target), or
+    ``None`` (keep the current weights) when it scores below ``current`` and not ``allow_worse``.
+
+    Non-finite scores never win; a non-finite ``current`` accepts the best finite candidate."""
+    if len(scores) != len(targets):
+        raise ValueError(f"choose_candidate: {len(scores)} scores for {len(targets)} targets")
+    ranked = sorted((i for i, v in enumerate(scores) if math.isfinite(v)), key=lambda i: (-scores[i], targets[i]))
+    if not ranked:
+        return None
+    best = ranked[0]
+    if math.isfinite(current) and scores[best] < current and not allow_worse:
+        return None
+    return best
+
+
 def _is_conversation(value: Any) -> bool:
     """True for a list of chat messages (dicts with a ``role``), TRL's conversational format."""
     return (

@@ -53,10 +53,42 @@ def test_singular_values_and_explained_variance_match_svd(rank):
     torch.testing.assert_close(sub.coefficients.abs(), proj.abs(), rtol=1e-5, atol=1e-6)
 
 
-def test_gram_chunking_matches_one_matmul():
-    m = trajectory(range(1, 7), dim=5003).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunk_elements", [64, 6 * 4096 + 6, None])
+def test_gram_and_combine_chunking_match_one_matmul(dtype, chunk_elements):
+    # 5003 columns: a partial last chunk and a partial last block reuse the scratch buffer with a smaller view
+    m = trajectory(range(1, 7), dim=5003 * 3).to(dtype)
     ref = m.double() @ m.double().T
-    torch.testing.assert_close(gram_matrix(m, chunk_elements=64), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gram_matrix(m, chunk_elements=chunk_elements, block=1000), ref, rtol=1e-6, atol=1e-6)
+    w = torch.randn(2, 6, dtype=torch.float64)
+    torch.testing.assert_close(combine(m, w, chunk_elements=chunk_elements).double(), w @ m.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_chunk_elements_raises():
+    with pytest.raises(ValueError, match="chunk_elements must be >= 1"):
+        gram_matrix(torch.zeros(2, 8), chunk_elements=0)
+
+
+def test_batched_fit_equals_per_tensor_fits():
+    # fit_trajectory solves all tensors at once; each must equal its own one-tensor eigh + lstsq + weights
+    steps = [1.0, 2.0, 4.0, 5.0, 7.0, 8.0]
+    stacks = [trajectory(steps, dim=300 + 17 * i, rank=1 + i % 2, noise=0.02 * i) for i in range(5)]
+    stacks.append(torch.zeros(6, 40))  # a tensor that never moved
+    grams = [(f"t{i}", gram_matrix(m)) for i, m in enumerate(stacks)]
+    for kind, power in (("linear", 1.0), ("power", 0.5), ("poly2", 1.0)):
+        fit = fit_trajectory(grams, steps, [10.0, 30.0], rank=2, kind=kind, power=power)
+        for (name, gram), tensor_fit in zip(grams, fit.tensors):
+            sub = subspace_from_gram(gram, 2)
+            trend = fit_trend(steps, sub.coefficients, kind=kind, power=power)
+            assert tensor_fit.name == name
+            torch.testing.assert_close(tensor_fit.subspace.singular_values, sub.singular_values, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(tensor_fit.weights, prediction_weights(sub, trend([10.0, 30.0])), rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(tensor_fit.r2, r_squared(steps, sub.coefficients, trend), rtol=1e-8, atol=1e-10)
+        per_tensor = [backtest_errors(g, steps, 3, rank=2, kind=kind, power=power) for _, g in grams]
+        err = sum(float(e[-1]) for e, _ in per_tensor)
+        norm = sum(float(n[-1]) for _, n in per_tensor)
+        assert fit.backtest.num_fit == 3
+        assert fit.backtest.distance == pytest.approx((err / norm) ** 0.5, rel=1e-9)
 
 
 @pytest.mark.parametrize("rank", [1, 2])

@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 
 from relex_callback.demo.arithmetic import addition_prompt, addition_reward
-from relex_callback.probe import RewardProbe
+from relex_callback.probe import RewardProbe, choose_candidate
 
 try:
     from tests._tiny import tiny_llama, tiny_qwen2, tiny_tokenizer
@@ -323,3 +323,26 @@ def test_reward_call_matches_a_real_grpo_trainer(tmp_path, conversational):
             assert isinstance(comp, str)
         assert all(isinstance(ids, list) and all(isinstance(i, int) for i in ids) for ids in call["completion_ids"])
         assert callable(call["log_extra"]) and callable(call["log_metric"])
+
+
+@pytest.mark.parametrize(
+    ("current", "scores", "targets", "allow_worse", "expected"),
+    [
+        (0.5, [0.4, 0.7, 0.6], [20, 30, 50], False, 1),  # best candidate
+        (0.5, [0.7, 0.7, 0.6], [50, 30, 20], False, 1),  # tie: the nearer target wins
+        (0.5, [0.7, 0.7, 0.6], [20, 30, 50], False, 0),
+        (0.8, [0.4, 0.7, 0.6], [20, 30, 50], False, None),  # all below the current weights: keep them
+        (0.8, [0.4, 0.7, 0.6], [20, 30, 50], True, 1),
+        (0.7, [0.4, 0.7, 0.6], [20, 30, 50], False, 1),  # equal to current counts as not worse
+        (0.5, [math.nan, 0.4, math.inf * 0], [20, 30, 50], False, None),
+        (math.nan, [math.nan, 0.1, 0.2], [20, 30, 50], False, 2),
+        (0.5, [math.nan, math.nan], [20, 30], True, None),
+    ],
+)
+def test_choose_candidate_rule(current, scores, targets, allow_worse, expected):
+    assert choose_candidate(current, scores, targets, allow_worse) == expected
+
+
+def test_choose_candidate_length_mismatch_raises():
+    with pytest.raises(ValueError, match="2 scores for 3 targets"):
+        choose_candidate(0.5, [0.1, 0.2], [1, 2, 3])
