@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.heldout = args.heldout or (24 if quick else 200)
     args.select_prompts = args.select_prompts or (8 if quick else 64)
     if args.select is None:
-        args.select = "relex:2,5" if quick else "relex:2,3,5;power0.5:2,3,5"
+        args.select = "relex:2;power0.5:5" if quick else "relex:2,3,5;power0.5:2,3,5"
     if args.eval_plan is None:
         args.eval_plan = "relex:2,5;perparam:2" if quick else "all"
     args.output = Path(args.output) if args.output else RESULTS_ROOT / ("quality-quick" if quick else "quality")
@@ -567,16 +567,16 @@ def summarise(args, seeds: list[dict[str, Any]], base_acc: float) -> tuple[list[
                 dist_rows.append({"seed": seed, "method": method, "K": k, **d})
         selection = res.get("selection") or {"sets": {}}
         for method, chosen in selection["sets"].items():
-            ks, k_pick = chosen["candidates"], chosen["chosen_K"]
+            candidates, k_pick = chosen["candidates"], chosen["chosen_K"]
             acc = res["real_accuracy"].get(args.observe) if k_pick is None else res["methods"][method]["accuracy"].get(k_pick)
             if acc is None:
                 continue
-            share = (len(ks) + 1) / selection["probe_evaluations"]  # θ_N's score is shared by the sets
+            share = (len(candidates) + 1) / selection["probe_evaluations"]  # θ_N's score is shared by the sets
             m = res["methods"][method]
             fit_seconds = res["gram_seconds"] + m["fit_small_math_seconds"] + m["combine_seconds"].get(k_pick, 0.0)
             eval_rows.append({
-                "seed": seed, "method": f"select-{method}", "K": max(ks), "accuracy": acc, "binomial_se": binomial_se(acc, n_held),
-                "real_accuracy_K": res["real_accuracy"].get(max(ks)), "real_steps": args.observe, "chosen_K": k_pick or args.observe,
+                "seed": seed, "method": f"select-{method}", "K": max(candidates), "accuracy": acc, "binomial_se": binomial_se(acc, n_held),
+                "real_accuracy_K": res["real_accuracy"].get(max(candidates)), "real_steps": args.observe, "chosen_K": k_pick or args.observe,
                 "wall_seconds": res["train_seconds_at_step"].get(args.observe, 0.0) + fit_seconds + share * selection["probe_seconds"],
                 "fit_seconds": fit_seconds, "probe_seconds": share * selection["probe_seconds"],
             })

@@ -6,6 +6,7 @@ Nothing here asserts a speed. The performance benchmark's --smoke mode takes sec
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
@@ -75,4 +76,10 @@ def test_quality_quick_selection_follows_the_rule_and_tables_match(tmp_path):
     relex_n = seed["methods"]["relex"]["distances"][str(n)]["distance"]
     first_n = seed["methods"]["first"]["distances"][str(n)]["distance"]
     assert math.isfinite(relex_n) and relex_n < first_n
+    # every evaluated (method, K) reaches the summary table, the extrapolation-only horizons included
+    with open(tmp_path / "evals.csv", newline="") as handle:
+        evaluated = {(row["method"], int(row["K"])) for row in csv.DictReader(handle)}
+    summarised = {(row["method"], row["K"]) for row in data["summary"] if row.get("n_seeds")}
+    assert evaluated <= summarised
+    assert any(k in settings["extrapolate_only"] for _, k in evaluated)
     assert (tmp_path / "accuracy_vs_step.png").stat().st_size > 0
