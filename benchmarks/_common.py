@@ -165,20 +165,21 @@ def timeit_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: 
     return {name: {"min": min(v), "median": statistics.median(v), "samples": v} for name, v in samples.items()}
 
 
-def rss_bytes() -> int:
+def _proc_status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status in bytes (0 where it is missing)."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rss_bytes() -> int:
+    return _proc_status_bytes("VmRSS")
 
 
 def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_status_bytes("VmHWM")
 
 
 def reset_peak_rss() -> bool:

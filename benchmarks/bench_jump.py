@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 from relex_callback import RelexCallback
-from relex_callback.demo import addition_reward, load_smollm2, split_train_heldout
+from relex_callback.demo import addition_reward, cpu_grpo_config, load_smollm2, split_train_heldout
 from relex_callback.probe import RewardProbe
 
 logger = logging.getLogger("bench_jump")
@@ -86,12 +86,8 @@ def run_arm(name: str, seed: int, opts: argparse.Namespace, train, eval_probe: R
     eval_steps = list(range(opts.eval_every, opts.steps + 1, opts.eval_every))
     evaluate = Evaluate(eval_probe, eval_steps, relex)
     out_dir = Path(opts.output_dir) / f"{name}-seed{seed}"
-    args = GRPOConfig(
-        output_dir=str(out_dir), per_device_train_batch_size=opts.prompts_per_step * opts.generations,
-        num_generations=opts.generations, max_completion_length=16, temperature=0.7, learning_rate=opts.lr,
-        lr_scheduler_type="constant", beta=0.0, loss_type="dapo", max_steps=opts.steps, use_cpu=True, bf16=False,
-        gradient_checkpointing=False, save_strategy="no", logging_steps=1, report_to=[], seed=seed, disable_tqdm=True,
-    )
+    args = cpu_grpo_config(out_dir, max_steps=opts.steps, seed=seed, learning_rate=opts.lr,
+                           prompts_per_step=opts.prompts_per_step, generations=opts.generations)
     callbacks = [evaluate] if relex is None else [relex, evaluate]
     trainer = GRPOTrainer(model=model, reward_funcs=addition_reward, args=args, train_dataset=train,
                           processing_class=tokenizer, callbacks=callbacks)

@@ -319,10 +319,10 @@ def bench_snapshot(shapes, repeats: int, bw: dict[str, float]) -> dict[str, Any]
 def bench_grpo_share(steps: int, snapshot_seconds_synthetic: float | None) -> dict[str, Any]:
     """A few real GRPO steps on SmolLM2-135M without and then with RelexCallback (halt at the last step)."""
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from relex_callback import RelexCallback
-    from relex_callback.demo import addition_reward, load_smollm2, split_train_heldout
+    from relex_callback.demo import addition_reward, cpu_grpo_config, load_smollm2, split_train_heldout
 
     model, tokenizer = load_smollm2()
     train, _ = split_train_heldout(n_train=200, n_heldout=10, seed=0, max_operand=50)
@@ -342,12 +342,7 @@ def bench_grpo_share(steps: int, snapshot_seconds_synthetic: float | None) -> di
             if with_relex:
                 relex = RelexCallback(observe=steps, extrapolate_to=[2 * steps], save_model=False, buffer_dtype="bfloat16")
                 callbacks.append(relex)
-            config = GRPOConfig(
-                output_dir=tmp, per_device_train_batch_size=16, num_generations=8, max_completion_length=16,
-                temperature=0.7, learning_rate=5e-6, lr_scheduler_type="constant", beta=0.0, loss_type="dapo",
-                max_steps=steps, use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no",
-                logging_steps=1, report_to=[], seed=seed, disable_tqdm=True,
-            )
+            config = cpu_grpo_config(tmp, max_steps=steps, seed=seed)
             model.train()
             trainer = GRPOTrainer(model=model, reward_funcs=addition_reward, args=config, train_dataset=train,
                                   processing_class=tokenizer, callbacks=callbacks)

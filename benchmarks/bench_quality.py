@@ -239,9 +239,9 @@ def make_recorder(buffer: DeltaBuffer, observe: int, keep_steps: list[int], eval
 
 
 def train_seed(args, seed: int, model, tokenizer, train_set, probe) -> dict[str, Any]:
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
-    from relex_callback.demo import addition_reward
+    from relex_callback.demo import addition_reward, cpu_grpo_config
 
     k_max = max(args.horizons)
     tracked = [TrackedTensor(name, param) for name, param in select_parameters(model)]
@@ -250,26 +250,8 @@ def train_seed(args, seed: int, model, tokenizer, train_set, probe) -> dict[str,
     eval_steps = sorted({args.observe, *args.horizons})
     recorder = make_recorder(buffer, args.observe, sorted(args.horizons), eval_steps, probe, state)
     with tempfile.TemporaryDirectory(prefix="relex-bench-quality-") as tmp:
-        config = GRPOConfig(
-            output_dir=tmp,
-            per_device_train_batch_size=args.prompts_per_step * args.generations,
-            num_generations=args.generations,
-            max_completion_length=16,
-            temperature=args.temperature,
-            learning_rate=args.lr,
-            lr_scheduler_type="constant",
-            beta=0.0,
-            loss_type="dapo",
-            max_steps=k_max,
-            use_cpu=True,
-            bf16=False,
-            gradient_checkpointing=False,
-            save_strategy="no",
-            logging_steps=1,
-            report_to=[],
-            seed=seed,
-            disable_tqdm=True,
-        )
+        config = cpu_grpo_config(tmp, max_steps=k_max, seed=seed, learning_rate=args.lr, prompts_per_step=args.prompts_per_step,
+                                 generations=args.generations, temperature=args.temperature)
         model.train()
         trainer = GRPOTrainer(
             model=model, reward_funcs=addition_reward, args=config, train_dataset=train_set,

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 from relex_callback import RelexCallback
-from relex_callback.demo import addition_reward, load_smollm2, split_train_heldout
+from relex_callback.demo import addition_reward, cpu_grpo_config, load_smollm2, split_train_heldout
 from relex_callback.probe import RewardProbe
 
 
@@ -56,26 +56,8 @@ def main() -> None:
     base_accuracy = probe(model)
     print(f"held-out accuracy, base model: {base_accuracy:.3f} ({time.perf_counter() - started:.0f}s)", flush=True)
 
-    config = GRPOConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=args.prompts_per_step * args.generations,
-        num_generations=args.generations,
-        max_completion_length=16,
-        temperature=0.7,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        beta=0.0,
-        loss_type="dapo",
-        max_steps=args.target,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        logging_steps=1,
-        report_to=[],
-        seed=args.seed,
-        disable_tqdm=True,
-    )
+    config = cpu_grpo_config(output_dir, max_steps=args.target, seed=args.seed, learning_rate=args.lr,
+                             prompts_per_step=args.prompts_per_step, generations=args.generations)
     relex = RelexCallback(observe=args.observe, extrapolate_to=args.target, overwrite=args.overwrite)
     last_observed = {}
 

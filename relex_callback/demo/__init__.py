@@ -11,6 +11,7 @@ from .arithmetic import (
     prompt_pair,
     split_train_heldout,
 )
+from .training import cpu_grpo_config
 from .smollm2 import GGUF_FILENAME, default_cache_dir, load_smollm2, packaged_gguf_path, smollm2_dir
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "addition_prompt",
     "addition_reward",
     "completion_text",
+    "cpu_grpo_config",
     "default_cache_dir",
     "extract_answer",
     "load_smollm2",
