@@ -179,7 +179,8 @@ def default_priority(observe: int, horizons: list[int], extra: list[int]) -> lis
     return order
 
 
-def parse_plan(spec: str, observe: int, horizons: list[int], extra: list[int]) -> list[tuple[str, int]]:
+def parse_plan(spec: str, observe: int, horizons: list[int], extra: list[int], option: str = "--eval-plan") -> list[tuple[str, int]]:
+    """``'relex:2,5;perparam:2'`` -> ``[("relex", 20), ("relex", 50), ("perparam", 20)]`` for N = 10."""
     if spec == "all":
         return default_priority(observe, horizons, extra)
     plan = []
@@ -189,11 +190,11 @@ def parse_plan(spec: str, observe: int, horizons: list[int], extra: list[int]) -
         method, _, multiples = part.partition(":")
         method = method.strip()
         if method not in METHODS:
-            raise SystemExit(f"unknown method {method!r} in --eval-plan; choose from {METHODS}")
+            raise SystemExit(f"unknown method {method!r} in {option}; choose from {METHODS}")
         for m in multiples.split(","):
             k = int(round(float(m) * observe))
             if k not in horizons and k not in extra:
-                raise SystemExit(f"--eval-plan asks for K={k} ({m}N), which is not among the horizons {horizons + extra}")
+                raise SystemExit(f"{option} asks for K={k} ({m}N), which is not among the horizons {horizons + extra}")
             plan.append((method, k))
     return plan
 
@@ -392,21 +393,14 @@ def load_observed(buffer: DeltaBuffer, row: int) -> None:
         item.view().copy_(buffer.stack(item.name)[row].to(torch.float32).add_(buffer.theta0[item.name]))
 
 
-def parse_select(spec: str, observe: int, targets: list[float]) -> list[tuple[str, list[int]]]:
-    """``'relex:2,3,5;power0.5:2,3'`` -> ``[("relex", [20, 30, 50]), ...]`` for N = 10."""
+def parse_select(spec: str, observe: int, horizons: list[int], extra: list[int]) -> list[tuple[str, list[int]]]:
+    """``'relex:2,3,5;power0.5:2,3'`` -> ``[("relex", [20, 30, 50]), ("power0.5", [20, 30])]`` for N = 10."""
     if spec.strip().lower() == "none":
         return []
-    sets = []
-    for part in spec.split(";"):
-        method, _, multiples = part.strip().partition(":")
-        if method not in METHODS:
-            raise SystemExit(f"unknown method {method!r} in --select; choose from {METHODS}")
-        ks = [int(round(float(m) * observe)) for m in multiples.split(",")]
-        missing = [k for k in ks if float(k) not in targets]
-        if missing:
-            raise SystemExit(f"--select asks for K={missing}, not among the horizons and --extrapolate-only {targets[1:]}")
-        sets.append((method, ks))
-    return sets
+    sets: dict[str, list[int]] = {}
+    for method, k in parse_plan(spec, observe, horizons, extra, option="--select"):
+        sets.setdefault(method, []).append(k)
+    return list(sets.items())
 
 
 def select_with_probe(model, buffer: DeltaBuffer, methods, targets: list[float], selector, sets) -> dict[str, Any]:
@@ -464,7 +458,7 @@ def run_seed(args, seed: int, model, tokenizer, train_set, probe, base_acc: floa
     diagnostics["power_backtest_distances"] = power_grid
 
     # halt mode with a probe on the selection prompts; the chosen candidates' held-out accuracy is evaluated first
-    sets = parse_select(args.select, args.observe, targets) if selector is not None else []
+    sets = parse_select(args.select, args.observe, args.horizons, args.extrapolate_only) if selector is not None else []
     selection = select_with_probe(model, buffer, methods, targets, selector, sets) if sets else None
     chosen = [(m, v["chosen_K"]) for m, v in selection["sets"].items() if v["chosen_K"] is not None] if selection else []
 
