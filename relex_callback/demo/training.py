@@ -14,13 +14,15 @@ def cpu_grpo_config(
     prompts_per_step: int = 2,
     generations: int = 8,
     temperature: float = 0.7,
+    **overrides: Any,
 ) -> Any:
     """A TRL ``GRPOConfig`` for the arithmetic task on CPU: ``prompts_per_step`` prompts × ``generations``
     completions of at most 16 tokens per optimizer step, constant learning rate, no KL term (β = 0), loss
-    "dapo", fp32, no checkpoints, a log line every step."""
+    "dapo", fp32, no checkpoints, a log line every step. ``overrides`` replace or add ``GRPOConfig`` fields
+    (for example ``save_strategy="steps"`` for a resumable run)."""
     from trl import GRPOConfig
 
-    return GRPOConfig(
+    settings: dict[str, Any] = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=prompts_per_step * generations,
         num_generations=generations,
@@ -40,3 +42,5 @@ def cpu_grpo_config(
         seed=seed,
         disable_tqdm=True,
     )
+    settings.update(overrides)
+    return GRPOConfig(**settings)

@@ -1,0 +1,103 @@
+"""The regime-map benchmark's resumable training (benchmarks/regime_map.py) on a tiny real model under TRL GRPO:
+a run stopped after a checkpoint and resumed ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from transformers import TrainerCallback  # noqa: E402
+
+from _tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+spec = importlib.util.spec_from_file_location("regime_map", ROOT / "benchmarks" / "regime_map.py")
+regime_map = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(regime_map)
+
+REGIME = dict(learning_rate=5e-3, prompts_per_step=2, generations=4, observe=2, last_step=6, eval_every=2,
+              max_operand=20, temperature=1.0, n_train=40)
+
+
+def loader():
+    tokenizer = tiny_tokenizer()
+    return tiny_llama(tokenizer=tokenizer), tokenizer
+
+
+def digit_reward(completions, **kwargs):
+    """A dense reward (share of digits in the completion), so the tiny model's weights always move."""
+    from relex_callback.demo import completion_text
+
+    texts = [completion_text(c) for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+
+class StopAt(TrainerCallback):
+    """Simulates a session that ends after ``step``: training stops there (the checkpoint of that step is written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+@pytest.fixture()
+def small_world(monkeypatch):
+    monkeypatch.setattr(regime_map, "HELDOUT", 8)
+    monkeypatch.setattr(regime_map, "SELECTION", 4)
+    monkeypatch.setattr(regime_map, "SAVE_EVERY", 2)
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path, small_world):
+    straight = regime_map.run_paths(tmp_path / "a", "tiny", 0, results_root=tmp_path / "ra")
+    resumed = regime_map.run_paths(tmp_path / "b", "tiny", 0, results_root=tmp_path / "rb")
+    theta0 = {n: p.detach().clone() for n, p in loader()[0].named_parameters()}
+
+    full = regime_map.train_run("tiny", REGIME, 0, straight, loader, reward=digit_reward)
+    first = regime_map.train_run("tiny", REGIME, 0, resumed, loader, callbacks=[StopAt(4)], reward=digit_reward)
+    stopped_at_4 = {n: p.detach().clone() for n, p in first.named_parameters()}
+    assert regime_map.latest_checkpoint(resumed["trainer"]).name == "checkpoint-4"
+    second = regime_map.train_run("tiny", REGIME, 0, resumed, loader, reward=digit_reward)
+
+    moved = sum(float((p.detach() - theta0[n]).abs().sum()) for n, p in full.named_parameters())
+    assert moved > 0  # the run trained: a negative control for the equality below
+    assert any(not torch.equal(stopped_at_4[n], p.detach()) for n, p in full.named_parameters())
+    for name, param in full.named_parameters():
+        assert torch.equal(param.detach(), dict(second.named_parameters())[name].detach()), name
+
+    # the results files agree record by record (last record per step), and the resumed run evaluated each step once
+    a, b = regime_map.read_records(straight["results"]), regime_map.read_records(resumed["results"])
+    real_a, real_b = regime_map.latest_by_step(a, "real"), regime_map.latest_by_step(b, "real")
+    assert sorted(real_a) == [0, 2, 4, 6] and {s: r["accuracy"] for s, r in real_a.items()} == {s: r["accuracy"] for s, r in real_b.items()}
+    assert [r["step"] for r in b if r["kind"] == "real"] == [0, 2, 4, 6]
+    train_a, train_b = regime_map.latest_by_step(a, "train"), regime_map.latest_by_step(b, "train")
+    assert [train_a[s]["reward"] for s in range(1, 7)] == [train_b[s]["reward"] for s in range(1, 7)]
+    # the window files hold Δ_t for t ≤ N and every evaluated step
+    names = sorted(p.name for p in straight["deltas"].glob("*.safetensors"))
+    assert names == [f"delta-{s:05d}.safetensors" for s in (1, 2, 4, 6)]
+    # a completed run is not trained again
+    assert regime_map.train_run("tiny", REGIME, 0, resumed, loader, reward=digit_reward) is None
+
+
+def test_changed_settings_are_refused(tmp_path, small_world):
+    paths = regime_map.run_paths(tmp_path / "s", "tiny", 0, results_root=tmp_path / "r")
+    regime_map.append_record(paths["results"], {**regime_map.settings_record("tiny", REGIME, 0), "theta0": "x"})
+    with pytest.raises(SystemExit, match="other settings"):
+        regime_map.train_run("tiny", {**REGIME, "learning_rate": 1e-3}, 0, paths, loader)
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    path = tmp_path / "r.jsonl"
+    regime_map.append_record(path, {"kind": "real", "step": 2, "accuracy": 0.5})
+    regime_map.append_record(path, {"kind": "real", "step": 2, "accuracy": 0.75})
+    with open(path, "a") as handle:
+        handle.write('{"kind": "real", "step": 4, "accu')
+    assert regime_map.latest_by_step(regime_map.read_records(path), "real") == {2: {"kind": "real", "step": 2, "accuracy": 0.75}}
