@@ -390,20 +390,21 @@ def bench_grpo_share(steps: int, snapshot_seconds_synthetic: float | None) -> di
 PREVIOUS_CHUNK = 1 << 24  # core's chunk size before the 1M-element CPU default
 
 
-def callback_for(buf: DeltaBuffer, targets: list[int]):
-    from relex_callback import RelexCallback
+def engine_for(buf: DeltaBuffer, targets: list[int]):
+    from relex_callback import RelexConfig
+    from relex_callback.engine import RelexEngine
 
-    cb = RelexCallback(observe=len(buf.steps), extrapolate_to=targets, save_model=False, buffer_dtype="bfloat16")
-    cb.buffer = buf
-    return cb
+    engine = RelexEngine(RelexConfig(observe=len(buf.steps), extrapolate_to=targets, save_model=False, buffer_dtype="bfloat16"))
+    engine.buffer = buf
+    return engine
 
 
 def fit_predict(buf: DeltaBuffer, targets: list[int]) -> dict[str, float]:
-    cb = callback_for(buf, targets)
+    engine = engine_for(buf, targets)
     t0 = time.perf_counter()
-    fit = cb.fit([float(t) for t in targets])
+    fit = engine.fit([float(t) for t in targets])
     t1 = time.perf_counter()
-    preds = cb.predict(fit)
+    preds = engine.predict(engine.candidates(fit))
     t2 = time.perf_counter()
     del preds, fit
     return {"fit": t1 - t0, "predict": t2 - t1, "total": t2 - t0}
@@ -635,7 +636,7 @@ def _malloc_trim() -> None:
 
 
 def measure_scaling_point(shapes, snapshots: int) -> dict[str, Any]:
-    import relex_callback.callback  # noqa: F401  (its imports, ~150 MiB of RSS, are not the fit's memory)
+    import relex_callback.trainers.transformers  # noqa: F401  (its imports, ~150 MiB of RSS, are not the fit's memory)
 
     gc.collect()
     _malloc_trim()

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .config import RelexConfig  # noqa: E402
-from .core import (  # noqa: E402
+from .math.core import (  # noqa: E402
     Subspace,
     Trend,
     backtest,
@@ -36,7 +36,7 @@ __all__ = [
 def __getattr__(name: str):
     # The callback needs transformers; import it only when asked for, so the core works without it.
     if name == "RelexCallback":
-        from .callback import RelexCallback
+        from .trainers.transformers import RelexCallback
 
         return RelexCallback
     raise AttributeError(f"module 'relex_callback' has no attribute {name!r}")

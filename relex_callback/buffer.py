@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .core import gram_matrix
+from .math.core import gram_matrix
 
 __all__ = ["TrackedTensor", "DeltaBuffer", "select_parameters", "host_available_bytes", "format_bytes"]
 

@@ -6,15 +6,20 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .core import POWER_GRID, TREND_KINDS
+from .options import (
+    BUFFER_DEVICES,
+    BUFFER_DTYPES,
+    JUMP_ANCHORS,
+    MODES,
+    OPTIMIZER_POLICIES,
+    POWER_GRID,
+    TREND_KINDS,
+    min_snapshots,
+    power_error,
+    shrink_error,
+)
 
 __all__ = ["RelexConfig", "BUFFER_DTYPES", "BUFFER_DEVICES", "MODES", "OPTIMIZER_POLICIES", "JUMP_ANCHORS", "POWER_GRID"]
-
-BUFFER_DTYPES = ("bfloat16", "float16", "float32")
-BUFFER_DEVICES = ("auto", "cpu", "param")
-MODES = ("halt", "jump")
-OPTIMIZER_POLICIES = ("keep", "reset")
-JUMP_ANCHORS = ("fit", "current")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -142,16 +147,12 @@ class RelexConfig:
             )
         if self.fit not in TREND_KINDS:
             raise ValueError(f"fit={self.fit!r} is not supported; use one of {TREND_KINDS}.")
-        if self.power == "auto":
-            if self.fit != "power":
-                raise ValueError(f"power='auto' selects the exponent of the power trend, but fit={self.fit!r}. Pass fit='power'.")
-        elif isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or not self.power > 0:
-            raise ValueError(
-                f"power={self.power!r} must be a number > 0 (1.0 is the paper's line, 0.5 a √t axis) or 'auto'."
-            )
+        problem = power_error(self.power, self.fit)
+        if problem:
+            raise ValueError(problem)
         if self.window is not None:
             self._check_int("window", minimum=2)
-        needed = self.rank + 1 if self.fit != "poly2" else max(self.rank + 1, 3)
+        needed = min_snapshots(self.rank, self.fit)
         if self.num_fit_snapshots < needed:
             raise ValueError(
                 f"observe={self.observe} with snapshot_every={self.snapshot_every}"
@@ -159,8 +160,9 @@ class RelexConfig:
                 + f" gives {self.num_fit_snapshots} snapshots to fit, too few for rank={self.rank} and fit={self.fit!r}: "
                 f"need at least {needed}. Increase observe (or the window) or lower rank."
             )
-        if isinstance(self.shrink, bool) or not isinstance(self.shrink, (int, float)) or not 0 < self.shrink <= 1:
-            raise ValueError(f"shrink={self.shrink!r} must be in (0, 1]; 1.0 keeps the full prediction.")
+        problem = shrink_error(self.shrink)
+        if problem:
+            raise ValueError(problem + ".")
         if self.buffer_dtype not in BUFFER_DTYPES:
             raise ValueError(f"buffer_dtype={self.buffer_dtype!r} is not supported; use one of {BUFFER_DTYPES}.")
         if self.buffer_device not in BUFFER_DEVICES:
@@ -192,7 +194,7 @@ class RelexConfig:
                 self._check_int(name, minimum=1)
         if self.max_snapshots is not None:
             self._check_int("max_snapshots", minimum=2)
-            needed = self.rank + 1 if self.fit != "poly2" else max(self.rank + 1, 3)
+            needed = min_snapshots(self.rank, self.fit)
             if self.max_snapshots < needed:
                 raise ValueError(
                     f"max_snapshots={self.max_snapshots} is too few for rank={self.rank} and fit={self.fit!r}: "

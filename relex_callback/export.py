@@ -1,4 +1,4 @@
-"""Atomic output directories, the JSON report and the model card."""
+"""Atomic output directories, JSON writing and the explained-variance summary."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["check_output_dir", "atomic_directory", "write_json", "write_model_card", "summarize_explained_variance"]
+__all__ = ["check_output_dir", "atomic_directory", "write_json", "summarize_explained_variance"]
 
 REPORT_NAME = "relex_report.json"
 
@@ -84,40 +84,3 @@ def summarize_explained_variance(values: list[float]) -> dict[str, float | int]:
         "at_least_0.95": sum(v >= 0.95 for v in values),
         "at_least_0.99": sum(v >= 0.99 for v in values),
     }
-
-
-def write_model_card(directory: str | os.PathLike, report: dict[str, Any]) -> None:
-    """A short README.md that says how the weights were made and how far to trust them."""
-    settings = report.get("settings", {})
-    ev = report.get("explained_variance", {})
-    bt = report.get("backtest") or {}
-    lines = [
-        "---",
-        "tags: [relex, rlvr, extrapolated]",
-        "---",
-        f"# RELEX extrapolation to step {report.get('target_step')}",
-        "",
-        "These weights were not trained to this step: they were predicted by RELEX (arXiv 2605.21468) from "
-        f"{len(report.get('observed_steps', []))} snapshots of steps {report.get('observed_steps', [None])[0]}"
-        f"–{report.get('observed_steps', [None])[-1]} with relex-callback, as θ_0 + ĉ(K)·v per tensor "
-        f"(rank {settings.get('rank')}, {settings.get('fit')} trend, shrink {settings.get('shrink')}).",
-        "",
-        f"- Horizon: {report.get('horizon_ratio', float('nan')):.2f}× the observed window.",
-        f"- Rank-{settings.get('rank')} explained variance: mean {ev.get('mean', float('nan')):.3f}, "
-        f"min {ev.get('min', float('nan')):.3f} over {ev.get('tensors', 0)} tensors.",
-    ]
-    if bt:
-        lines.append(
-            f"- Backtest: fitting the first {bt.get('num_fit')} snapshots and predicting the last one "
-            f"({bt.get('ratio', float('nan')):.2f}× out) missed by a relative distance of {bt.get('distance', float('nan')):.3f}; "
-            f"horizon supported at tolerance {settings.get('backtest_tolerance')}: {bt.get('supported_ratio', float('nan')):.2f}×."
-        )
-    for warning in report.get("warnings", []):
-        lines.append(f"- **Warning:** {warning}")
-    lines += [
-        "",
-        "Evaluate this model before you use it: in-window statistics do not guarantee the extrapolation holds.",
-        "Details: `relex_report.json`.",
-        "",
-    ]
-    Path(directory, "README.md").write_text("\n".join(lines))

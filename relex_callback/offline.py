@@ -45,7 +45,7 @@ from .checkpoints import (
     tied_output_embeddings,
     validate_trajectory,
 )
-from .core import (
+from .math.core import (
     gram_matrix,
     Subspace,
     Trend,
@@ -57,7 +57,8 @@ from .core import (
     reconstruction_weights,
     subspace_from_gram,
 )
-from .export import REPORT_NAME, atomic_directory, check_output_dir, summarize_explained_variance, write_json, write_model_card
+from .engine.report import write_model_card
+from .export import REPORT_NAME, atomic_directory, check_output_dir, summarize_explained_variance, write_json
 
 __all__ = [
     "FIT_KINDS",

@@ -201,7 +201,7 @@ def merged_delta_predictions(
     (or an adapter of that rank), not as a rank-r adapter. Extrapolating A and B separately instead
     (the default) gives s·B̂Â, which is quadratic in the step and stays a rank-r adapter.
     """
-    from .core import fit_trajectory, select_power
+    from .math.core import fit_trajectory, select_power
 
     steps = buffer.window_steps(window)
     grams, histories = [], {}

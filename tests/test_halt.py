@@ -9,51 +9,16 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer
 
+from _oracle import CaptureWeights, oracle
 from _tiny import tiny_llama, tiny_qwen2, tiny_tokenizer
 from relex_callback import RelexCallback
 from relex_callback.callback import STATE_FILE_NAME
-
-
-class CaptureWeights(TrainerCallback):
-    """Independent record of every trainable tensor at every optimizer step (fp32 clones)."""
-
-    def __init__(self):
-        self.weights = {}
-
-    def _grab(self, step, model):
-        self.weights[step] = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._grab(state.global_step, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._grab(state.global_step, model)
-
-
-def oracle(weights, base_step, steps, target, rank=1, round_to=None):
-    """θ_0 + Σ ĉ_i(K) v_i per tensor from torch.linalg.svd and np.polyfit on the real step numbers."""
-    out = {}
-    for name, base in weights[base_step].items():
-        m = torch.stack([(weights[s][name] - base).reshape(-1) for s in steps]).double()
-        if round_to is not None:
-            m = m.to(round_to).double()
-        pred = torch.zeros(m.shape[1], dtype=torch.float64)
-        if torch.count_nonzero(m):
-            _, s_vals, vh = torch.linalg.svd(m, full_matrices=False)
-            for i in range(rank):
-                if s_vals[i] <= 1e-6 * s_vals[0]:
-                    continue
-                c = (m @ vh[i]).numpy()
-                pred += float(np.polyval(np.polyfit(np.asarray(steps, float), c, 1), target)) * vh[i]
-        out[name] = (base.double().reshape(-1) + pred).reshape(base.shape)
-    return out
 
 
 def length_reward(completions, **kwargs):
@@ -120,10 +85,10 @@ def test_grpo_halt_writes_the_independent_prediction(tmp_path, tok, tie):
         assert report["horizon_ratio"] == pytest.approx(target / 6)
         assert report["settings"]["observe"] == 6
         assert report["buffer"]["bytes"] > 0
-        names = {t["name"] for t in report["tensors"]}
-        assert names == set(expected)
-        for entry in report["tensors"]:  # explained variance agrees with an independent SVD
-            m = torch.stack([(capture.weights[s][entry["name"]] - capture.weights[0][entry["name"]]).reshape(-1) for s in range(1, 7)]).double()
+        assert report["format"] == "relex-report/2" and report["producer"] == "halt"
+        assert set(report["tensors"]) == set(expected)
+        for name, entry in report["tensors"].items():  # explained variance agrees with an independent SVD
+            m = torch.stack([(capture.weights[s][name] - capture.weights[0][name]).reshape(-1) for s in range(1, 7)]).double()
             s_vals = torch.linalg.svdvals(m)
             ev = float(s_vals[0] ** 2 / (s_vals**2).sum()) if s_vals[0] > 0 else 0.0
             assert entry["explained_variance"] == pytest.approx(ev, abs=1e-6)

@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer
 
+from _oracle import CaptureWeights, max_diff, oracle
 from _tiny import tiny_qwen2, tiny_tokenizer
 from relex_callback import RelexCallback, RelexConfig
 from relex_callback.core import gram_matrix, select_power
@@ -22,59 +23,15 @@ from relex_callback.jump import JUMP_LOG_NAME, generation_period
 # -- independent observers --------------------------------------------------------------------------------------
 
 
-class Observe(TrainerCallback):
-    """Weights after each optimizer step but before any on_step_end (``pre``), and after every on_step_end of
-    the RelexCallback, which puts itself first (``post``); optionally the optimizer state at both points."""
-
-    def __init__(self, with_optimizer=False):
-        self.pre, self.post, self.opt_pre, self.opt_post, self.logs = {}, {}, {}, {}, []
-        self.with_optimizer = with_optimizer
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logs.append(dict(logs))
-
-    @staticmethod
-    def grab(model):
-        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    @staticmethod
-    def grab_optimizer(model, optimizer):
-        state = getattr(optimizer, "optimizer", optimizer).state
-        return {n: {k: v.detach().clone() for k, v in state[p].items()} for n, p in model.named_parameters() if p in state}
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.pre.setdefault(state.global_step, self.grab(model))
-
-    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.pre[state.global_step + 1] = self.grab(model)
-        if self.with_optimizer:
-            self.opt_pre[state.global_step + 1] = self.grab_optimizer(model, optimizer)
-
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.post[state.global_step] = self.grab(model)
-        if self.with_optimizer:
-            self.opt_post[state.global_step] = self.grab_optimizer(model, optimizer)
+def Observe(with_optimizer=False):
+    """Weights right after each optimizer step (``pre``) and after the RelexCallback's on_step_end (``post``: list
+    it after the RelexCallback; the callback no longer reorders the trainer's callbacks)."""
+    return CaptureWeights(pre=True, with_optimizer=with_optimizer, dtype=None)
 
 
 def oracle_jump(pre, base_step, steps, virtual, target):
-    """θ_0 + ĉ(target)·v per tensor: torch.linalg.svd of the stacked deltas, OLS line of c on ``virtual``."""
-    x = torch.tensor(virtual, dtype=torch.float64)
-    design = torch.stack([torch.ones_like(x), x], dim=1)
-    out = {}
-    for name, base in pre[base_step].items():
-        m = torch.stack([(pre[s][name].double() - base.double()).reshape(-1) for s in steps])
-        pred = torch.zeros(m.shape[1], dtype=torch.float64)
-        if torch.count_nonzero(m):
-            _, sv, vh = torch.linalg.svd(m, full_matrices=False)
-            c = m @ vh[0]
-            a, b = torch.linalg.lstsq(design, c[:, None]).solution[:, 0]
-            pred = (a + b * target) * vh[0]
-        out[name] = base.double() + pred.reshape(base.shape)
-    return out
-
-
-def max_diff(actual, expected):
-    return max(float((actual[n].double() - expected[n].double()).abs().max()) for n in expected)
+    """θ_0 + ĉ(target)·v per tensor: SVD of the stacked deltas, OLS line of c on the virtual steps."""
+    return oracle(pre, base_step, steps, target, x=virtual)
 
 
 def checksum(model):
@@ -119,7 +76,7 @@ def test_grpo_jumps_at_the_configured_steps_to_the_independent_prediction(tmp_pa
     relex = RelexCallback(
         mode="jump", observe=4, jump_every=3, jump_horizon=2, buffer_dtype="float32", max_snapshots=32, auto_horizon=False
     )
-    trainer = grpo(tmp_path, tok, [observe, relex], max_steps=11, reward=spy_reward, model=model)
+    trainer = grpo(tmp_path, tok, [relex, observe], max_steps=11, reward=spy_reward, model=model)
     trainer.train()
 
     history = relex.jump.history
@@ -177,7 +134,7 @@ def test_grpo_jump_waits_for_the_generation_boundary_and_bad_periods_are_refused
     model = tiny_qwen2(tokenizer=tok)
     observe = Observe()
     relex = RelexCallback(mode="jump", observe=4, jump_every=2, jump_horizon=2, buffer_dtype="float32", auto_horizon=False)
-    grpo(tmp_path, tok, [observe, relex], max_steps=8, reward=spy_reward, model=model, steps_per_generation=2).train()
+    grpo(tmp_path, tok, [relex, observe], max_steps=8, reward=spy_reward, model=model, steps_per_generation=2).train()
     assert [r["step"] for r in relex.jump.history] == [4, 6, 8]
     assert [g for g, _ in generations] == [0, 2, 4, 6]  # one generation every 2 optimizer steps
     for s in (4, 6):
@@ -193,7 +150,7 @@ def test_probe_rejection_restores_the_exact_weights_and_shrinks_the_horizon(tmp_
 
     observe = Observe()
     relex = RelexCallback(mode="jump", observe=3, jump_every=2, jump_horizon=4, probe=worse_after_jump, auto_horizon=False)
-    grpo(tmp_path, tok, [observe, relex], max_steps=7).train()
+    grpo(tmp_path, tok, [relex, observe], max_steps=7).train()
     history = relex.jump.history
     assert [r["step"] for r in history] == [3, 5, 7]
     assert [r["status"] for r in history] == ["rejected"] * 3
@@ -215,7 +172,7 @@ def test_probe_rejection_restores_the_exact_weights_and_shrinks_the_horizon(tmp_
 def test_backtest_cap_skips_a_jump_it_does_not_support(tmp_path, tok):
     observe = Observe()
     relex = RelexCallback(mode="jump", observe=4, jump_every=2, jump_horizon=4, backtest_tolerance=1e-9)
-    grpo(tmp_path, tok, [observe, relex], max_steps=6).train()
+    grpo(tmp_path, tok, [relex, observe], max_steps=6).train()
     assert [(r["status"], r["horizon_cap"]) for r in relex.jump.history] == [("skipped", 0), ("skipped", 0)]
     assert relex.jump.history[0]["backtest"]["distance"] > 0 and relex.jump.offset == 0
     for s in (4, 6):
@@ -314,7 +271,7 @@ def test_optimizer_policy_touches_exactly_the_jumped_parameters(tmp_path, policy
                           optimizer_policy=policy, auto_horizon=False, buffer_dtype="float32")
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=7, learning_rate=1e-2,
                              lr_scheduler_type="constant", use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
-    Trainer(model=Regress(), args=args, train_dataset=data, callbacks=[observe, relex]).train()
+    Trainer(model=Regress(), args=args, train_dataset=data, callbacks=[relex, observe]).train()
     assert [(r["step"], r["status"]) for r in relex.jump.history] == [(4, "accepted"), (7, "accepted")]
     for s in (4, 7):
         before, after = observe.opt_pre[s], observe.opt_post[s]
@@ -345,7 +302,7 @@ def test_current_anchor_adds_the_predicted_progress_to_the_current_weights(tmp_p
                           auto_horizon=False, buffer_dtype="float32")
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=5, learning_rate=1e-2,
                              lr_scheduler_type="constant", use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
-    Trainer(model=Regress(), args=args, train_dataset=regression_data(), callbacks=[observe, relex]).train()
+    Trainer(model=Regress(), args=args, train_dataset=regression_data(), callbacks=[relex, observe]).train()
     assert relex.jump.history[0]["status"] == "accepted" and relex.jump.history[0]["anchor"] == "current"
     x = torch.arange(1, 6, dtype=torch.float64)
     design = torch.stack([torch.ones_like(x), x], dim=1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from test_halt import CaptureWeights, oracle
+from _oracle import CaptureWeights, oracle
 from relex_callback import RelexCallback
 
 pytestmark = pytest.mark.smollm2
@@ -24,12 +24,6 @@ CHECKED = [
 ]
 
 
-class CaptureSome(CaptureWeights):
-    def _grab(self, step, model):
-        params = dict(model.named_parameters())
-        self.weights[step] = {n: params[n].detach().float().clone() for n in CHECKED}
-
-
 def test_grpo_on_smollm2_writes_the_independent_prediction(tmp_path):
     from trl import GRPOConfig, GRPOTrainer
 
@@ -37,7 +31,7 @@ def test_grpo_on_smollm2_writes_the_independent_prediction(tmp_path):
 
     model, tokenizer = load_smollm2()
     train, _ = split_train_heldout(n_train=64, n_heldout=0, seed=0, max_operand=20)
-    capture = CaptureSome()
+    capture = CaptureWeights(names=set(CHECKED))
     relex = RelexCallback(observe=3, extrapolate_to=9)
     args = GRPOConfig(
         output_dir=str(tmp_path),

@@ -1,0 +1,25 @@
+"""The framework-free RELEX engine: buffer, fit → candidates → predictions → report, load, trial.
+
+* :mod:`relex_callback.engine.engine`: :class:`RelexEngine`, the buffer placement rule and the saved state;
+* :mod:`relex_callback.engine.candidate`: :class:`Candidate` and :class:`TrendSpec`;
+* :mod:`relex_callback.engine.report`: the ``relex-report/2`` schema, its reader and the model card.
+"""
+
+from .candidate import Candidate, TrendSpec
+from .engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, BufferPlan, Probe, RelexEngine, plan_buffer, register_candidate_kind
+from .report import REPORT_FORMAT, read_report, upgrade_report
+
+__all__ = [
+    "Candidate",
+    "TrendSpec",
+    "RelexEngine",
+    "BufferPlan",
+    "Probe",
+    "plan_buffer",
+    "register_candidate_kind",
+    "STATE_FILE_NAME",
+    "STATE_FORMAT_VERSION",
+    "REPORT_FORMAT",
+    "read_report",
+    "upgrade_report",
+]

@@ -1,0 +1,471 @@
+"""`RelexEngine`: what RELEX does with a model's live weights, free of any training framework.
+
+The engine owns the delta buffer (its sizing, recording and saved state), the sequence fit → candidates →
+predictions → report, loading a prediction into the live weights, the trial of candidates under a probe with a
+bit-exact restore, and the refusal of non-finite numbers (agreed across processes through
+:mod:`relex_callback.distributed`). Trainer adapters (:mod:`relex_callback.trainers`) only decide *when* to call
+it; the offline CLI shares its report schema (:mod:`relex_callback.engine.report`) and the math
+(:mod:`relex_callback.math.core`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..buffer import DeltaBuffer, TrackedTensor, format_bytes, host_available_bytes, select_parameters
+from ..config import RelexConfig
+from ..distributed import (
+    all_reduce_grams,
+    all_reduce_sum,
+    communication_report,
+    is_main_process,
+    track_parameters,
+    world_info,
+    write_prediction,
+)
+from ..math.core import TrajectoryFit, combine, fit_trajectory, prediction_weights, select_power
+from ..options import BUFFER_DTYPES, TREND_KINDS
+from .candidate import Candidate, TrendSpec
+from .report import backtest_section, horizon_warning, new_report
+
+__all__ = ["RelexEngine", "BufferPlan", "Probe", "STATE_FILE_NAME", "STATE_FORMAT_VERSION", "state_file", "register_candidate_kind"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE_NAME = "relex_state.safetensors"
+STATE_FORMAT_VERSION = 1
+_RESUME_KEYS = ("start_step", "snapshot_every", "buffer_dtype", "include", "exclude")
+
+Probe = Callable[[torch.nn.Module], float]
+"""``probe(model) -> float``: higher is better (e.g. :class:`~relex_callback.probe.RewardProbe`)."""
+
+CandidateBuilder = Callable[["RelexEngine", TrajectoryFit, float], Candidate]
+_CANDIDATE_KINDS: dict[str, CandidateBuilder] = {}
+
+
+def register_candidate_kind(name: str, builder: CandidateBuilder) -> None:
+    """Make ``RelexEngine.candidates(fit, targets, kinds=(..., name))`` call ``builder(engine, fit, target)``.
+
+    A builder returns a :class:`Candidate` whose ``weights`` weigh the stored delta rows of ``fit`` (for
+    example weight α on the last row for θ_0 + α(θ_N − θ_0)); the engine predicts, trials and reports it
+    like an SVD candidate.
+    """
+    if name in TREND_KINDS or name == "svd":
+        raise ValueError(f"{name!r} is the built-in SVD trend family")
+    _CANDIDATE_KINDS[name] = builder
+
+
+def state_file(checkpoint_dir: Path) -> Path:
+    """This process's saved-state file in ``checkpoint_dir`` (one per rank when distributed)."""
+    rank, world = world_info()
+    if world == 1:
+        return checkpoint_dir / STATE_FILE_NAME
+    return checkpoint_dir / f"relex_state-rank{rank:05d}-of-{world:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """Where the delta buffer goes and whether it fits: ``needed`` and ``budget`` bytes on ``where``."""
+
+    device: str  # "param" or "cpu"
+    where: str  # "GPU" or "host"
+    needed: int
+    budget: int
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.budget
+
+
+def plan_buffer(config: RelexConfig, numels: Sequence[int], on_gpu: bool, gpu_free: int | None, host_free: int) -> BufferPlan:
+    """The buffer placement rule (pure): ``buffer_device`` "auto" takes the parameters' GPU when the buffer fits
+    half its free memory (or ``buffer_max_bytes``), else host memory within 80% of what is available."""
+    needed = DeltaBuffer.bytes_needed(numels, config.buffer_capacity, config.buffer_dtype)
+    gpu_budget = config.buffer_max_bytes
+    if on_gpu and config.buffer_device in ("auto", "param") and gpu_budget is None:
+        gpu_budget = (gpu_free or 0) // 2
+    host_budget = config.buffer_max_bytes if config.buffer_max_bytes is not None else int(0.8 * host_free)
+    device = config.buffer_device
+    if device == "auto":
+        device = "param" if on_gpu and needed <= gpu_budget else "cpu"
+    on_device = device == "param" and on_gpu
+    return BufferPlan(device=device, where="GPU" if on_device else "host", needed=needed,
+                      budget=gpu_budget if on_device else host_budget)
+
+
+class RelexEngine:
+    """RELEX on one model's live weights: buffer, fit, candidates, predictions, trials and reports.
+
+    Args:
+        config (`RelexConfig`): the settings (rank, trend, window, shrink, buffer, ...).
+    """
+
+    def __init__(self, config: RelexConfig) -> None:
+        self.config = config
+        self.buffer: DeltaBuffer | None = None
+        self.snapshot_seconds = 0.0
+
+    # -- the buffer -----------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """θ_0 has been captured (or restored)."""
+        return self.buffer is not None and bool(self.buffer.theta0)
+
+    @property
+    def tracked(self) -> list[TrackedTensor]:
+        return self.buffer.tracked if self.buffer is not None else []
+
+    def attach(self, model: torch.nn.Module) -> DeltaBuffer:
+        """Choose the tracked tensors of ``model`` (this process's slices), size and allocate the buffer."""
+        cfg = self.config
+        chosen = select_parameters(model, cfg.include, cfg.exclude)
+        if not chosen:
+            raise ValueError(
+                f"no parameter to track: none is a trainable floating-point tensor matching include={cfg.include} "
+                f"and not exclude={cfg.exclude}. Loosen include/exclude or unfreeze parameters."
+            )
+        tracked = track_parameters(model, chosen)  # one slice per process under DDP/FSDP/DeepSpeed
+        numels = [t.numel for t in tracked]
+        on_gpu = any(t.view().is_cuda for t in tracked)
+        gpu_free = torch.cuda.mem_get_info()[0] if on_gpu and cfg.buffer_device in ("auto", "param") and cfg.buffer_max_bytes is None else None
+        plan = plan_buffer(cfg, numels, on_gpu, gpu_free, host_available_bytes() if cfg.buffer_max_bytes is None else 0)
+        if not plan.fits:
+            raise MemoryError(self._budget_message(plan, numels))
+        logger.info(
+            "RELEX: tracking %d tensors (%s parameters); the delta buffer needs %s on %s (%d snapshots, %s)",
+            len(tracked), f"{sum(numels):,}", format_bytes(plan.needed), plan.where, cfg.buffer_capacity, cfg.buffer_dtype,
+        )
+        self.buffer = DeltaBuffer(tracked, cfg.buffer_capacity, cfg.buffer_dtype, plan.device)
+        return self.buffer
+
+    def _budget_message(self, plan: BufferPlan, numels: list[int]) -> str:
+        cfg = self.config
+        fits = []
+        for dtype in BUFFER_DTYPES:
+            for every in sorted({cfg.snapshot_every, cfg.snapshot_every * 2, cfg.snapshot_every * 5}):
+                if cfg.observe % every or cfg.observe // every < cfg.rank + 1:
+                    continue
+                if DeltaBuffer.bytes_needed(numels, cfg.observe // every, dtype) <= plan.budget:
+                    fits.append(f"buffer_dtype={dtype!r}, snapshot_every={every}")
+        hint = f" Settings that fit: {'; '.join(fits[:4])}." if fits else ""
+        other = " Or use buffer_device='cpu' (host memory)." if plan.where == "GPU" else ""
+        return (
+            f"the RELEX delta buffer needs {format_bytes(plan.needed)} but the {plan.where} budget is "
+            f"{format_bytes(plan.budget)} (buffer_max_bytes={cfg.buffer_max_bytes}).{hint}{other} You can also track "
+            f"fewer tensors with include/exclude, or raise buffer_max_bytes."
+        )
+
+    def capture_base(self, step: int) -> None:
+        self.buffer.capture_base()
+        logger.info("RELEX: captured θ_0 at step %d", step)
+
+    def record(self, step: float) -> None:
+        """Record Δ = θ − θ_0 of the live weights at (virtual) step ``step``."""
+        started = time.perf_counter()
+        self.buffer.record(step)
+        self.snapshot_seconds += time.perf_counter() - started
+
+    def make_room(self) -> str | None:
+        """Free one row of a full buffer before a record: drop the oldest row when the fit uses a rolling
+        ``window`` (returns ``"dropped_oldest"``), else keep every other row counted from the newest
+        (``"thinned"``: the caller doubles its recording interval). ``None`` when there was room."""
+        buffer = self.buffer
+        if len(buffer) < buffer.capacity:
+            return None
+        if self.config.window is not None:
+            buffer.drop_oldest(buffer.capacity - 1)
+            return "dropped_oldest"
+        buffer.keep_rows(range(len(buffer) - 1, -1, -2))
+        return "thinned"
+
+    # -- saved state ----------------------------------------------------------------------------------------
+
+    def save_state(self, checkpoint_dir: str | Path, metadata: dict[str, str] | None = None) -> Path:
+        """Write θ_0 and the recorded deltas of this process into ``checkpoint_dir`` (atomically)."""
+        path = state_file(Path(checkpoint_dir))
+        rank, world = world_info()
+        values = {
+            "format_version": str(STATE_FORMAT_VERSION),
+            "steps": json.dumps(self.buffer.steps),
+            "config": json.dumps(self.config.to_dict()),
+            "rank": str(rank),
+            "world_size": str(world),
+            **(metadata or {}),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(self.buffer.state_tensors(), str(tmp), metadata=values)
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def read_state_metadata(path: Path) -> dict[str, str]:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        version = int(metadata.get("format_version", "0"))
+        if version != STATE_FORMAT_VERSION:
+            raise ValueError(f"{path} has RELEX state format {version}; this version reads {STATE_FORMAT_VERSION}.")
+        return metadata
+
+    def load_state(self, path: Path, metadata: dict[str, str], up_to_step: float) -> None:
+        """Restore θ_0 and the snapshots recorded at steps ≤ ``up_to_step``; refuse a state written with other
+        settings that change what the buffer holds."""
+        saved = json.loads(metadata["config"])
+        for key in _RESUME_KEYS:
+            if saved.get(key) != getattr(self.config, key):
+                raise ValueError(
+                    f"{path} was written with {key}={saved.get(key)!r} but the callback now has "
+                    f"{key}={getattr(self.config, key)!r}; resume with the same setting."
+                )
+        steps = [s for s in json.loads(metadata["steps"]) if s <= up_to_step]
+        tensors = load_file(str(path))
+        tensors = {k: (v[: len(steps)] if k.startswith("deltas/") else v) for k, v in tensors.items()}
+        self.buffer.load_state_tensors(tensors, steps)
+        logger.info("RELEX: restored θ_0 and %d snapshots from %s", len(steps), path)
+
+    # -- fit and candidates ---------------------------------------------------------------------------------
+
+    def refuse_non_finite(self, bad: list[str], what: str) -> None:
+        """Raise on every process when any process found non-finite ``what`` (one all-reduce)."""
+        flags = all_reduce_sum(torch.tensor([float(len(bad))]))
+        if bad or float(flags) > 0:
+            raise FloatingPointError(
+                f"RELEX refuses to extrapolate: non-finite {what} in {bad[:10] or '(another process)'}"
+                f"{' ...' if len(bad) > 10 else ''}. Live weights and output directories were left untouched."
+            )
+
+    def fit(self, targets: Sequence[float], window: int | None = None, origin: float | None = None) -> TrajectoryFit:
+        """Fit every tracked tensor on the recorded ``window`` (Grams summed over processes)."""
+        cfg = self.config
+        names, grams = [], []
+        progress = tqdm(
+            self.buffer.grams(window), total=len(self.buffer.tracked), desc="RELEX fit", unit="tensor",
+            disable=len(self.buffer.tracked) < 64 or not is_main_process(), leave=False,
+        )
+        for item, gram in progress:
+            names.append(item.name)
+            grams.append(gram)
+        grams = all_reduce_grams(grams)  # summed Grams: the same on every process, so no all-reduce for the check
+        bad = [name for name, g in zip(names, grams, strict=True) if not bool(torch.isfinite(g).all())]
+        if bad:
+            raise FloatingPointError(
+                f"RELEX refuses to extrapolate: non-finite deltas in {bad[:10]}{' ...' if len(bad) > 10 else ''}. "
+                "Live weights and output directories were left untouched."
+            )
+        steps = self.buffer.window_steps(window)
+        origin = float(cfg.start_step if origin is None else origin)
+        power = cfg.power
+        if power == "auto":
+            power, distances = select_power(grams, steps, rank=cfg.rank, origin=origin)
+            logger.info("RELEX: power='auto' chose p=%.2f (backtest distance by p: %s)", power,
+                        {p: round(d, 4) for p, d in distances.items()})
+        return fit_trajectory(
+            list(zip(names, grams, strict=True)), steps, [float(t) for t in targets], rank=cfg.rank, kind=cfg.fit,
+            power=power, origin=origin,
+        )
+
+    def trend_spec(self, fit: TrajectoryFit, window: int | None) -> TrendSpec:
+        cfg = self.config
+        trend = fit.tensors[0].trend  # fit_trajectory refuses an empty model
+        return TrendSpec(kind=cfg.fit, rank=cfg.rank, power=trend.power, origin=trend.origin, window=window)
+
+    def candidate(
+        self, fit: TrajectoryFit, target: float, *, window: int | None = None, anchor: str = "fit",
+        start: float | None = None, shrink: float | None = None,
+    ) -> Candidate:
+        """The SVD-trend candidate of ``fit`` at ``target``.
+
+        ``anchor="fit"``: θ_0 + ĉ(target)·v (weights of ``fit`` when ``target`` is one of its targets);
+        ``anchor="current"``: the live weights plus ĉ(target) − ĉ(start) along v.
+        """
+        shrink = self.config.shrink if shrink is None else shrink
+        weights: dict[str, torch.Tensor] = {}
+        for tensor_fit in fit.tensors:
+            if anchor == "current":
+                step = tensor_fit.trend([float(target)]) - tensor_fit.trend([float(start)])
+                weights[tensor_fit.name] = prediction_weights(tensor_fit.subspace, step)[0]
+            elif float(target) in fit.targets:
+                weights[tensor_fit.name] = tensor_fit.weights[fit.targets.index(float(target))]
+            else:
+                weights[tensor_fit.name] = prediction_weights(tensor_fit.subspace, tensor_fit.trend([float(target)]))[0]
+        return Candidate(target=float(target), spec=self.trend_spec(fit, window), weights=weights, anchor=anchor,
+                         shrink=shrink, start=None if start is None else float(start))
+
+    def candidates(self, fit: TrajectoryFit, targets: Sequence[float] | None = None, *, window: int | None = None,
+                   kinds: Sequence[str] = ("svd",)) -> list[Candidate]:
+        """One candidate per target and kind: ``"svd"`` (the fitted trend) and any registered kind."""
+        targets = fit.targets if targets is None else targets
+        out = []
+        for kind in kinds:
+            for target in targets:
+                if kind == "svd":
+                    out.append(self.candidate(fit, target, window=window))
+                elif kind in _CANDIDATE_KINDS:
+                    out.append(_CANDIDATE_KINDS[kind](self, fit, float(target)))
+                else:
+                    raise ValueError(f"unknown candidate kind {kind!r}; registered: {['svd', *_CANDIDATE_KINDS]}")
+        return out
+
+    # -- predictions ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, candidates: Sequence[Candidate]) -> list[dict[str, torch.Tensor]]:
+        """θ̂ of each candidate for every tracked tensor (flat fp32, on the buffer device), one pass over the
+        buffer per tensor and window; refuses (on every process) when any value is non-finite."""
+        predictions: list[dict[str, torch.Tensor]] = [{} for _ in candidates]
+        bad: list[str] = []
+        by_window: dict[int | None, list[int]] = {}
+        for j, cand in enumerate(candidates):
+            by_window.setdefault(cand.spec.window, []).append(j)
+        for item in self.buffer.tracked:
+            name = item.name
+            base = self.buffer.theta0[name]
+            for window, members in by_window.items():
+                stacked = torch.stack([candidates[j].weights[name] for j in members])
+                moved = combine(self.buffer.stack(name, window), stacked)
+                for row, j in enumerate(members):
+                    predictions[j][name] = self._apply(candidates[j], item, base, moved[row])
+            if not all(bool(torch.isfinite(p[name]).all()) for p in predictions):
+                bad.append(name)
+        self.refuse_non_finite(bad, "predictions")
+        return predictions
+
+    @staticmethod
+    def _apply(cand: Candidate, item: TrackedTensor, base: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+        if cand.anchor == "current":
+            current = item.view().to(moved.device, torch.float32, copy=True)
+            return current.add_(moved, alpha=cand.shrink)
+        theta_hat = moved.add_(base)
+        if cand.shrink != 1.0:
+            current = item.view().to(theta_hat.device, torch.float32, copy=True)
+            theta_hat = current.add_(theta_hat.sub_(current), alpha=cand.shrink)
+        return theta_hat
+
+    @torch.no_grad()
+    def load(self, prediction: dict[str, torch.Tensor]) -> None:
+        """Write ``prediction`` (this process's slices) into the live weights; collective under DDP/FSDP/DeepSpeed."""
+        write_prediction(self.buffer.tracked, prediction)
+
+    @torch.no_grad()
+    def live_copy(self) -> dict[str, torch.Tensor]:
+        """Bit-exact copies of the tracked live weights (in the parameters' dtype), for :meth:`load`."""
+        return {item.name: item.view().detach().clone() for item in self.buffer.tracked}
+
+    # -- probes ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def score(probe: Probe, model: torch.nn.Module) -> float:
+        """``probe(model)`` averaged over processes, so every process takes the same decision."""
+        value = float(probe(model))
+        _, world = world_info()
+        if world == 1:
+            return value
+        return float(all_reduce_sum(torch.tensor([value], dtype=torch.float64))) / world
+
+    @torch.no_grad()
+    def trial(
+        self,
+        model: torch.nn.Module,
+        probe: Probe,
+        candidates: Sequence[Candidate],
+        predictions: Sequence[dict[str, torch.Tensor]],
+        choose: Callable[[float, list[float]], int | None],
+        keep_chosen: bool = True,
+        before: float | None = None,
+    ) -> tuple[float, int | None]:
+        """Score the live weights (unless ``before`` is given) and each prediction loaded in turn; set each
+        candidate's ``score``; pick ``choose(before, scores)``.
+
+        Afterwards the live weights are the chosen prediction when ``keep_chosen`` (the last one loaded is kept
+        as is), else the original weights restored bit for bit; they are restored as well when a probe raises.
+        Returns ``(before, chosen index or None)``.
+        """
+        before = self.score(probe, model) if before is None else before
+        saved = self.live_copy()
+        scores: list[float] = []
+        try:
+            for cand, prediction in zip(candidates, predictions, strict=True):
+                self.load(prediction)
+                cand.score = self.score(probe, model)
+                scores.append(cand.score)
+        except BaseException:
+            self.load(saved)  # never leave an unchecked prediction behind
+            raise
+        chosen = choose(before, scores)
+        if not (keep_chosen and chosen == len(predictions) - 1):
+            self.load(saved)  # bit-exact: the copies have the parameters' dtype
+            if keep_chosen and chosen is not None:
+                self.load(predictions[chosen])
+        return before, chosen
+
+    # -- reports --------------------------------------------------------------------------------------------
+
+    def horizon_ratio(self, target: float) -> float:
+        return (target - self.config.start_step) / self.config.observe
+
+    def report(self, fit: TrajectoryFit, candidate: Candidate, producer: str, **sections: Any) -> dict[str, Any]:
+        """The ``relex-report/2`` of ``candidate`` predicted from ``fit`` (a collective under DDP: all-reduces
+        the buffer size); target-horizon warnings are logged."""
+        cfg = self.config
+        ratio = self.horizon_ratio(candidate.target)
+        backtest = backtest_section(fit.backtest, cfg.backtest_tolerance)
+        warning = horizon_warning(candidate.target, ratio, backtest)
+        warnings = [warning] if warning else []
+        for text in warnings:
+            logger.warning("RELEX: %s", text)
+        shapes = {item.name: list(getattr(item, "full_shape", None) or item.param.shape) for item in self.buffer.tracked}
+        tensors = {
+            t.name: {
+                "shape": shapes.get(t.name, []),
+                "explained_variance": t.explained_variance,
+                "singular_values": t.subspace.eigenvalues[: max(cfg.rank, 5)].sqrt().tolist(),
+                "r_squared": t.r2.tolist(),
+                "coefficients": t.subspace.coefficients.T.tolist(),
+                "predicted_coefficient": t.trend([float(candidate.target)])[0].tolist(),
+            }
+            for t in fit.tensors
+        }
+        _, world = world_info()
+        window_steps = fit.steps
+        report = new_report(
+            producer,
+            target_step=int(candidate.target) if float(candidate.target).is_integer() else candidate.target,
+            targets=list(cfg.extrapolate_to or []),
+            horizon_ratio=ratio,
+            observed_steps=list(self.buffer.steps),
+            window_steps=window_steps,
+            settings=cfg.to_dict(),
+            explained_variance=[t.explained_variance for t in fit.tensors],
+            r_squared=[float(t.r2[0]) for t in fit.tensors if t.subspace.singular_values[0] > 0],
+            backtest=backtest,
+            tensors=tensors,
+            warnings=warnings,
+            candidate=candidate.describe(),
+            start_step=cfg.start_step,
+            buffer={
+                "bytes": self.buffer.nbytes,
+                "bytes_all_processes": int(all_reduce_sum(torch.tensor(float(self.buffer.nbytes), dtype=torch.float64))),
+                "dtype": cfg.buffer_dtype,
+                "device": str(self.buffer.device),
+                "world_size": world,
+            },
+            communication_bytes=communication_report(),
+            **sections,
+        )
+        candidate.report = report
+        return report
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)

@@ -1,0 +1,202 @@
+"""The one RELEX report schema, ``relex-report/2``, written by halt mode, jump mode and the offline CLI.
+
+Every report is a JSON object with these sections (``None`` or empty when they do not apply):
+
+* ``format`` (``"relex-report/2"``), ``producer`` (``"halt"``, ``"extrapolate"``, ``"reconstruct"``,
+  ``"report"``), ``relex_callback_version``, ``method``;
+* ``target_step``, ``targets``, ``horizon_ratio`` (target span / observed span), ``observed_steps``,
+  ``window_steps`` (the snapshots the trend is fitted on), ``settings``;
+* ``explained_variance`` and ``r_squared`` (summaries over tensors of σ₁²/Σσ² and of the trend's in-window R²);
+* ``backtest`` (:func:`backtest_section`), ``diagnostic`` (a window diagnostic, filled by who computes one),
+  ``warnings`` (list of str);
+* ``candidate`` (:meth:`Candidate.describe`), ``probe`` (scores when a probe chose among candidates);
+* ``tensors``: ``{name: {"shape", "explained_variance", "singular_values", "r_squared", ...}}``;
+* ``timings`` and producer-specific sections (``buffer``, ``bytes``, ``checkpoints``, ...).
+
+:func:`read_report` reads this format and upgrades the two older ones (the callback's unversioned report with
+``line_r2``/``r2`` and a list of tensors, and the CLI's ``relex-offline/1`` with ``command``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ..export import REPORT_NAME, summarize_explained_variance as summarize
+from ..math.core import Backtest
+
+__all__ = [
+    "REPORT_FORMAT",
+    "LEGACY_FORMATS",
+    "backtest_section",
+    "horizon_warning",
+    "new_report",
+    "report_metrics",
+    "upgrade_report",
+    "read_report",
+    "write_model_card",
+]
+
+REPORT_FORMAT = "relex-report/2"
+LEGACY_FORMATS = (None, "relex-offline/1")
+METHOD = "RELEX rank-r trajectory extrapolation (arXiv 2605.21468)"
+
+
+def backtest_section(backtest: Backtest | None, tolerance: float) -> dict[str, Any] | None:
+    """The report's ``backtest``: fit the first ``num_fit`` snapshots, predict the last (``ratio``× out), the
+    relative ``distance`` ||θ̂ − θ|| / ||θ − θ_0||, and the horizon ratio it supports at ``tolerance``."""
+    if backtest is None:
+        return None
+    return {"num_fit": backtest.num_fit, "ratio": backtest.ratio, "distance": backtest.distance,
+            "tolerance": tolerance, "supported_ratio": backtest.supported_ratio(tolerance)}
+
+
+def horizon_warning(target: float, ratio: float, section: dict[str, Any] | None) -> str | None:
+    """The warning for a target beyond the horizon the backtest supports (``None`` when it is within)."""
+    if section is None or not ratio > section["supported_ratio"]:
+        return None
+    return (
+        f"target step {target:g} is {ratio:.1f}x the observed window, but the backtest (fit the first "
+        f"{section['num_fit']} snapshots, predict the last, {section['ratio']:.1f}x out) missed by a relative distance "
+        f"of {section['distance']:.2f}, which supports about {section['supported_ratio']:.1f}x at backtest_tolerance="
+        f"{section['tolerance']}. Expect the prediction to drift from real training: use a nearer target, jump mode, "
+        "or a probe."
+    )
+
+
+def new_report(
+    producer: str,
+    *,
+    target_step: float | None,
+    targets: list[Any],
+    horizon_ratio: float | None,
+    observed_steps: list[Any],
+    window_steps: list[Any],
+    settings: dict[str, Any],
+    explained_variance: list[float],
+    r_squared: list[float],
+    backtest: dict[str, Any] | None,
+    tensors: dict[str, dict[str, Any]],
+    warnings: list[str] | None = None,
+    candidate: dict[str, Any] | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
+    """A ``relex-report/2`` object; ``sections`` add producer-specific keys (``buffer``, ``timings``, ...)."""
+    from .. import __version__
+
+    return {
+        "format": REPORT_FORMAT,
+        "producer": producer,
+        "relex_callback_version": __version__,
+        "method": METHOD,
+        "target_step": target_step,
+        "targets": list(targets),
+        "horizon_ratio": horizon_ratio,
+        "observed_steps": list(observed_steps),
+        "window_steps": list(window_steps),
+        "settings": settings,
+        "explained_variance": summarize(explained_variance),
+        "r_squared": summarize(r_squared),
+        "backtest": backtest,
+        "diagnostic": None,
+        "warnings": list(warnings or []),
+        "candidate": candidate,
+        "probe": None,
+        **sections,
+        "tensors": tensors,
+    }
+
+
+def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The ``relex/*`` scalars of a report for the trainer's loggers."""
+    ev, r2 = report["explained_variance"], report["r_squared"]
+    metrics = {
+        "relex/explained_variance_mean": ev.get("mean", math.nan),
+        "relex/explained_variance_min": ev.get("min", math.nan),
+        "relex/line_r2_mean": r2.get("mean", math.nan),
+        "relex/horizon_ratio": report["horizon_ratio"],
+        "relex/target_step": float(report["target_step"]),
+    }
+    if report["backtest"]:
+        metrics["relex/backtest_distance"] = report["backtest"]["distance"]
+        metrics["relex/backtest_supported_ratio"] = report["backtest"]["supported_ratio"]
+    return metrics
+
+
+def upgrade_report(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` in the ``relex-report/2`` layout; older reports are converted, unknown keys are kept."""
+    version = report.get("format")
+    if version == REPORT_FORMAT:
+        return report
+    if version not in LEGACY_FORMATS:
+        raise ValueError(f"unknown RELEX report format {version!r}; this version reads {REPORT_FORMAT} and {LEGACY_FORMATS[1:]}")
+    out = dict(report)
+    out["format"] = REPORT_FORMAT
+    out.pop("_target_index", None)
+    if version is None:  # the callback's first report
+        out["producer"] = "halt"
+        out["r_squared"] = out.pop("line_r2", {"tensors": 0})
+        tensors = out.get("tensors") or []
+        if isinstance(tensors, list):
+            out["tensors"] = {t["name"]: {**{k: v for k, v in t.items() if k not in ("name", "r2")},
+                                          "r_squared": t.get("r2")} for t in tensors}
+        out.setdefault("window_steps", out.get("observed_steps", []))
+    else:  # relex-offline/1
+        out["producer"] = out.pop("command", "extrapolate")
+        if "r_squared_in_window" in out and "r_squared" not in out:
+            out["r_squared"] = out.pop("r_squared_in_window")
+        out.setdefault("targets", out.get("target_steps", [out.get("target_step")]))
+    for key in ("r_squared", "backtest", "diagnostic", "candidate", "probe"):
+        out.setdefault(key, None if key != "r_squared" else {"tensors": 0})
+    out.setdefault("warnings", [])
+    return out
+
+
+def read_report(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``relex_report.json`` (a file or the model directory holding it), in the ``relex-report/2`` layout."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, REPORT_NAME)
+    with open(path) as handle:
+        return upgrade_report(json.load(handle))
+
+
+def write_model_card(directory: str | os.PathLike, report: dict[str, Any]) -> None:
+    """A short README.md that says how the weights were made and how far to trust them (any report format)."""
+    report = upgrade_report(report)
+    settings = report.get("settings", {})
+    ev = report.get("explained_variance", {})
+    bt = report.get("backtest") or {}
+    lines = [
+        "---",
+        "tags: [relex, rlvr, extrapolated]",
+        "---",
+        f"# RELEX extrapolation to step {report.get('target_step')}",
+        "",
+        "These weights were not trained to this step: they were predicted by RELEX (arXiv 2605.21468) from "
+        f"{len(report.get('observed_steps', []))} snapshots of steps {report.get('observed_steps', [None])[0]}"
+        f"–{report.get('observed_steps', [None])[-1]} with relex-callback, as θ_0 + ĉ(K)·v per tensor "
+        f"(rank {settings.get('rank')}, {settings.get('fit')} trend, shrink {settings.get('shrink')}).",
+        "",
+        f"- Horizon: {report.get('horizon_ratio', float('nan')):.2f}× the observed window.",
+        f"- Rank-{settings.get('rank')} explained variance: mean {ev.get('mean', float('nan')):.3f}, "
+        f"min {ev.get('min', float('nan')):.3f} over {ev.get('tensors', 0)} tensors.",
+    ]
+    if bt:
+        lines.append(
+            f"- Backtest: fitting the first {bt.get('num_fit')} snapshots and predicting the last one "
+            f"({bt.get('ratio', float('nan')):.2f}× out) missed by a relative distance of {bt.get('distance', float('nan')):.3f}; "
+            f"horizon supported at tolerance {settings.get('backtest_tolerance')}: {bt.get('supported_ratio', float('nan')):.2f}×."
+        )
+    for warning in report.get("warnings", []):
+        lines.append(f"- **Warning:** {warning}")
+    lines += [
+        "",
+        "Evaluate this model before you use it: in-window statistics do not guarantee the extrapolation holds.",
+        "Details: `relex_report.json`.",
+        "",
+    ]
+    Path(directory, "README.md").write_text("\n".join(lines))

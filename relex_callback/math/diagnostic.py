@@ -1,0 +1,355 @@
+"""The window diagnostic: how far can this observation window be extrapolated? Framework-free (torch only).
+
+Everything is computed from the per-tensor Gram matrices ``G = M Mᵀ`` of the observed deltas (rows Δ_t at
+steps ``x_t``, measured from the origin x_0 where Δ = 0), so it costs no pass over the weights and works
+on sharded tensors after the all-reduce of ``G``.
+
+Descriptive statistics of the window (``WindowDiagnostic``):
+
+* ``growth_exponent`` α: slope of log ||Δ_t|| on log (x_t − x_0). α ≈ 1 is drift (a straight path),
+  α ≈ 0.5 is diffusion (a random walk), and a line fitted to a diffusing window overshoots.
+* ``direction_stability``: |cos| between the top direction of the first half of the window and of the
+  whole window, per tensor (Gram-only: v_h·v = u_hᵀ G[:h, :] u / (σ_h σ)), averaged with weights numel.
+* ``noise_share``: 1 − the energy-weighted rank-r explained variance.
+* ``backtests``: refit on the first m snapshots and predict the last one, for m ≈ T/4, T/3, T/2.
+* ``still_steps``: snapshots that did not move from the previous one (zero-gradient or skipped updates).
+
+The supported horizon ``K_max`` comes from a two-part model of each tensor's per-step update,
+δ_i = drift_i + noise_i, with ||drift_i|| = a, drift directions decorrelating as cos(drift_i, drift_j) =
+ρ^|i−j| (ρ = e^{−1/τ}, τ the coherence time in steps; τ = ∞ is a straight path) and independent noise of
+squared norm s² per step. Its Gram is
+
+    E[Δ_a · Δ_b] = a² S_ρ(a, b) + s² min(a, b),   S_ρ(a, b) = Σ_{i ≤ a} Σ_{j ≤ b} ρ^|i−j|,
+
+fitted per tensor to the observed ``G`` (τ on a grid, a² and s² by non-negative least squares on the
+normalised entries G_ab / √(G_aa G_bb)). A predictor that is a weighted sum of the stored deltas,
+Δ̂(K) = Σ_t w_t Δ_t (every trend of :mod:`.core`, and θ_0 + α(θ_N − θ_0)), then has the expected error
+
+    ||Δ̂(K) − Δ_K||² = wᵀ G w − 2 wᵀ E[M Δ_K] + E||Δ_K||²,
+
+with the first term exact and the other two from the model. ``K_max`` is the last K (on a grid of ratios
+of the window's span) before the whole-model relative distance sqrt(Σ err² / Σ E||Δ_K||²) exceeds the
+tolerance. A reader can check it by hand from the reported per-step drift, noise and τ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .core import backtest, fit_trajectory, subspace_from_gram
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "MAX_RATIO",
+    "MIN_SNAPSHOTS",
+    "TrajectoryModel",
+    "WindowDiagnostic",
+    "diagnose_window",
+    "fit_trajectory_model",
+    "trend_predictor",
+    "model_cross_gram",
+    "predicted_distances",
+    "ratio_grid",
+]
+
+DEFAULT_TOLERANCE = 0.75
+"""Relative distance ||θ̂(K) − θ(K)|| / ||θ(K) − θ_0|| beyond which a target counts as unsupported."""
+MAX_RATIO = 50.0
+"""Largest horizon the estimator reports, as a multiple of the window's span (larger answers are capped)."""
+MIN_SNAPSHOTS = 4
+"""Fewest distinct snapshots from which the diagnostic estimates a horizon; below it K_max = N."""
+_TAU_GRID = tuple(2.0 ** (k / 2) for k in range(-2, 25)) + (math.inf,)  # 0.5 ... 4096 steps, and ∞
+_STILL_RTOL = 1e-10
+
+
+def ratio_grid(max_ratio: float = MAX_RATIO, per_octave: int = 8) -> list[float]:
+    """Horizon ratios K/N from 1 to ``max_ratio``, ``per_octave`` points per doubling."""
+    count = int(math.ceil(math.log2(max_ratio) * per_octave))
+    return [min(max_ratio, 2.0 ** (k / per_octave)) for k in range(count + 1)]
+
+
+def _coherent_sum(a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """S_ρ(a, b) = Σ_{i≤a} Σ_{j≤b} ρ^|i−j| for real a, b ≥ 0 (broadcast), fp64; ρ = 1 gives a·b."""
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    straight = lo * hi
+    one_minus = (1.0 - rho).clamp_min(1e-300)
+    rho_lo = rho.pow(lo)
+    diagonal = lo * (1.0 + rho) / one_minus - 2.0 * rho * (1.0 - rho_lo) / one_minus**2
+    off = rho * (1.0 - rho_lo) / one_minus * (1.0 - rho.pow(hi - lo)) / one_minus
+    return torch.where(rho >= 1.0, straight, diagonal + off)
+
+
+@dataclass(frozen=True)
+class TrajectoryModel:
+    """Per-tensor fit of the drift + noise model: ``drift_sq`` a², ``noise_sq`` s² (per step), ``tau`` τ
+    (steps; ``inf`` for a straight path) and the relative residual of the fit; all ``[n]`` fp64."""
+
+    drift_sq: torch.Tensor
+    noise_sq: torch.Tensor
+    tau: torch.Tensor
+    residual: torch.Tensor
+
+    def gram(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """E[Δ_a · Δ_b] ``[n, len(a), len(b)]`` at elapsed steps ``a`` and ``b``."""
+        rho = torch.exp(-1.0 / self.tau)[:, None, None]
+        aa, bb = a.to(torch.float64)[None, :, None], b.to(torch.float64)[None, None, :]
+        return self.drift_sq[:, None, None] * _coherent_sum(aa, bb, rho) + self.noise_sq[:, None, None] * torch.minimum(aa, bb)
+
+    def summary(self, weights: torch.Tensor) -> dict[str, float]:
+        """Aggregates over tensors (``weights`` e.g. each tensor's energy): per-step drift and noise norms
+        (root of the summed squares), the drift share a²/(a² + s²) and the weighted median τ."""
+        drift, noise = float(self.drift_sq.sum()), float(self.noise_sq.sum())
+        order = torch.argsort(self.tau)
+        cumulative = torch.cumsum(weights[order], 0)
+        median = float(self.tau[order][int(torch.searchsorted(cumulative, cumulative[-1] / 2).clamp_max(len(order) - 1))])
+        return {
+            "drift_per_step": math.sqrt(drift),
+            "noise_per_step": math.sqrt(noise),
+            "drift_share": drift / (drift + noise) if drift + noise > 0 else 0.0,
+            "coherence_steps": median,
+        }
+
+
+def fit_trajectory_model(grams: torch.Tensor, elapsed: torch.Tensor, tau_grid: Sequence[float] = _TAU_GRID) -> TrajectoryModel:
+    """Fit a², s² and τ of every tensor to its Gram ``[n, T, T]`` at elapsed steps ``elapsed`` (x_t − x_0)."""
+    g = grams.detach().to(device="cpu", dtype=torch.float64)
+    x = elapsed.to(torch.float64)
+    n, t = g.shape[0], x.numel()
+    diag = torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(0.0)
+    scale = (diag[:, :, None] * diag[:, None, :]).sqrt()
+    mask = (scale > 0).to(torch.float64)
+    inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-300), torch.zeros_like(scale))
+    target = (g * inv).reshape(n, -1)
+    noise_basis = (torch.minimum(x[:, None], x[None, :])[None] * inv).reshape(n, -1)
+    best_res = torch.full((n,), math.inf, dtype=torch.float64)
+    best = torch.zeros(n, 3, dtype=torch.float64)
+    for tau in tau_grid:
+        rho = torch.tensor(math.exp(-1.0 / tau) if math.isfinite(tau) else 1.0, dtype=torch.float64)
+        drift_basis = (_coherent_sum(x[:, None], x[None, :], rho)[None] * inv).reshape(n, -1)
+        coef = _nnls2(drift_basis, noise_basis, target)
+        res = ((coef[:, :1] * drift_basis + coef[:, 1:] * noise_basis - target) ** 2).sum(-1)
+        better = res < best_res
+        best_res = torch.where(better, res, best_res)
+        best = torch.where(better[:, None], torch.cat([coef, torch.full((n, 1), tau, dtype=torch.float64)], 1), best)
+    count = mask.reshape(n, -1).sum(-1).clamp_min(1.0)
+    return TrajectoryModel(drift_sq=best[:, 0], noise_sq=best[:, 1], tau=best[:, 2], residual=(best_res / count).sqrt())
+
+
+def _nnls2(p: torch.Tensor, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Non-negative least squares y ≈ α p + β q per row ``[n, m]``; returns ``[n, 2]`` (α, β ≥ 0)."""
+    pp, qq, pq = (p * p).sum(-1), (q * q).sum(-1), (p * q).sum(-1)
+    py, qy = (p * y).sum(-1), (q * y).sum(-1)
+    det = pp * qq - pq * pq
+    safe = det.abs() > 1e-300
+    alpha = torch.where(safe, (qq * py - pq * qy) / torch.where(safe, det, torch.ones_like(det)), torch.zeros_like(det))
+    beta = torch.where(safe, (pp * qy - pq * py) / torch.where(safe, det, torch.ones_like(det)), torch.zeros_like(det))
+    only_p = (py / pp.clamp_min(1e-300)).clamp_min(0.0)
+    only_q = (qy / qq.clamp_min(1e-300)).clamp_min(0.0)
+    res_p = ((only_p[:, None] * p - y) ** 2).sum(-1)
+    res_q = ((only_q[:, None] * q - y) ** 2).sum(-1)
+    ok = safe & (alpha >= 0) & (beta >= 0)
+    one_p = torch.stack([only_p, torch.zeros_like(only_p)], -1)
+    one_q = torch.stack([torch.zeros_like(only_q), only_q], -1)
+    fallback = torch.where((res_p <= res_q)[:, None], one_p, one_q)
+    return torch.where(ok[:, None], torch.stack([alpha, beta], -1), fallback)
+
+
+def trend_predictor(grams: torch.Tensor, steps: Sequence[float], rank: int = 1, kind: str = "linear",
+                    power: float = 1.0, origin: float = 0.0) -> Callable[[list[float]], torch.Tensor]:
+    """The predictor of :func:`.core.fit_trajectory` on these Grams: targets -> weights ``[n, k, T]``."""
+    named = [(str(i), g) for i, g in enumerate(grams)]
+
+    def weights(targets: list[float]) -> torch.Tensor:
+        fit = fit_trajectory(named, steps, targets, rank=rank, kind=kind, power=power, origin=origin)
+        return torch.stack([tf.weights for tf in fit.tensors])
+
+    return weights
+
+
+def model_cross_gram(model: TrajectoryModel, elapsed: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E[M Δ_K] [n, T, k], E||Δ_K||² [n, k])`` for elapsed target steps ``targets``."""
+    cross = model.gram(elapsed, targets)
+    future = torch.diagonal(model.gram(targets, targets), dim1=-2, dim2=-1)
+    return cross, future
+
+
+def predicted_distances(
+    grams: torch.Tensor, elapsed: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, model: TrajectoryModel
+) -> torch.Tensor:
+    """Whole-model expected relative distance at each target: ``weights`` ``[n, k, T]`` give Δ̂(K_j) = w_j M
+    per tensor; returns ``[k]`` fp64."""
+    g = grams.detach().to(device="cpu", dtype=torch.float64)
+    w = weights.to(torch.float64)
+    cross, future = model_cross_gram(model, elapsed, targets)
+    pred_sq = ((w @ g) * w).sum(-1)  # [n, k]
+    dot = (w * cross.transpose(-1, -2)).sum(-1)  # [n, k]
+    err = (pred_sq - 2.0 * dot + future).clamp_min(0.0).sum(0)
+    total = future.sum(0)
+    return torch.where(total > 0, (err / total.clamp_min(1e-300)).sqrt(), torch.full_like(total, math.inf))
+
+
+@dataclass
+class WindowDiagnostic:
+    """What the observation window says about extrapolating it (see the module docstring).
+
+    ``supported_step`` is K_max as a global step; ``supported_ratio`` = (K_max − x_0) / (x_N − x_0).
+    ``distance_curve`` maps horizon ratios to the model's expected distance for the configured predictor.
+    """
+
+    num_snapshots: int
+    distinct_snapshots: int
+    still_steps: list[float]
+    growth_exponent: float | None
+    direction_stability: float | None
+    noise_share: float | None
+    backtests: list[dict[str, float]]
+    model: dict[str, float]
+    tolerance: float
+    supported_ratio: float
+    supported_step: float
+    distance_curve: dict[float, float]
+    zero_std_fraction: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "num_snapshots": self.num_snapshots,
+            "distinct_snapshots": self.distinct_snapshots,
+            "still_steps": self.still_steps,
+            "growth_exponent": self.growth_exponent,
+            "direction_stability": self.direction_stability,
+            "noise_share": self.noise_share,
+            "backtests": self.backtests,
+            "model": self.model,
+            "tolerance": self.tolerance,
+            "supported_ratio": self.supported_ratio,
+            "supported_step": self.supported_step,
+            "distance_curve": {f"{r:.4g}": d for r, d in self.distance_curve.items()},
+            "zero_std_fraction": self.zero_std_fraction,
+            "warnings": list(self.warnings),
+        }
+
+    def summary_line(self) -> str:
+        alpha = "n/a" if self.growth_exponent is None else f"{self.growth_exponent:.2f}"
+        stab = "n/a" if self.direction_stability is None else f"{self.direction_stability:.2f}"
+        return (f"supported horizon K_max = step {self.supported_step:g} ({self.supported_ratio:.2f}x the window, "
+                f"distance ≤ {self.tolerance:g}); growth exponent {alpha}, direction stability {stab}, "
+                f"drift share {self.model.get('drift_share', float('nan')):.2f}")
+
+
+def _growth_exponent(norms: torch.Tensor, elapsed: torch.Tensor) -> float | None:
+    keep = (norms > 0) & (elapsed > 0)
+    if int(keep.sum()) < 2:
+        return None
+    lx, ly = elapsed[keep].log(), norms[keep].log()
+    lx = lx - lx.mean()
+    denom = float((lx * lx).sum())
+    return float((lx * (ly - ly.mean())).sum()) / denom if denom > 0 else None
+
+
+def _direction_stability(g: torch.Tensor, numels: torch.Tensor) -> float | None:
+    t = g.shape[-1]
+    half = (t + 1) // 2
+    if half < 2:
+        return None
+    full = subspace_from_gram(g, 1)
+    first = subspace_from_gram(g[:, :half, :half], 1)
+    s_full, s_half = full.singular_values[:, 0], first.singular_values[:, 0]
+    dot = (first.left[:, :, 0][:, None, :] @ g[:, :half, :] @ full.left[:, :, :1])[:, 0, 0]
+    moved = (s_full > 0) & (s_half > 0)
+    if not bool(moved.any()):
+        return None
+    cos = (dot / (s_full * s_half).clamp_min(1e-300)).abs().clamp_max(1.0)
+    w = numels.to(torch.float64) * moved
+    return float((cos * w).sum() / w.sum())
+
+
+def diagnose_window(
+    grams: torch.Tensor,
+    steps: Sequence[float],
+    origin: float,
+    numels: Sequence[int],
+    predictor: Callable[[list[float]], torch.Tensor],
+    *,
+    rank: int = 1,
+    tolerance: float = DEFAULT_TOLERANCE,
+    max_ratio: float = MAX_RATIO,
+    zero_std_fraction: float | None = None,
+    backtest_kind: str = "linear",
+    backtest_power: float = 1.0,
+) -> WindowDiagnostic:
+    """Diagnose a window from the per-tensor Grams ``[n, T, T]`` at global ``steps`` with θ_0 at ``origin``.
+
+    ``predictor(targets)`` returns the weights ``[n, len(targets), T]`` of the predictor whose horizon is
+    estimated (for the paper's method: the rank-1 line fitted on this window). ``zero_std_fraction`` is
+    the trainer's mean share of prompt groups with zero reward variance over the window (GRPO), if known.
+    """
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    g = grams.detach().to(device="cpu", dtype=torch.float64)
+    x = torch.as_tensor(list(steps), dtype=torch.float64)
+    elapsed = x - float(origin)
+    span = float(elapsed[-1]) if elapsed.numel() else 0.0
+    sizes = torch.as_tensor(list(numels), dtype=torch.float64)
+    num = int(x.numel())
+    warnings: list[str] = []
+
+    diag = torch.diagonal(g, dim1=-2, dim2=-1).sum(0)  # ||Δ_t||², whole model
+    prev = torch.cat([torch.zeros(1, dtype=torch.float64), diag[:-1]])
+    cross_prev = torch.cat([torch.zeros(1, dtype=torch.float64), torch.diagonal(g.sum(0), offset=1)])
+    increment_sq = (diag - 2.0 * cross_prev + prev).clamp_min(0.0)  # ||Δ_t − Δ_{t−1}||²
+    scale = float(increment_sq.max()) if num else 0.0
+    still = [float(s) for s, inc in zip(x.tolist(), increment_sq.tolist()) if inc <= _STILL_RTOL * max(scale, 1e-300)]
+    distinct = num - len(still)
+    if still:
+        warnings.append(f"{len(still)} of {num} snapshots did not move from the previous one (steps "
+                        f"{', '.join(f'{s:g}' for s in still[:8])}{', ...' if len(still) > 8 else ''}): zero-gradient "
+                        "or skipped updates; the window is shorter than it looks")
+    if zero_std_fraction is not None and zero_std_fraction > 0.5:
+        warnings.append(f"{zero_std_fraction:.0%} of prompt groups had zero reward variance in the window: the "
+                        "effective batch is small, so the window is noisy; raise the completions per step or the window")
+
+    growth = _growth_exponent(diag.sqrt(), elapsed) if num else None
+    stability = _direction_stability(g, sizes) if num >= 4 else None
+    total = float(torch.linalg.eigvalsh(g).clamp_min(0).sum()) if num else 0.0
+    top = float(subspace_from_gram(g, rank).eigenvalues[:, :rank].sum()) if num else 0.0
+    noise_share = 1.0 - top / total if total > 0 else None
+    backtests = []
+    for m in sorted({max(2, round(num / 4)), max(2, round(num / 3)), max(2, (num + 1) // 2)}):
+        if m < num and m >= 2:
+            bt = backtest(list(g), x, rank=rank, kind=backtest_kind, power=backtest_power, origin=float(origin), num_fit=m)
+            if bt is not None:
+                backtests.append({"num_fit": m, "ratio": bt.ratio, "distance": bt.distance})
+
+    ratios = ratio_grid(max_ratio)
+    curve: dict[float, float] = {}
+    model_summary: dict[str, float] = {}
+    supported = 1.0
+    if distinct < MIN_SNAPSHOTS or span <= 0 or total <= 0:
+        warnings.append(f"only {distinct} distinct snapshot(s); at least {MIN_SNAPSHOTS} are needed to estimate a "
+                        "horizon, so none is supported beyond the window (K_max = N)")
+    else:
+        model = fit_trajectory_model(g, elapsed)
+        energy = torch.diagonal(g, dim1=-2, dim2=-1)[:, -1]
+        model_summary = {**model.summary(energy), "fit_residual": float((model.residual * energy).sum() / energy.sum())}
+        targets = [float(origin) + r * span for r in ratios]
+        dist = predicted_distances(g, elapsed, torch.tensor(ratios, dtype=torch.float64) * span, predictor(targets), model)
+        curve = {r: float(d) for r, d in zip(ratios, dist)}
+        for r, d in zip(ratios, dist.tolist()):
+            if r > 1.0 and d > tolerance:
+                break
+            supported = r
+        if supported >= max_ratio:
+            warnings.append(f"the model supports every horizon up to the cap of {max_ratio:g}x; K_max is capped there")
+        if growth is not None and growth < 0.65 and supported > 2.0:
+            warnings.append(f"the displacement grows like t^{growth:.2f} (diffusion-like); treat horizons beyond 2x with care")
+    return WindowDiagnostic(
+        num_snapshots=num, distinct_snapshots=distinct, still_steps=still, growth_exponent=growth,
+        direction_stability=stability, noise_share=noise_share, backtests=backtests, model=model_summary,
+        tolerance=float(tolerance), supported_ratio=float(supported), supported_step=float(origin) + supported * span,
+        distance_curve=curve, zero_std_fraction=zero_std_fraction, warnings=warnings,
+    )

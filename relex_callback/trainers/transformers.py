@@ -1,0 +1,425 @@
+"""`RelexCallback`: a thin transformers/TRL adapter around the delta buffer and the RELEX core."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import weakref
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState, TrainerControl, TrainerState
+from transformers.training_args import TrainingArguments
+
+from ..config import RelexConfig
+from ..distributed import gather_state_dict, is_main_process, unwrap_model, world_info
+from ..engine.candidate import Candidate
+from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, state_file
+from ..engine.report import report_metrics, write_model_card
+from ..export import REPORT_NAME, atomic_directory, check_output_dir, write_json
+from ..math.core import TrajectoryFit
+from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
+from ..probe import choose_candidate
+from .jump import JumpController
+
+__all__ = ["RelexCallback", "STATE_FILE_NAME", "STATE_FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+
+class RelexCallback(TrainerCallback, ExportableState):
+    """Observe the first steps of training, fit RELEX's rank-1 trajectory and extrapolate.
+
+    In halt mode the callback captures θ_0 at ``start_step``, records Δ_t = θ_t − θ_0 for the next
+    ``observe`` optimizer steps, then fits the per-tensor rank-r subspace and coefficient trend, writes one
+    Hugging Face model directory ``{output_dir}/relex-step{K}`` per target K, stops training, and leaves the
+    extrapolated weights (of the last target) in the live model when ``train()`` returns.
+
+    In jump mode (``mode="jump"``) training continues and the live weights are moved ``jump_horizon`` steps
+    ahead along the fitted trajectory at step ``start_step + observe`` and every ``jump_every`` steps after it
+    (:class:`~relex_callback.trainers.jump.JumpController`, ``docs/jump-mode.md``). The callback only decides
+    *when*; :class:`~relex_callback.engine.RelexEngine` does the work.
+
+    Args:
+        config (`RelexConfig` or `dict`, *optional*): the settings; keyword arguments override its fields.
+        probe (`Callable[[torch.nn.Module], float]`, *optional*): scores a model, higher is better (e.g.
+            :class:`~relex_callback.probe.RewardProbe`). Jump mode rejects a jump that lowers the score by more
+            than ``probe_tolerance``; halt mode with several targets loads the best one, never one below the
+            current weights unless ``allow_worse=True``. Not saved in checkpoints: a callback rebuilt by
+            transformers from ``trainer_state.json`` takes the probe of the callback it replaces.
+        **options: any :class:`RelexConfig` field, e.g. ``observe=50, extrapolate_to=1000``.
+
+    Example:
+
+    ```python
+    from relex_callback import RelexCallback
+
+    trainer = GRPOTrainer(..., callbacks=[RelexCallback(observe=50, extrapolate_to=1000)])
+    trainer.train()  # stops after step 50; writes out/relex-step1000/
+    ```
+
+    Resuming: the callback writes ``relex_state.safetensors`` into every ``checkpoint-N/`` and reloads it on
+    ``trainer.train(resume_from_checkpoint=...)``; its JSON state also goes into ``trainer_state.json``.
+    """
+
+    _instances: list[weakref.ref] = []
+
+    def __init__(
+        self, config: RelexConfig | dict | None = None, *, probe: Probe | None = None, _from_state: bool = False, **options: Any
+    ) -> None:
+        if probe is not None and not callable(probe):
+            raise TypeError(f"probe must be a callable probe(model) -> float, got {type(probe).__name__} ({probe!r:.80}).")
+        if config is None:
+            config = RelexConfig(**options)
+        elif isinstance(config, dict):
+            config = RelexConfig.from_dict({**config, **options})
+        elif isinstance(config, RelexConfig):
+            config = replace(config, **options) if options else config
+        else:
+            raise TypeError(f"config must be a RelexConfig or a dict, got {type(config).__name__}.")
+        self.engine = RelexEngine(config)
+        self.last_fit: TrajectoryFit | None = None
+        self.candidates: list[Candidate] = []
+        self.written_dirs: dict[int, Path] = {}
+        self.loaded_target: int | None = None
+        self._final_weights: dict[str, torch.Tensor] | None = None
+        self._pending_metrics: dict[str, float] = {}
+        self._trainer: weakref.ref | None = None
+        self._halted = False
+        self.probe: Probe | None = probe
+        self.probe_scores: dict[str, float] = {}
+        self.jump: JumpController | None = JumpController(config) if config.mode == "jump" else None
+        self._jump_state: dict[str, Any] | None = None
+        if probe is None and _from_state:
+            self.probe = self._adopt_probe()
+        RelexCallback._instances = [r for r in RelexCallback._instances if r() is not None] + [weakref.ref(self)]
+
+    @property
+    def config(self) -> RelexConfig:
+        return self.engine.config
+
+    @config.setter
+    def config(self, value: RelexConfig) -> None:
+        self.engine.config = value
+
+    @property
+    def buffer(self):
+        """The engine's delta buffer (``None`` before training begins)."""
+        return self.engine.buffer
+
+    @property
+    def reports(self) -> dict[int, dict[str, Any]]:
+        """The halt-mode report of each target step."""
+        return {int(c.target): c.report for c in self.candidates if c.report is not None}
+
+    @property
+    def _snapshot_seconds(self) -> float:  # restored from trainer_state.json by transformers' from_state
+        return self.engine.snapshot_seconds
+
+    @_snapshot_seconds.setter
+    def _snapshot_seconds(self, value: float) -> None:
+        self.engine.snapshot_seconds = float(value)
+
+    def _adopt_probe(self) -> Probe | None:
+        """The probe of the newest live callback with the same config (else the newest with a probe).
+
+        transformers' ``_load_callback_state`` (``restore_callback_states_from_checkpoint=True``) replaces each
+        callback by ``type(cb)(**state["args"])``; a probe cannot travel through ``trainer_state.json``.
+        """
+        live = [cb for cb in (r() for r in reversed(RelexCallback._instances)) if cb is not None and cb.probe is not None]
+        same = [cb for cb in live if cb.config == self.config]
+        chosen = (same or live or [None])[0]
+        if chosen is None:
+            logger.warning(
+                "RELEX: rebuilt from a checkpoint's trainer_state.json without a probe; set callback.probe = ... on the "
+                "callback in trainer.callback_handler.callbacks to keep probing."
+            )
+            return None
+        logger.info("RELEX: rebuilt from trainer_state.json; kept the probe of the callback it replaces")
+        return chosen.probe
+
+    def set_trainer(self, trainer: Any) -> "RelexCallback":
+        """Send RELEX metrics through ``trainer.log``, so every reporting integration (W&B, TensorBoard, ...)
+        sees them at the step they belong to, whatever the order of the callbacks.
+
+        Without it the metrics go into ``trainer_state.json`` and into the ``logs`` of the next ``on_log``,
+        which reaches the callbacks after this one; ``Trainer`` puts its ``report_to`` integrations before the
+        user's callbacks. Returns the callback.
+        """
+        self._trainer = weakref.ref(trainer)
+        return self
+
+    # -- transformers' ExportableState ---------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        attributes: dict[str, Any] = {"_halted": self._halted, "_snapshot_seconds": self._snapshot_seconds}
+        if self.jump is not None:
+            attributes["_jump_state"] = self.jump.state_dict()
+        return {"args": {**self.config.to_dict(), "_from_state": True}, "attributes": attributes}
+
+    # -- decisions (overridable) ---------------------------------------------------------------------------
+
+    def should_snapshot(self, step: int) -> bool:
+        """Whether ``step`` is an observation step of the window that has not been recorded yet."""
+        cfg = self.config
+        if not self.engine.ready:
+            return False
+        if not cfg.start_step < step <= cfg.last_observed_step or (step - cfg.start_step) % cfg.snapshot_every:
+            return False
+        return not self.buffer.steps or step > self.buffer.steps[-1]
+
+    def should_halt(self, step: int) -> bool:
+        """Whether halt mode fits now: the last step of the window, once its snapshot is recorded."""
+        cfg = self.config
+        return cfg.mode == "halt" and step == cfg.last_observed_step and bool(self.buffer.steps) and self.buffer.steps[-1] == step
+
+    # -- events --------------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        cfg = self.config
+        if model is None:
+            raise ValueError("RelexCallback needs the model: use it through a transformers Trainer.")
+        if state.max_steps and state.max_steps > 0 and cfg.last_observed_step > state.max_steps:
+            raise ValueError(
+                f"max_steps={state.max_steps} ends before the RELEX observation window, which needs step "
+                f"{cfg.last_observed_step} (start_step={cfg.start_step} + observe={cfg.observe}). Raise max_steps "
+                f"(or num_train_epochs) or lower observe."
+            )
+        self._output_root = Path(cfg.output_dir or args.output_dir)
+        if cfg.mode == "halt" and cfg.save_model and state.global_step < cfg.last_observed_step:
+            for target in cfg.extrapolate_to:
+                check_output_dir(self.target_dir(target), cfg.overwrite)
+                if cfg.merge_lora:
+                    check_output_dir(self._output_root / merged_dir_name(target), cfg.overwrite)
+        if cfg.merge_lora:
+            check_mergeable(model)
+            if cfg.merge_lora == "delta" and world_info()[1] > 1:
+                raise ValueError("merge_lora='delta' needs the full LoRA factors on one process; use merge_lora=True under DDP/FSDP/DeepSpeed.")
+        self.engine.attach(model)
+        if self.jump is not None and self._jump_state:
+            self.jump.load_state_dict(self._jump_state, state.global_step)  # restored by transformers; the sidecar wins
+        if state.global_step > cfg.start_step:
+            self._resume(args, state)
+        elif state.global_step == cfg.start_step:
+            self.engine.capture_base(state.global_step)
+        if self.jump is not None:
+            self.jump.begin(args, state, self._output_root)
+        return control
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        cfg = self.config
+        if self.buffer is None or self._halted:
+            return control
+        step = state.global_step
+        if step == cfg.start_step and not self.engine.ready:
+            self.engine.capture_base(step)
+        if self.jump is not None:
+            if self.engine.ready:
+                record = self.jump.on_step_end(self.engine, step, model, self.probe, kwargs.get("optimizer"))
+                if record is not None:
+                    self._emit(self.jump.metrics(record), state, control)
+            return control
+        if self.should_snapshot(step):
+            self.engine.record(step)
+        if self.should_halt(step):
+            self._halt(state, control, model, kwargs.get("processing_class"))
+        return control
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not self.engine.ready:
+            return control
+        checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not checkpoint_dir.is_dir():
+            logger.warning("RELEX: checkpoint folder %s not found; the delta buffer was not saved", checkpoint_dir)
+            return control
+        self.save_state(checkpoint_dir)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.jump is not None:
+            logs["relex/virtual_step"] = float(self.jump.virtual_step(state.global_step))
+        if logs is not None and self._pending_metrics:
+            logs.update(self._pending_metrics)
+            self._pending_metrics = {}
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._final_weights is not None:
+            self.engine.load(self._final_weights)
+            self._final_weights = None
+            logger.info("RELEX: the model now holds the extrapolated weights of step %s", self.loaded_target)
+        return control
+
+    # -- paths and persistence -----------------------------------------------------------------------------
+
+    def target_dir(self, target: int) -> Path:
+        return self._output_root / f"relex-step{target}"
+
+    def save_state(self, checkpoint_dir: str | Path) -> Path:
+        """Write θ_0 and the recorded deltas of this process into ``checkpoint_dir``."""
+        extra = {"jump": json.dumps(self.jump.state_dict())} if self.jump is not None else {}
+        return self.engine.save_state(checkpoint_dir, extra)
+
+    def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
+        cfg = self.config
+        if state.global_step >= cfg.last_observed_step and cfg.mode == "halt":
+            self._halted = True
+            logger.info("RELEX: resumed after the observation window (step %d); nothing to do", state.global_step)
+            return
+        candidates = []
+        if isinstance(args.resume_from_checkpoint, str):
+            candidates.append(Path(args.resume_from_checkpoint))
+        candidates.append(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        for directory in candidates:
+            path = state_file(directory)
+            if path.is_file():
+                self._load_state_file(path, state.global_step)
+                return
+        self.engine.capture_base(state.global_step)
+        if self.jump is not None:
+            self.jump.restart(replace(cfg, start_step=state.global_step))
+        looked = ", ".join(str(state_file(d)) for d in candidates)
+        logger.warning(
+            "RELEX: resuming at step %d but no saved delta buffer was found (looked for %s). θ_0 is lost, so the "
+            "observation restarts from the current weights and the prediction will differ from an uninterrupted "
+            "run. Keep %s in your checkpoints to resume exactly.",
+            state.global_step,
+            looked,
+            STATE_FILE_NAME,
+        )
+        self.config = replace(cfg, start_step=state.global_step, extrapolate_to=cfg.extrapolate_to)
+
+    def _load_state_file(self, path: Path, step: int) -> None:
+        metadata = self.engine.read_state_metadata(path)
+        if self.jump is not None and "jump" in metadata:
+            self.jump.load_state_dict(json.loads(metadata["jump"]), step)
+        if self.jump is not None:
+            step = self.jump.virtual_step(step)  # jump mode records snapshots at virtual steps
+        self.engine.load_state(path, metadata, step)
+
+    # -- halt mode ------------------------------------------------------------------------------------------
+
+    def _halt(self, state: TrainerState, control: TrainerControl, model, processing_class) -> None:
+        cfg, engine = self.config, self.engine
+        started = time.perf_counter()
+        fit = engine.fit(cfg.extrapolate_to, window=cfg.window)
+        candidates = engine.candidates(fit, window=cfg.window)
+        predictions = engine.predict(candidates)
+        fit_seconds = time.perf_counter() - started
+        self.last_fit, self.candidates = fit, candidates
+        for candidate in candidates:
+            engine.report(fit, candidate, "halt", timings={
+                "snapshot_seconds_total": engine.snapshot_seconds,
+                "snapshot_seconds_mean": engine.snapshot_seconds / max(len(fit.steps), 1),
+                "fit_seconds": fit_seconds,
+            })
+        chosen = self._choose_with_probe(model, candidates, predictions)
+        if cfg.save_model:
+            started = time.perf_counter()
+            for candidate, prediction in zip(candidates, predictions, strict=True):
+                candidate.report["timings"]["write_seconds"] = None
+                target = int(candidate.target)
+                self.written_dirs[target] = self._write_model_dir(model, processing_class, candidate, prediction)
+            logger.info("RELEX: wrote %s in %.1fs", [str(p) for p in self.written_dirs.values()], time.perf_counter() - started)
+        self.loaded_target = None if chosen is None else int(candidates[chosen].target)
+        self._final_weights = None if chosen is None else predictions[chosen]
+        self._halted = True
+        control.should_training_stop = True
+        metrics = {**report_metrics(candidates[-1 if chosen is None else chosen].report), "relex/fit_seconds": fit_seconds}
+        for key, value in self.probe_scores.items():
+            if math.isfinite(value):
+                metrics["relex/probe_current" if key == "current" else f"relex/probe_step{key}"] = value
+        self._emit(metrics, state, control)
+
+    def _choose_with_probe(self, model, candidates: list[Candidate], predictions: list[dict[str, torch.Tensor]]) -> int | None:
+        """Index of the prediction to load: the last target without a probe; with one, the best-scoring target
+        (ties: the nearest), or ``None`` (keep the current weights) when it scores below them and not
+        ``allow_worse``. Scores go into each target's report under ``"probe"``."""
+        if self.probe is None:
+            return len(candidates) - 1
+        targets = [int(c.target) for c in candidates]
+        allow_worse = self.config.allow_worse
+        current, chosen = self.engine.trial(
+            model, self.probe, candidates, predictions, lambda cur, scores: choose_candidate(cur, scores, targets, allow_worse),
+            keep_chosen=False,
+        )
+        by_target = {str(c.label): c.score for c in candidates}
+        self.probe_scores = {"current": current, **by_target}
+        for i, candidate in enumerate(candidates):
+            candidate.report["candidate"]["probe_score"] = candidate.score
+            candidate.report["probe"] = {
+                "score": candidate.score,
+                "current_weights_score": current,
+                "scores_by_target": by_target,
+                "loaded_into_live_model": i == chosen,
+                "allow_worse": allow_worse,
+            }
+        rounded = {t: round(c.score, 4) for t, c in zip(targets, candidates, strict=True)}
+        if chosen is None:
+            logger.warning(
+                "RELEX: every extrapolated candidate scores below the current weights (%.4f; candidates %s); the live model "
+                "keeps the trained weights. Pass allow_worse=True to load the best candidate anyway.", current, rounded,
+            )
+        else:
+            logger.info("RELEX: probe scores %s (current weights %.4f); loading step %d", rounded, current, targets[chosen])
+        return chosen
+
+    # -- metrics --------------------------------------------------------------------------------------------
+
+    def _emit(self, metrics: dict[str, float], state: TrainerState, control: TrainerControl) -> None:
+        """Send metrics to Python logging, ``trainer_state.json`` and the trainer's loggers (see :meth:`set_trainer`)."""
+        logger.info("RELEX metrics at step %d: %s", state.global_step, {k: round(v, 4) for k, v in metrics.items()})
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:
+            should_log = control.should_log  # Trainer.log resets it; keep the step's own log request
+            trainer.log(dict(metrics))  # appends to log_history and calls every callback's on_log, in order
+            control.should_log = should_log
+            return
+        state.log_history.append({**metrics, "step": state.global_step})
+        self._pending_metrics.update(metrics)
+        control.should_log = True
+
+    # -- writing --------------------------------------------------------------------------------------------
+
+    def _merged_lora_deltas(self, model, target: int) -> dict[str, torch.Tensor]:
+        """merge_lora='delta': each LoRA module's extrapolated merged update s·ΣB A at ``target``."""
+        cfg = self.config
+        deltas = merged_delta_predictions(
+            self.buffer, lora_pairs(model), [float(target)], rank=cfg.rank, kind=cfg.fit, power=cfg.power,
+            origin=float(cfg.start_step), window=cfg.window,
+        )
+        return {prefix: value[0] for prefix, value in deltas.items()}
+
+    def _write_model_dir(self, model, processing_class, candidate: Candidate, prediction: dict[str, torch.Tensor]) -> Path:
+        target = int(candidate.target)
+        final = self.target_dir(target)
+        report = candidate.report
+        started = time.perf_counter()
+        state_dict = gather_state_dict(model, self.buffer.tracked, prediction)  # collective; None off rank 0
+        if not is_main_process():
+            return final
+        to_save = unwrap_model(model)
+        with atomic_directory(final, overwrite=self.config.overwrite) as staging:
+            to_save.save_pretrained(staging, state_dict=state_dict)  # a PeftModel writes its adapter only
+            if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+                processing_class.save_pretrained(staging)
+            report["timings"]["write_seconds"] = time.perf_counter() - started
+            write_json(staging / REPORT_NAME, report)
+            write_model_card(staging, report)
+        if self.config.merge_lora:
+            merged = self._output_root / merged_dir_name(target)
+            with atomic_directory(merged, overwrite=self.config.overwrite) as staging:
+                deltas = self._merged_lora_deltas(model, target) if self.config.merge_lora == "delta" else None
+                to_save.get_base_model().save_pretrained(staging, state_dict=merged_state_dict(model, state_dict, deltas))
+                if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+                    processing_class.save_pretrained(staging)
+                write_json(staging / REPORT_NAME, {**report, "merged_lora": "delta" if deltas is not None else "factors"})
+                write_model_card(staging, report)
+            logger.info("RELEX: wrote the merged LoRA model for step %d to %s", target, merged)
+        logger.info("RELEX: wrote the extrapolated model for step %d to %s", target, final)
+        return final
