@@ -94,7 +94,7 @@ def test_reconstruct_command(run_dirs, tmp_path, capsys):
     assert "step 5 -> " in capsys.readouterr().out
     for step in (2, 5):
         report = json.loads((tmp_path / "rec" / f"step{step}" / "relex_report.json").read_text())
-        assert report["command"] == "reconstruct" and report["in_fit"] is (step == 2)
+        assert report["producer"] == "reconstruct" and report["in_fit"] is (step == 2)
         assert 0 < report["relative_distance"] < 0.2
 
 
