@@ -218,3 +218,39 @@ def test_existing_output_and_overwrite(run_dirs, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "keep me"
     assert main(_extrapolate(base, [str(run)], out, "--overwrite", "-q")) == 0
     assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+
+
+def test_power_trend_command_matches_an_independent_fit(run_dirs, tmp_path):
+    """--fit power --power 0.5: θ_0 + ĉ(K)·v with ĉ = a + b·t^0.5 fitted by least squares (numpy), v from the SVD."""
+    import numpy as np
+
+    from _oracle import oracle_prediction
+
+    base, run = run_dirs
+    steps = [1, 2, 3, 4, 5]
+    assert main(["extrapolate", "--base", str(base), "--checkpoints", str(run), "--target-step", "25", "--fit", "power",
+                 "--power", "0.5", "--dtype", "float32", "--output", str(tmp_path / "p"), "--no-progress"]) == 0
+    assert main(["extrapolate", "--base", str(base), "--checkpoints", str(run), "--target-step", "25",
+                 "--dtype", "float32", "--output", str(tmp_path / "l"), "--no-progress"]) == 0
+    power, line = _load(tmp_path / "p"), _load(tmp_path / "l")
+    theta0 = {n: v.float() for n, v in _load(base).items()}
+    snaps = {s: {n: v.float() for n, v in _load(run / f"checkpoint-{s}").items()} for s in steps}
+    name = "model.layers.0.mlp.up_proj.weight"
+    deltas = torch.stack([(snaps[s][name] - theta0[name]).reshape(-1) for s in steps])
+    # the power trend is a line in u = t^0.5: fit the oracle's line on u and evaluate at 25^0.5
+    expected = theta0[name].double().reshape(-1) + oracle_prediction(deltas, np.sqrt(steps), 25 ** 0.5)
+    assert float((power[name].double().reshape(-1) - expected).abs().max()) < 1e-5
+    # negative control: the straight line lands elsewhere
+    assert float((line[name].double().reshape(-1) - expected).abs().max()) > 1e-3
+    report = json.loads((tmp_path / "p" / "relex_report.json").read_text())
+    assert report["format"] == "relex-report/2" and report["settings"]["power"] == 0.5
+    assert report["candidate"]["trend"]["kind"] == "power" and report["candidate"]["trend"]["power"] == 0.5
+
+
+def test_cli_choices_come_from_the_shared_vocabulary():
+    from relex_callback.options import OUTPUT_DTYPES, TREND_KINDS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    choices = {a.dest: tuple(a.choices) for a in sub.choices["extrapolate"]._actions if a.choices}
+    assert choices["fit"] == TREND_KINDS and "power" in choices["fit"] and choices["dtype"] == OUTPUT_DTYPES
