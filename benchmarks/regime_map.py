@@ -37,7 +37,7 @@ from _common import REPO_ROOT, RESULTS_ROOT, load_average, log, machine_info, se
 REGIMES: dict[str, dict[str, Any]] = {
     # The regime of the earlier quality benchmark (docs/benchmarks.md): 16 completions per step, lr 5e-6.
     "small-batch": dict(learning_rate=5e-6, prompts_per_step=2, generations=8, observe=10, last_step=50,
-                        eval_every=5, max_operand=50, temperature=0.7, n_train=1000),
+                        eval_every=10, max_operand=50, temperature=0.7, n_train=1000),
     # The paper's lr with 64 completions per step (the GPU run that gained about 3x at 5N, one seed).
     "large-batch": dict(learning_rate=1e-6, prompts_per_step=8, generations=8, observe=20, last_step=100,
                         eval_every=10, max_operand=99, temperature=0.7, n_train=2000),
@@ -249,26 +249,305 @@ def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Pat
 
 
 # ---------------------------------------------------------------------------------------------------------
+# evaluate: every method from the saved window, no training
+
+LINE_MULTIPLES = (2, 3, 5)
+SCALES = (1.5, 2.0, 3.0, 5.0)
+
+
+def load_window(paths: dict[str, Path], names: list[str], observe: int) -> dict[str, torch.Tensor]:
+    """Per tensor the ``[N, numel]`` bf16 stack of Δ_1..Δ_N read from the window files."""
+    from safetensors import safe_open
+
+    files = [delta_path(paths, t) for t in range(1, observe + 1)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise SystemExit(f"the window is incomplete ({', '.join(missing[:3])} missing): train this run first")
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    return {name: torch.stack([h.get_tensor(name).reshape(-1) for h in handles]) for name in names}
+
+
+def candidate_weights(name: str, grams: torch.Tensor, steps: list[float], observe: int, power_auto: float | None = None):
+    """Per-tensor weights ``[n, T]`` over the window rows for a candidate named ``kind@value``:
+    ``line@K`` (the paper's rank-1 line), ``sqrt@K`` (rank 1, c = a + b·√t), ``auto-p@K`` (rank 1, the
+    backtest-chosen power), ``scale@α`` (θ_0 + α(θ_N − θ_0))."""
+    from relex_callback.math.diagnostic import trend_predictor
+
+    kind, _, value = name.partition("@")
+    n, t = grams.shape[0], grams.shape[-1]
+    if kind == "scale":
+        w = torch.zeros(n, t, dtype=torch.float64)
+        w[:, -1] = float(value)
+        return w
+    spec = {"line": ("linear", 1.0), "sqrt": ("power", 0.5), "auto-p": ("power", power_auto)}[kind]
+    return trend_predictor(grams, steps, kind=spec[0], power=spec[1])([float(value)])[:, 0, :]
+
+
+@torch.no_grad()
+def load_candidate(model, names, theta0, stacks, weights) -> None:
+    from relex_callback.math.core import combine
+
+    params = dict(model.named_parameters())
+    for i, name in enumerate(names):
+        moved = combine(stacks[name], weights[i : i + 1])[0]
+        params[name].copy_(moved.add_(theta0[name].reshape(-1)).view_as(params[name]))
+
+
+@torch.no_grad()
+def distance_to_real(paths, names, stacks, weights, step: int) -> dict[str, float] | None:
+    from safetensors import safe_open
+
+    from relex_callback.math.core import combine
+
+    file = delta_path(paths, step)
+    if not file.is_file():
+        return None
+    err = pred = real_sq = dot = 0.0
+    with safe_open(str(file), framework="pt") as handle:
+        for i, name in enumerate(names):
+            moved = combine(stacks[name], weights[i : i + 1])[0].double()
+            real = handle.get_tensor(name).reshape(-1).double()
+            err += float((moved - real).pow(2).sum())
+            pred += float(moved.pow(2).sum())
+            real_sq += float(real.pow(2).sum())
+            dot += float(moved.dot(real))
+    return {"distance": math.sqrt(err / real_sq), "norm_ratio": math.sqrt(pred / real_sq),
+            "cosine": dot / math.sqrt(max(pred * real_sq, 1e-300))}
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from relex_callback.demo import load_smollm2
+
+    paths = run_paths(args.state_dir, args.regime, args.seed)
+    evaluate_run(args.regime, REGIMES[args.regime], args.seed, paths, load_smollm2, diagnostic_only=args.diagnostic_only)
+
+
+def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Path], loader, reward=None,
+                 diagnostic_only: bool = False) -> None:
+    """Diagnose the saved window, record every candidate's distance to the real deltas, score candidates on the
+    selection prompts (halt mode with a probe) and on the held-out prompts. Resumable: scores already in the
+    results file are reused."""
+    from relex_callback.demo import addition_reward
+    from relex_callback.math.core import gram_matrix, select_power
+    from relex_callback.math.diagnostic import diagnose_window, trend_predictor
+    from relex_callback.probe import RewardProbe, choose_candidate
+
+    reward = reward or addition_reward
+    observe = regime["observe"]
+    results = paths["results"]
+    records = read_records(results)
+    model, tokenizer = loader()
+    names = [n for n, _ in model.named_parameters()]
+    theta0 = {n: p.detach().to(torch.float32).clone() for n, p in model.named_parameters()}
+    started = time.perf_counter()
+    stacks = load_window(paths, names, observe)
+    steps = [float(t) for t in range(1, observe + 1)]
+    grams = torch.stack([gram_matrix(stacks[name]) for name in names]).double()
+    train_log = latest_by_step(records, "train")
+    zero_std = [train_log[t]["frac_reward_zero_std"] for t in range(1, observe + 1) if t in train_log]
+    diagnostic = diagnose_window(grams, steps, 0.0, [stacks[t].shape[1] for t in names], trend_predictor(grams, steps),
+                                 zero_std_fraction=sum(zero_std) / len(zero_std) if zero_std else None)
+    power_auto, _ = select_power(list(grams), steps)
+    append_record(results, {"kind": "diagnostic", "step": observe, **diagnostic.as_dict(), "power_auto": power_auto,
+                            "seconds": time.perf_counter() - started})
+    log.info("%s seed %d: %s", name, seed, diagnostic.summary_line())
+    for warning in diagnostic.warnings:
+        log.info("  warning: %s", warning)
+    if diagnostic_only:
+        return
+
+    k_auto = int(math.floor(diagnostic.supported_step))
+    lines = [f"line@{m * observe}" for m in LINE_MULTIPLES]
+    candidates = lines + [f"sqrt@{m * observe}" for m in LINE_MULTIPLES] + [f"scale@{a:g}" for a in SCALES]
+    if k_auto > observe and f"line@{k_auto}" not in candidates:
+        candidates.append(f"line@{k_auto}")
+    weights = {c: candidate_weights(c, grams, steps, observe, power_auto) for c in candidates}
+    real_steps = sorted(latest_by_step(records, "real"))
+    for c, w in weights.items():
+        for step in real_steps:
+            if step > observe and not any(r.get("kind") == "distance" and r.get("candidate") == c and r["step"] == step for r in records):
+                d = distance_to_real(paths, names, stacks, w, step)
+                if d is not None:
+                    append_record(results, {"kind": "distance", "candidate": c, "step": step, **d})
+
+    _, heldout, selection = prompt_sets(regime)
+    selector = RewardProbe(selection, reward, tokenizer, max_new_tokens=16, batch_size=SELECTION)
+    probe = RewardProbe(heldout, reward, tokenizer, max_new_tokens=16, batch_size=50)
+
+    def score(kind: str, candidate: str, scorer) -> float:
+        previous = [r for r in read_records(results) if r.get("kind") == kind and r.get("candidate") == candidate]
+        if previous:
+            return previous[-1]["score" if kind == "probe" else "accuracy"]
+        w = weights.get(candidate)
+        if w is None:  # θ_N
+            w = torch.zeros(len(names), observe, dtype=torch.float64)
+            w[:, -1] = 1.0
+        load_candidate(model, names, theta0, stacks, w)
+        t0 = time.perf_counter()
+        value = scorer(model)
+        key = "score" if kind == "probe" else "accuracy"
+        append_record(results, {"kind": kind, "candidate": candidate, key: value, "seconds": time.perf_counter() - t0})
+        log.info("  %s %-10s %.3f (%.0fs, load %s)", kind, candidate, value, time.perf_counter() - t0, load_average())
+        return value
+
+    # halt mode with a probe: the selection prompts score θ_N and every candidate; the package's rule picks
+    current = score("probe", "theta_N", selector)
+    probe_set = [c for c in candidates if not c.startswith("line@") or int(c[5:]) <= max(k_auto, observe)]
+    probe_scores = {c: score("probe", c, selector) for c in probe_set}
+    picks = {}
+    for label, pool in (("probe-all", probe_set), ("probe-scale", [c for c in probe_set if c.startswith("scale@")]),
+                        ("probe-line", [c for c in probe_set if c.startswith("line@")])):
+        if pool:
+            chosen = choose_candidate(current, [probe_scores[c] for c in pool], list(range(len(pool))))
+            picks[label] = "theta_N" if chosen is None else pool[chosen]
+    append_record(results, {"kind": "selection", "step": observe, "picks": picks, "k_auto": k_auto,
+                            "probe_candidates": probe_set})
+    # held-out accuracy, most informative first
+    order = lines + ([f"line@{k_auto}"] if k_auto > observe else []) + list(dict.fromkeys(picks.values()))
+    order += [c for c in candidates if c not in order]
+    for c in dict.fromkeys(order):
+        if c != "theta_N":
+            score("eval", c, probe)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# summary: steps saved, the diagnostic against the outcome, a plot
+
+METHOD_LABELS = {
+    "line-fixed": "RELEX line at fixed K",
+    "auto": "halt + auto (line at K_max)",
+    "probe-all": "halt + probe (line ≤ K_max, √t, α-scaling)",
+    "probe-scale": "α-scaling, α chosen on the probe set",
+    "probe-line": "halt + probe over the line ≤ K_max",
+}
+
+
+def steps_to_reach(curve: list[tuple[int, float]], accuracy: float) -> tuple[float, bool]:
+    """Steps real training needs to reach ``accuracy``: the first crossing of the linearly interpolated curve
+    ``[(step, accuracy)]``; ``(last_step, True)`` when it never does (a lower bound)."""
+    for (s0, a0), (s1, a1) in zip(curve, curve[1:]):
+        if a1 >= accuracy > a0:
+            return s0 + (s1 - s0) * (accuracy - a0) / (a1 - a0), False
+        if a0 >= accuracy:
+            return float(s0), False
+    return float(curve[-1][0]), True
+
+
+def run_summary(records: list[dict[str, Any]], regime: dict[str, Any]) -> dict[str, Any] | None:
+    from _common import binomial_se
+
+    real = {s: r["accuracy"] for s, r in sorted(latest_by_step(records, "real").items())}
+    observe = regime["observe"]
+    if observe not in real:
+        return None
+    curve = sorted(real.items())
+    train = latest_by_step(records, "train")
+    step_seconds = [train[s]["seconds"] for s in sorted(train) if "seconds" in train[s]]
+    mean_step = sum(step_seconds) / len(step_seconds) if step_seconds else math.nan
+    zero_std = [train[s].get("frac_reward_zero_std") for s in sorted(train) if s <= observe]
+    evals = {r["candidate"]: r["accuracy"] for r in records if r.get("kind") == "eval"}
+    probes = [r for r in records if r.get("kind") == "probe"]
+    probe_seconds = sum(r.get("seconds", 0.0) for r in {r["candidate"]: r for r in probes}.values())
+    diagnostic = next((r for r in reversed(records) if r.get("kind") == "diagnostic"), None)
+    selection = next((r for r in reversed(records) if r.get("kind") == "selection"), None)
+    distances = {(r["candidate"], r["step"]): r for r in records if r.get("kind") == "distance"}
+    n = records[0].get("heldout", HELDOUT) if records else HELDOUT
+    floor = real[observe] - binomial_se(real[observe], n)
+    out: dict[str, Any] = {"real": real, "real_N": real[observe], "floor": floor, "mean_step_seconds": mean_step,
+                           "zero_std_window": sum(z for z in zero_std if z is not None) / max(len(zero_std), 1),
+                           "diagnostic": diagnostic, "methods": {}, "distances": distances}
+
+    def deliver(label: str, candidate: str, probe_cost: bool) -> None:
+        acc = real[observe] if candidate == "theta_N" else evals.get(candidate)
+        if acc is None:
+            return
+        reach, lower = steps_to_reach(curve, acc)
+        spent = observe + (probe_seconds / mean_step if probe_cost and math.isfinite(mean_step) else 0.0)
+        out["methods"][label] = {"candidate": candidate, "accuracy": acc, "se": binomial_se(acc, n),
+                                 "steps_to_reach": reach, "lower_bound": lower, "steps_spent": spent,
+                                 "steps_saved": reach / spent, "at_least_floor": acc >= floor}
+
+    for m in LINE_MULTIPLES:
+        deliver(f"line@{m}N", f"line@{m * observe}", False)
+    if diagnostic is not None:
+        k_auto = int(math.floor(diagnostic["supported_step"]))
+        deliver("auto", "theta_N" if k_auto <= observe else f"line@{k_auto}", False)
+        # validation (b): K_max below every K at which the line scored under real(N) − 1 SE
+        failing = [m * observe for m in LINE_MULTIPLES if evals.get(f"line@{m * observe}", 1.0) < floor]
+        out["kmax_check"] = {"k_max": diagnostic["supported_step"], "failing_K": failing,
+                             "ok": all(diagnostic["supported_step"] < k for k in failing)}
+    if selection is not None:
+        for label, candidate in selection["picks"].items():
+            deliver(label, candidate, True)
+    return out
+
+
+def summary(args: argparse.Namespace) -> None:
+    from _common import mean_ci
+
+    lines = ["# Regime map: results so far", "",
+             "Generated by `python benchmarks/regime_map.py summary` from the JSONL files beside it.", ""]
+    table: dict[str, Any] = {}
+    for name, regime in REGIMES.items():
+        runs = {}
+        for path in sorted((RESULTS / name).glob("seed*.jsonl")):
+            result = run_summary(read_records(path), regime)
+            if result is not None:
+                runs[int(path.stem[4:])] = result
+        if not runs:
+            continue
+        table[name] = runs
+        lines += [f"## {name}: lr {regime['learning_rate']:g}, {regime['prompts_per_step']} prompts x "
+                  f"{regime['generations']} completions, N = {regime['observe']}", ""]
+        lines += ["| seed | real by step | frac_reward_zero_std (window) | K_max (ratio) | α | stability | drift share | K_max check |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for seed, run in sorted(runs.items()):
+            d = run["diagnostic"] or {}
+            model = d.get("model", {})
+            check = run.get("kmax_check")
+            lines.append(
+                f"| {seed} | {', '.join(f'{s}: {a:.3f}' for s, a in run['real'].items())} | {run['zero_std_window']:.2f} | "
+                + (f"{d['supported_step']:g} ({d['supported_ratio']:.2f}x) | {d['growth_exponent']:.2f} | "
+                   f"{d['direction_stability']:.2f} | {model.get('drift_share', math.nan):.3f} | " if d else "– | – | – | – | ")
+                + ("–" if check is None else ("ok" if check["ok"] else f"FAILS (line below floor at {check['failing_K']})")) + " |")
+        lines += ["", "| method | accuracy ± SE per seed | mean steps saved ± SE | seeds ≥ real(N) − 1 SE |", "|---|---|---|---|"]
+        labels = sorted({m for run in runs.values() for m in run["methods"]})
+        for label in labels:
+            per = [(seed, run["methods"][label]) for seed, run in sorted(runs.items()) if label in run["methods"]]
+            saved = mean_ci(m["steps_saved"] for _, m in per)
+            accs = ", ".join(f"s{seed} {m['candidate']}: {m['accuracy']:.3f} ± {m['se']:.3f}" + (" (≥)" if m["lower_bound"] else "")
+                             for seed, m in per)
+            lines.append(f"| {label} | {accs} | {saved['mean']:.2f} ± {saved['se']:.2f} | "
+                         f"{sum(m['at_least_floor'] for _, m in per)}/{len(per)} |")
+        lines.append("")
+    (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("train",):
+    sub.add_parser("summary")
+    for name in ("train", "evaluate"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--regime", required=True, choices=sorted(REGIMES))
         cmd.add_argument("--seed", type=int, required=True)
         cmd.add_argument("--state-dir", type=Path, default=REPO_ROOT / "runs" / "regime-map",
                          help="window, real deltas and Trainer checkpoints (large; not in git)")
         cmd.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: one core per run)")
+        if name == "evaluate":
+            cmd.add_argument("--diagnostic-only", action="store_true", help="only the window diagnostic (no evaluations)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
-    set_threads(args.threads)
-    {"train": train}[args.command](args)
+    set_threads(getattr(args, "threads", None))
+    {"train": train, "evaluate": evaluate, "summary": summary}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -101,3 +101,33 @@ def test_torn_last_line_is_ignored(tmp_path):
     with open(path, "a") as handle:
         handle.write('{"kind": "real", "step": 4, "accu')
     assert regime_map.latest_by_step(regime_map.read_records(path), "real") == {2: {"kind": "real", "step": 2, "accuracy": 0.75}}
+
+
+def test_evaluate_scores_every_candidate_once_and_measures_distances(tmp_path, small_world):
+    from safetensors.torch import load_file
+
+    regime = {**REGIME, "observe": 4, "last_step": 8, "eval_every": 4}
+    paths = regime_map.run_paths(tmp_path / "s", "tiny", 0, results_root=tmp_path / "r")
+    regime_map.train_run("tiny", regime, 0, paths, loader, reward=digit_reward)
+    regime_map.evaluate_run("tiny", regime, 0, paths, loader, reward=digit_reward)
+    records = regime_map.read_records(paths["results"])
+
+    diagnostic = [r for r in records if r["kind"] == "diagnostic"][-1]
+    assert diagnostic["num_snapshots"] == 4 and diagnostic["supported_step"] >= 4
+    # θ_0 + 2(θ_N − θ_0) against the real step 8, computed here straight from the saved files
+    d4, d8 = load_file(str(regime_map.delta_path(paths, 4))), load_file(str(regime_map.delta_path(paths, 8)))
+    err = sum(float((2 * d4[k].double() - d8[k].double()).pow(2).sum()) for k in d8)
+    ref = sum(float(d8[k].double().pow(2).sum()) for k in d8)
+    got = [r for r in records if r["kind"] == "distance" and r["candidate"] == "scale@2" and r["step"] == 8]
+    assert len(got) == 1 and got[0]["distance"] == pytest.approx((err / ref) ** 0.5, rel=1e-5)
+    # the probe's pick follows the package's rule: never below θ_N on the selection prompts
+    probes = {r["candidate"]: r["score"] for r in records if r["kind"] == "probe"}
+    pick = [r for r in records if r["kind"] == "selection"][-1]["picks"]["probe-all"]
+    assert pick == "theta_N" or probes[pick] >= probes["theta_N"]
+    evals = {r["candidate"] for r in records if r["kind"] == "eval"}
+    assert {"line@8", "line@12", "line@20", "scale@2"} <= evals
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in records if r["kind"] == "eval")
+    # a second call reuses every score (resumable, nothing evaluated twice)
+    regime_map.evaluate_run("tiny", regime, 0, paths, loader, reward=digit_reward)
+    again = regime_map.read_records(paths["results"])
+    assert sum(r["kind"] in ("eval", "probe") for r in again) == sum(r["kind"] in ("eval", "probe") for r in records)
