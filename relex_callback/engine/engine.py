@@ -317,6 +317,22 @@ class RelexEngine:
                     raise ValueError(f"unknown candidate kind {kind!r}; registered: {['svd', *_CANDIDATE_KINDS]}")
         return out
 
+    def extrapolate(
+        self, targets: Sequence[float], producer: str, window: int | None = None, kinds: Sequence[str] = ("svd",)
+    ) -> tuple[TrajectoryFit, list[Candidate], list[dict[str, torch.Tensor]]]:
+        """The whole sequence: fit the recorded ``window``, one candidate per target and kind, their predictions
+        and their reports (``candidate.report``, with the snapshot and fit timings)."""
+        started = time.perf_counter()
+        fit = self.fit(targets, window=window)
+        candidates = self.candidates(fit, targets, window=window, kinds=kinds)
+        predictions = self.predict(candidates)
+        fit_seconds = time.perf_counter() - started
+        timings = {"snapshot_seconds_total": self.snapshot_seconds,
+                   "snapshot_seconds_mean": self.snapshot_seconds / max(len(fit.steps), 1), "fit_seconds": fit_seconds}
+        for candidate in candidates:
+            self.report(fit, candidate, producer, timings=dict(timings))
+        return fit, candidates, predictions
+
     # -- predictions ----------------------------------------------------------------------------------------
 
     @torch.no_grad()

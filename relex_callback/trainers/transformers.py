@@ -305,19 +305,9 @@ class RelexCallback(TrainerCallback, ExportableState):
     # -- halt mode ------------------------------------------------------------------------------------------
 
     def _halt(self, state: TrainerState, control: TrainerControl, model, processing_class) -> None:
-        cfg, engine = self.config, self.engine
-        started = time.perf_counter()
-        fit = engine.fit(cfg.extrapolate_to, window=cfg.window)
-        candidates = engine.candidates(fit, window=cfg.window)
-        predictions = engine.predict(candidates)
-        fit_seconds = time.perf_counter() - started
+        cfg = self.config
+        fit, candidates, predictions = self.engine.extrapolate(cfg.extrapolate_to, "halt", window=cfg.window)
         self.last_fit, self.candidates = fit, candidates
-        for candidate in candidates:
-            engine.report(fit, candidate, "halt", timings={
-                "snapshot_seconds_total": engine.snapshot_seconds,
-                "snapshot_seconds_mean": engine.snapshot_seconds / max(len(fit.steps), 1),
-                "fit_seconds": fit_seconds,
-            })
         chosen = self._choose_with_probe(model, candidates, predictions)
         if cfg.save_model:
             started = time.perf_counter()
@@ -330,7 +320,8 @@ class RelexCallback(TrainerCallback, ExportableState):
         self._final_weights = None if chosen is None else predictions[chosen]
         self._halted = True
         control.should_training_stop = True
-        metrics = {**report_metrics(candidates[-1 if chosen is None else chosen].report), "relex/fit_seconds": fit_seconds}
+        report = candidates[-1 if chosen is None else chosen].report
+        metrics = {**report_metrics(report), "relex/fit_seconds": report["timings"]["fit_seconds"]}
         for key, value in self.probe_scores.items():
             if math.isfinite(value):
                 metrics["relex/probe_current" if key == "current" else f"relex/probe_step{key}"] = value
