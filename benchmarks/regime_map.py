@@ -56,6 +56,7 @@ def run_paths(state_dir: Path, regime: str, seed: int, results_root: Path = RESU
         "trainer": root / "trainer",
         "deltas": root / "deltas",
         "results": results_root / regime / f"seed{seed}.jsonl",
+        "grams": results_root / regime / f"seed{seed}-grams.safetensors",
     }
 
 
@@ -284,6 +285,44 @@ def candidate_weights(name: str, grams: torch.Tensor, steps: list[float], observ
 
 
 @torch.no_grad()
+def extended_grams(paths, names, stacks, observe: int) -> tuple[torch.Tensor, list[int]]:
+    """Per tensor the Gram of [Δ_1..Δ_N, Δ_K for every saved real step K > N] (fp64, ``[n, R, R]``): with it the
+    distance of any weighted-sum candidate to every real step is ||w·M − Δ_K||² = wᵀGw − 2wᵀG[:, K] + G[K, K],
+    so the methods can be compared again later from this small file alone (it goes into git)."""
+    from safetensors import safe_open
+
+    from relex_callback.math.core import gram_matrix
+
+    later = sorted(int(p.stem.split("-")[1]) for p in paths["deltas"].glob("delta-*.safetensors"))
+    later = [s for s in later if s > observe]
+    handles = [safe_open(str(delta_path(paths, s)), framework="pt") for s in later]
+    out = []
+    for name in names:
+        rows = stacks[name]
+        if handles:
+            rows = torch.cat([rows, torch.stack([h.get_tensor(name).reshape(-1) for h in handles])])
+        out.append(gram_matrix(rows))
+    return torch.stack(out).double(), list(range(1, observe + 1)) + later
+
+
+def save_grams(path: Path, names: list[str], grams: torch.Tensor, steps: list[int]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"grams": grams.contiguous()}, str(tmp), metadata={"names": json.dumps(names), "steps": json.dumps(steps)})
+    os.replace(tmp, path)
+
+
+def load_grams(path: Path) -> tuple[list[str], torch.Tensor, list[int]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        return json.loads(meta["names"]), handle.get_tensor("grams"), json.loads(meta["steps"])
+
+
+@torch.no_grad()
 def load_candidate(model, names, theta0, stacks, weights) -> None:
     from relex_callback.math.core import combine
 
@@ -328,7 +367,7 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
     selection prompts (halt mode with a probe) and on the held-out prompts. Resumable: scores already in the
     results file are reused."""
     from relex_callback.demo import addition_reward
-    from relex_callback.math.core import gram_matrix, select_power
+    from relex_callback.math.core import select_power
     from relex_callback.math.diagnostic import diagnose_window, trend_predictor
     from relex_callback.probe import RewardProbe, choose_candidate
 
@@ -342,7 +381,9 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
     started = time.perf_counter()
     stacks = load_window(paths, names, observe)
     steps = [float(t) for t in range(1, observe + 1)]
-    grams = torch.stack([gram_matrix(stacks[name]) for name in names]).double()
+    extended, gram_steps = extended_grams(paths, names, stacks, observe)
+    save_grams(paths["grams"], names, extended, gram_steps)
+    grams = extended[:, :observe, :observe]
     train_log = latest_by_step(records, "train")
     zero_std = [train_log[t]["frac_reward_zero_std"] for t in range(1, observe + 1) if t in train_log]
     diagnostic = diagnose_window(grams, steps, 0.0, [stacks[t].shape[1] for t in names], trend_predictor(grams, steps),
