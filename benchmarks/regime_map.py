@@ -192,10 +192,25 @@ def train(args: argparse.Namespace) -> None:
     from relex_callback.demo import load_smollm2
 
     paths = run_paths(args.state_dir, args.regime, args.seed)
-    train_run(args.regime, REGIMES[args.regime], args.seed, paths, load_smollm2)
+    train_run(args.regime, REGIMES[args.regime], args.seed, paths, load_smollm2, stop_after=args.stop_after)
 
 
-def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Path], loader, callbacks=(), reward=None):
+class StopAfter:
+    """A Trainer callback that ends this session's training after ``step`` (the run stays resumable)."""
+
+    def __new__(cls, step: int):
+        from transformers import TrainerCallback
+
+        class _Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step >= step:
+                    control.should_training_stop = True
+
+        return _Stop()
+
+
+def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Path], loader, callbacks=(), reward=None,
+              stop_after: int | None = None):
     """Train (or resume) one run; returns the trained model, or None when the run was already complete.
     ``loader()`` returns ``(model, tokenizer)`` at θ_0; ``callbacks`` are extra Trainer callbacks; ``reward``
     replaces the addition reward (training and held-out score)."""
@@ -212,9 +227,13 @@ def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Pat
         raise SystemExit(f"{paths['results']} was written with other settings ({previous[-1]}); move it away to start over")
     done_evals = set(latest_by_step(records, "real"))
     last = regime["last_step"]
-    if last in done_evals and len(list(paths["deltas"].glob("delta-*.safetensors"))) >= regime["observe"]:
-        log.info("%s seed %d: already trained to step %d", name, seed, last)
+    goal = min(last, stop_after or last)
+    trained = max(latest_by_step(records, "train"), default=0)
+    if (goal in done_evals or trained >= goal) and len(list(paths["deltas"].glob("delta-*.safetensors"))) >= regime["observe"]:
+        log.info("%s seed %d: already trained to step %d", name, seed, goal)
         return None
+    if stop_after:
+        callbacks = (*callbacks, StopAfter(stop_after))
 
     model, tokenizer = loader()
     digest = weights_digest(model)
@@ -368,7 +387,6 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
     results file are reused."""
     from relex_callback.demo import addition_reward
     from relex_callback.math.core import select_power
-    from relex_callback.math.diagnostic import diagnose_window, trend_predictor
     from relex_callback.probe import RewardProbe, choose_candidate
 
     reward = reward or addition_reward
@@ -384,10 +402,7 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
     extended, gram_steps = extended_grams(paths, names, stacks, observe)
     save_grams(paths["grams"], names, extended, gram_steps)
     grams = extended[:, :observe, :observe]
-    train_log = latest_by_step(records, "train")
-    zero_std = [train_log[t]["frac_reward_zero_std"] for t in range(1, observe + 1) if t in train_log]
-    diagnostic = diagnose_window(grams, steps, 0.0, [stacks[t].shape[1] for t in names], trend_predictor(grams, steps),
-                                 zero_std_fraction=sum(zero_std) / len(zero_std) if zero_std else None)
+    diagnostic = diagnose_from_grams(regime, records, extended, names, [stacks[t].shape[1] for t in names])
     power_auto, _ = select_power(list(grams), steps)
     append_record(results, {"kind": "diagnostic", "step": observe, **diagnostic.as_dict(), "power_auto": power_auto,
                             "seconds": time.perf_counter() - started})
@@ -451,6 +466,36 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
             score("eval", c, probe)
 
 
+def diagnose_from_grams(regime: dict[str, Any], records: list[dict[str, Any]], grams: torch.Tensor, names: list[str],
+                        numels: list[int]):
+    """The window diagnostic of the first N rows of a run's extended Gram (what ``evaluate`` records)."""
+    from relex_callback.math.diagnostic import diagnose_window, trend_predictor
+
+    observe = regime["observe"]
+    window = grams[:, :observe, :observe]
+    steps = [float(t) for t in range(1, observe + 1)]
+    train_log = latest_by_step(records, "train")
+    zero_std = [train_log[t]["frac_reward_zero_std"] for t in range(1, observe + 1) if t in train_log]
+    return diagnose_window(window, steps, 0.0, numels, trend_predictor(window, steps),
+                           zero_std_fraction=sum(zero_std) / len(zero_std) if zero_std else None)
+
+
+def rediagnose(args: argparse.Namespace) -> None:
+    """Recompute every run's diagnostic from its Gram file in git (no weights needed), e.g. after the estimator
+    changed, and append it to the run's results."""
+    from relex_callback.demo import load_smollm2
+
+    model, _ = load_smollm2()
+    numel = {n: p.numel() for n, p in model.named_parameters()}
+    for name, regime in REGIMES.items():
+        for path in sorted((RESULTS / name).glob("seed*-grams.safetensors")):
+            results = path.with_name(path.name.replace("-grams.safetensors", ".jsonl"))
+            names, grams, _ = load_grams(path)
+            diagnostic = diagnose_from_grams(regime, read_records(results), grams, names, [numel[n] for n in names])
+            append_record(results, {"kind": "diagnostic", "step": regime["observe"], "source": path.name, **diagnostic.as_dict()})
+            log.info("%s %s: %s", name, path.stem, diagnostic.summary_line())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # summary: steps saved, the diagnostic against the outcome, a plot
 
@@ -474,19 +519,48 @@ def steps_to_reach(curve: list[tuple[int, float]], accuracy: float) -> tuple[flo
     return float(curve[-1][0]), True
 
 
-def run_summary(records: list[dict[str, Any]], regime: dict[str, Any]) -> dict[str, Any] | None:
+def earlier_benchmark(seed: int) -> dict[str, dict[int, float]]:
+    """Accuracies of the earlier quality benchmark (benchmarks/results/quality, same task, settings and seeds as
+    the small-batch regime): ``{"real": {step: acc}, "line": {K: acc}}``."""
+    import csv
+
+    path = RESULTS_ROOT / "quality" / "evals.csv"
+    out: dict[str, dict[int, float]] = {"real": {}, "line": {}}
+    if path.is_file():
+        with open(path) as handle:
+            for row in csv.DictReader(handle):
+                if int(row["seed"]) == seed and row["method"] in ("real", "relex"):
+                    out["real" if row["method"] == "real" else "line"][int(row["K"])] = float(row["accuracy"])
+    return out
+
+
+def run_summary(records: list[dict[str, Any]], regime: dict[str, Any], earlier: dict[str, dict[int, float]] | None = None) -> dict[str, Any] | None:
+    """Steps saved per method and the K_max check for one run. ``earlier`` (the same trajectory measured by an
+    earlier benchmark) fills real steps and fixed-K line accuracies this run did not measure, but only when both
+    agree on real(N) exactly, which shows they are the same trajectory."""
     from _common import binomial_se
 
     real = {s: r["accuracy"] for s, r in sorted(latest_by_step(records, "real").items())}
     observe = regime["observe"]
     if observe not in real:
         return None
+    evals = {r["candidate"]: r["accuracy"] for r in records if r.get("kind") == "eval"}
+    borrowed = []
+    if earlier and earlier["real"].get(observe) == real[observe]:
+        for step, acc in earlier["real"].items():
+            if step not in real:
+                real[step] = acc
+                borrowed.append(f"real@{step}")
+        for k, acc in earlier["line"].items():
+            if f"line@{k}" not in evals:
+                evals[f"line@{k}"] = acc
+                borrowed.append(f"line@{k}")
+        real = dict(sorted(real.items()))
     curve = sorted(real.items())
     train = latest_by_step(records, "train")
     step_seconds = [train[s]["seconds"] for s in sorted(train) if "seconds" in train[s]]
     mean_step = sum(step_seconds) / len(step_seconds) if step_seconds else math.nan
     zero_std = [train[s].get("frac_reward_zero_std") for s in sorted(train) if s <= observe]
-    evals = {r["candidate"]: r["accuracy"] for r in records if r.get("kind") == "eval"}
     probes = [r for r in records if r.get("kind") == "probe"]
     probe_seconds = sum(r.get("seconds", 0.0) for r in {r["candidate"]: r for r in probes}.values())
     diagnostic = next((r for r in reversed(records) if r.get("kind") == "diagnostic"), None)
@@ -496,7 +570,7 @@ def run_summary(records: list[dict[str, Any]], regime: dict[str, Any]) -> dict[s
     floor = real[observe] - binomial_se(real[observe], n)
     out: dict[str, Any] = {"real": real, "real_N": real[observe], "floor": floor, "mean_step_seconds": mean_step,
                            "zero_std_window": sum(z for z in zero_std if z is not None) / max(len(zero_std), 1),
-                           "diagnostic": diagnostic, "methods": {}, "distances": distances}
+                           "diagnostic": diagnostic, "methods": {}, "distances": distances, "borrowed": borrowed}
 
     def deliver(label: str, candidate: str, probe_cost: bool) -> None:
         acc = real[observe] if candidate == "theta_N" else evals.get(candidate)
@@ -532,9 +606,10 @@ def summary(args: argparse.Namespace) -> None:
     for name, regime in REGIMES.items():
         runs = {}
         for path in sorted((RESULTS / name).glob("seed*.jsonl")):
-            result = run_summary(read_records(path), regime)
+            seed = int(path.stem[4:])
+            result = run_summary(read_records(path), regime, earlier_benchmark(seed) if name == "small-batch" else None)
             if result is not None:
-                runs[int(path.stem[4:])] = result
+                runs[seed] = result
         if not runs:
             continue
         table[name] = runs
@@ -572,6 +647,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("summary")
+    sub.add_parser("rediagnose", help="recompute every run's diagnostic from the Gram files in git")
     for name in ("train", "evaluate"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--regime", required=True, choices=sorted(REGIMES))
@@ -579,6 +655,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         cmd.add_argument("--state-dir", type=Path, default=REPO_ROOT / "runs" / "regime-map",
                          help="window, real deltas and Trainer checkpoints (large; not in git)")
         cmd.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: one core per run)")
+        if name == "train":
+            cmd.add_argument("--stop-after", type=int, default=None,
+                             help="end this session's training after this step (run the command again to continue)")
         if name == "evaluate":
             cmd.add_argument("--diagnostic-only", action="store_true", help="only the window diagnostic (no evaluations)")
     return parser.parse_args(argv)
@@ -588,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
     set_threads(getattr(args, "threads", None))
-    {"train": train, "evaluate": evaluate, "summary": summary}[args.command](args)
+    {"train": train, "evaluate": evaluate, "summary": summary, "rediagnose": rediagnose}[args.command](args)
 
 
 if __name__ == "__main__":
