@@ -154,6 +154,30 @@ def _check_trend(fit: str, power: float, time_scale: float) -> None:
 # -- extrapolate -------------------------------------------------------------------------------------------
 
 
+def _trend_weights(x_window: torch.Tensor, x_targets: torch.Tensor, rank: int, fit: str, power: float, shrink: float) -> WeightsFn:
+    """``extrapolate``: w = ĉ(S·K) Σ_r⁻¹ U_rᵀ per target (the trend fitted on the last ``len(x_window)`` fit
+    snapshots), moved to θ_N + λ(θ̂ − θ_N) by ``shrink`` λ (weight 1 − λ on the last snapshot)."""
+    used = x_window.numel()
+
+    def weights_fn(name: str, gram: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        subspace = subspace_from_gram(gram, rank)
+        coefficients = subspace.coefficients
+        trend = fit_trend(x_window, coefficients[-used:], kind=fit, power=power)
+        predicted = trend(x_targets)  # ĉ(S·K), [n, r]
+        weights = prediction_weights(subspace, predicted)  # Δ̂ = w M, [n, T]
+        if shrink != 1.0:
+            weights = shrink * weights
+            weights[:, -1] += 1.0 - shrink
+        return weights, {
+            "explained_variance": subspace.explained_variance,
+            "singular_values": _singular_values(subspace),
+            "r_squared": _floats(r_squared(x_window, coefficients[-used:], trend)),
+            "predicted_coefficients": [_floats(row) for row in predicted],
+        }
+
+    return weights_fn
+
+
 def extrapolate_checkpoints(
     base: str | os.PathLike,
     checkpoints: str | os.PathLike | Sequence[str | os.PathLike],
@@ -205,21 +229,7 @@ def extrapolate_checkpoints(
     x_targets = torch.tensor(effective, dtype=torch.float64)
     spec = TrendSpec(kind=fit, rank=rank, power=float(power), origin=0.0, window=window)
 
-    def weights_fn(name: str, gram: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        subspace = subspace_from_gram(gram, rank)
-        coefficients = subspace.coefficients
-        trend = fit_trend(x_window, coefficients[-used:], kind=fit, power=power)
-        predicted = trend(x_targets)  # ĉ(S·K), [n, r]
-        weights = prediction_weights(subspace, predicted)  # Δ̂ = w M, [n, T]
-        if shrink != 1.0:
-            weights = shrink * weights
-            weights[:, -1] += 1.0 - shrink
-        return weights, {
-            "explained_variance": subspace.explained_variance,
-            "singular_values": _singular_values(subspace),
-            "r_squared": _floats(r_squared(x_window, coefficients[-used:], trend)),
-            "predicted_coefficients": [_floats(row) for row in predicted],
-        }
+    weights_fn = _trend_weights(x_window, x_targets, rank=rank, fit=fit, power=power, shrink=shrink)
 
     def finish(run: _Run, outputs: list[_OutputModel], staging: Path, sources: dict[str, Path]) -> list[dict[str, Any]]:
         bt = backtest([run.grams[n] for n in plan.tracked], x_fit, rank=rank, kind=fit, power=power)
@@ -263,6 +273,44 @@ def extrapolate_checkpoints(
 
 
 # -- reconstruct -------------------------------------------------------------------------------------------
+
+
+class _Projection:
+    """``reconstruct``: w = U_r U_rᵀ row t for a fit snapshot t, else the projection of Δ_t onto the fit's subspace;
+    ``observe`` sums the exact squared errors ||Δ̂_t − Δ_t||² chunk by chunk."""
+
+    def __init__(self, num_fit: int, rank: int, target_rows: list[int]) -> None:
+        self.num_fit, self.rank, self.target_rows = num_fit, rank, target_rows
+        self.norms = torch.zeros(len(target_rows), dtype=torch.float64)
+        self.tensor_errors: dict[str, torch.Tensor] = {}
+
+    def weights(self, name: str, gram: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        num_fit = self.num_fit
+        subspace = subspace_from_gram(gram[:num_fit, :num_fit], self.rank)
+        projector = reconstruction_weights(subspace)  # U_r U_rᵀ
+        rows = []
+        for row in self.target_rows:
+            if row < num_fit:
+                rows.append(projector[row])
+            else:
+                rows.append(prediction_weights(subspace, _project(gram[row : row + 1, :num_fit], subspace))[0])
+        sq_norm = torch.diagonal(gram)[self.target_rows]
+        self.norms.add_(sq_norm)
+        self.tensor_errors[name] = torch.zeros(len(self.target_rows), dtype=torch.float64)
+        return torch.stack(rows), {
+            "explained_variance": subspace.explained_variance,
+            "singular_values": _singular_values(subspace),
+            "squared_norm": _floats(sq_norm),
+        }
+
+    def observe(self, name: str, deltas: torch.Tensor, predicted: torch.Tensor) -> None:
+        # ||Δ̂_t − Δ_t||² summed exactly over the chunks (more accurate than from G when it is small)
+        for j, row in enumerate(self.target_rows):
+            self.tensor_errors[name][j] += float((predicted[j] - deltas[row]).double().pow(2).sum())
+
+    @property
+    def errors(self) -> torch.Tensor:
+        return sum(self.tensor_errors.values(), torch.zeros(len(self.target_rows), dtype=torch.float64))
 
 
 def reconstruct_checkpoints(
@@ -312,34 +360,10 @@ def reconstruct_checkpoints(
                       tie_word_embeddings=plan.tie_word_embeddings)
     row_of = {plan.steps[i]: r for r, i in enumerate(order)}
     target_rows = [row_of[t] for t in targets]
-    norms = torch.zeros(len(targets), dtype=torch.float64)
-    tensor_errors: dict[str, torch.Tensor] = {}
-
-    def weights_fn(name: str, gram: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        subspace = subspace_from_gram(gram[: plan.num_fit, : plan.num_fit], rank)
-        projector = reconstruction_weights(subspace)  # U_r U_rᵀ
-        rows = []
-        for row in target_rows:
-            if row < plan.num_fit:
-                rows.append(projector[row])
-            else:
-                rows.append(prediction_weights(subspace, _project(gram[row : row + 1, : plan.num_fit], subspace))[0])
-        sq_norm = torch.diagonal(gram)[target_rows]
-        norms.add_(sq_norm)
-        tensor_errors[name] = torch.zeros(len(target_rows), dtype=torch.float64)
-        return torch.stack(rows), {
-            "explained_variance": subspace.explained_variance,
-            "singular_values": _singular_values(subspace),
-            "squared_norm": _floats(sq_norm),
-        }
-
-    def observe(name: str, deltas: torch.Tensor, predicted: torch.Tensor) -> None:
-        # ||Δ̂_t − Δ_t||² summed exactly over the chunks (more accurate than from G when it is small)
-        for j, row in enumerate(target_rows):
-            tensor_errors[name][j] += float((predicted[j] - deltas[row]).double().pow(2).sum())
+    projection = _Projection(plan.num_fit, rank, target_rows)
 
     def finish(run: _Run, outputs: list[_OutputModel], staging: Path, sources: dict[str, Path]) -> list[dict[str, Any]]:
-        errors = sum(tensor_errors.values(), torch.zeros(len(targets), dtype=torch.float64))
+        errors, norms, tensor_errors = projection.errors, projection.norms, projection.tensor_errors
         for name in plan.tracked:
             stats = run.tensors[name]
             squared_norm = stats.pop("squared_norm")
@@ -367,9 +391,9 @@ def reconstruct_checkpoints(
         logger.info("reconstructed step(s) %s at rank %d in %.1f s", ", ".join(map(str, targets)), rank, time.perf_counter() - began)
         return reports
 
-    return _execute("reconstruct", rows_plan, output, targets, out_dtype, weights_fn, finish, rows=len(order),
+    return _execute("reconstruct", rows_plan, output, targets, out_dtype, projection.weights, finish, rows=len(order),
                     budget=budget, num_workers=num_workers, progress=progress, overwrite=overwrite, aux_plan=plan,
-                    emit_rows=len(order), observe=observe)
+                    emit_rows=len(order), observe=projection.observe)
 
 
 def _write_reconstruction_card(directory: Path, report: dict[str, Any]) -> None:
@@ -395,6 +419,58 @@ def _write_reconstruction_card(directory: Path, report: dict[str, Any]) -> None:
 
 
 # -- report ------------------------------------------------------------------------------------------------
+
+
+class _Diagnostics:
+    """``report``: no weights to write; per tensor the explained variance, singular values, in-window R², and for
+    the held-out snapshots (after the fit) their R² against the extended trend and the prediction's squared
+    error (summed over tensors in ``errors``/``norms``); the coefficient trajectories of the ``largest`` tensors."""
+
+    def __init__(self, steps: list[int], fit_count: int, x_window: torch.Tensor, rank: int, fit: str, power: float,
+                 largest: set[str]) -> None:
+        self.steps, self.fit_count, self.x_window, self.rank, self.fit, self.power = steps, fit_count, x_window, rank, fit, power
+        self.largest = largest
+        self.held_rows = list(range(fit_count, len(steps)))
+        self.x_held = torch.tensor(steps[fit_count:], dtype=torch.float64)
+        self.errors = torch.zeros(len(self.held_rows), dtype=torch.float64)
+        self.norms = torch.zeros(len(self.held_rows), dtype=torch.float64)
+        self.trajectories: dict[str, dict[str, Any]] = {}
+
+    def weights(self, name: str, gram: torch.Tensor) -> tuple[None, dict[str, Any]]:
+        fit_count, used, held_rows = self.fit_count, self.x_window.numel(), self.held_rows
+        subspace = subspace_from_gram(gram[:fit_count, :fit_count], self.rank)
+        coefficients = subspace.coefficients
+        trend = fit_trend(self.x_window, coefficients[-used:], kind=self.fit, power=self.power)
+        stats: dict[str, Any] = {
+            "explained_variance": subspace.explained_variance,
+            "singular_values": _singular_values(subspace),
+            "r_squared_in_window": _floats(r_squared(self.x_window, coefficients[-used:], trend)),
+            "r_squared_out_of_window": None,
+        }
+        held = _project(gram[fit_count:, :fit_count], subspace) if held_rows else coefficients[:0]
+        if held_rows:
+            if len(held_rows) >= 2:
+                spread = (held - held.mean(0)).pow(2).sum(0)
+                r2 = r_squared(self.x_held, held, trend)
+                stats["r_squared_out_of_window"] = [float(v) if s > 0 else None for v, s in zip(r2, spread)]
+            weights = prediction_weights(subspace, trend(self.x_held))
+            sq_err, sq_norm = _squared_errors(gram, weights, fit_count, held_rows)
+            self.errors.add_(sq_err)
+            self.norms.add_(sq_norm)
+            stats["relative_error_out_of_window"] = [float((e / n).sqrt()) if n > 0 else 0.0 for e, n in zip(sq_err, sq_norm)]
+        if name in self.largest:
+            every = torch.cat([coefficients, held])
+            sign = torch.where(coefficients[-1] < 0, -1.0, 1.0).to(torch.float64)  # display: c grows positive
+            self.trajectories[name] = {
+                "steps": self.steps,
+                "coefficients": [_floats(col) for col in (every * sign).T],
+                "trend": {"kind": trend.kind, "params": [_floats(col) for col in (trend.params * sign).T],
+                          "power": trend.power, "origin": trend.origin, "center": trend.center, "scale": trend.scale},
+                "explained_variance": subspace.explained_variance,
+                "r_squared_in_window": stats["r_squared_in_window"],
+                "r_squared_out_of_window": stats["r_squared_out_of_window"],
+            }
+        return None, stats
 
 
 def report_checkpoints(
@@ -441,47 +517,10 @@ def report_checkpoints(
     x_all = torch.tensor(plan.steps, dtype=torch.float64)
     x_fit = x_all[:fit_count]
     x_window = x_fit[-used:]
-    x_held = x_all[fit_count:]
     held_rows = list(range(fit_count, len(plan.models)))
     largest = sorted(plan.tracked, key=lambda n: -plan.base.tensors[n].numel)[:top]
-    errors = torch.zeros(len(held_rows), dtype=torch.float64)
-    norms = torch.zeros(len(held_rows), dtype=torch.float64)
-    trajectories: dict[str, dict[str, Any]] = {}
-
-    def weights_fn(name: str, gram: torch.Tensor) -> tuple[None, dict[str, Any]]:
-        subspace = subspace_from_gram(gram[:fit_count, :fit_count], rank)
-        coefficients = subspace.coefficients
-        trend = fit_trend(x_window, coefficients[-used:], kind=fit, power=power)
-        stats: dict[str, Any] = {
-            "explained_variance": subspace.explained_variance,
-            "singular_values": _singular_values(subspace),
-            "r_squared_in_window": _floats(r_squared(x_window, coefficients[-used:], trend)),
-            "r_squared_out_of_window": None,
-        }
-        held = _project(gram[fit_count:, :fit_count], subspace) if held_rows else coefficients[:0]
-        if held_rows:
-            if len(held_rows) >= 2:
-                spread = (held - held.mean(0)).pow(2).sum(0)
-                r2 = r_squared(x_held, held, trend)
-                stats["r_squared_out_of_window"] = [float(v) if s > 0 else None for v, s in zip(r2, spread)]
-            weights = prediction_weights(subspace, trend(x_held))
-            sq_err, sq_norm = _squared_errors(gram, weights, fit_count, held_rows)
-            errors.add_(sq_err)
-            norms.add_(sq_norm)
-            stats["relative_error_out_of_window"] = [float((e / n).sqrt()) if n > 0 else 0.0 for e, n in zip(sq_err, sq_norm)]
-        if name in largest:
-            every = torch.cat([coefficients, held])
-            sign = torch.where(coefficients[-1] < 0, -1.0, 1.0).to(torch.float64)  # display: c grows positive
-            trajectories[name] = {
-                "steps": plan.steps,
-                "coefficients": [_floats(col) for col in (every * sign).T],
-                "trend": {"kind": trend.kind, "params": [_floats(col) for col in (trend.params * sign).T],
-                          "power": trend.power, "origin": trend.origin, "center": trend.center, "scale": trend.scale},
-                "explained_variance": subspace.explained_variance,
-                "r_squared_in_window": stats["r_squared_in_window"],
-                "r_squared_out_of_window": stats["r_squared_out_of_window"],
-            }
-        return None, stats
+    diagnostics = _Diagnostics(plan.steps, fit_count, x_window, rank, fit, power, set(largest))
+    errors, norms, trajectories = diagnostics.errors, diagnostics.norms, diagnostics.trajectories
 
     def finish(run: _Run, outputs: list[_OutputModel], staging: Path, sources: dict[str, Path]) -> dict[str, Any]:
         bt = backtest([run.grams[n][:fit_count, :fit_count] for n in plan.tracked], x_fit, rank=rank, kind=fit, power=power)
@@ -520,5 +559,5 @@ def report_checkpoints(
         logger.info("report of %d tensors over %d checkpoints in %.1f s", len(plan.tracked), len(plan.models), time.perf_counter() - began)
         return report
 
-    return _execute("report", plan, output, [], None, weights_fn, finish, rows=len(plan.models), budget=budget,
+    return _execute("report", plan, output, [], None, diagnostics.weights, finish, rows=len(plan.models), budget=budget,
                     num_workers=num_workers, progress=progress, overwrite=overwrite)
