@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,14 @@ def horizon_warning(target: float, ratio: float, section: dict[str, Any] | None)
     )
 
 
+def _package_version() -> str:
+    """The installed relex-callback version (read from the distribution, so this module imports no package face)."""
+    try:
+        return version("relex-callback")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def new_report(
     producer: str,
     *,
@@ -85,12 +94,10 @@ def new_report(
     **sections: Any,
 ) -> dict[str, Any]:
     """A ``relex-report/2`` object; ``sections`` add producer-specific keys (``buffer``, ``timings``, ...)."""
-    from .. import __version__
-
     return {
         "format": REPORT_FORMAT,
         "producer": producer,
-        "relex_callback_version": __version__,
+        "relex_callback_version": _package_version(),
         "method": METHOD,
         "target_step": target_step,
         "targets": list(targets),
