@@ -638,6 +638,38 @@ def summary(args: argparse.Namespace) -> None:
         lines.append("")
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(table)
+
+
+def plot(table: dict[str, Any]) -> None:
+    """``regime_map.png``: per regime, each seed's real held-out accuracy by step, and each delivered model at the
+    steps it cost (window + probe), with its binomial SE."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    fig, axes = plt.subplots(1, max(len(table), 1), figsize=(6.5 * max(len(table), 1), 4.5), squeeze=False)
+    markers = {"auto": "s", "probe-all": "D", "probe-scale": "^", "probe-line": "v"}
+    for ax, (name, runs) in zip(axes[0], table.items()):
+        regime = REGIMES[name]
+        for seed, run in sorted(runs.items()):
+            steps, accs = zip(*sorted(run["real"].items()))
+            line, = ax.plot(steps, accs, "-o", ms=3, label=f"real GRPO, seed {seed}")
+            for label, m in run["methods"].items():
+                ax.errorbar([m["steps_spent"]], [m["accuracy"]], yerr=[m["se"]], fmt=markers.get(label, "x"),
+                            color=line.get_color(), alpha=0.8, ms=6)
+        ax.axvline(regime["observe"], color="grey", lw=0.8, ls="--")
+        ax.set_title(f"{name}: lr {regime['learning_rate']:g}, {regime['prompts_per_step']}x{regime['generations']} "
+                     f"completions, N = {regime['observe']}", fontsize=9)
+        ax.set_xlabel("real GRPO steps spent (+ probe cost in step equivalents)")
+        ax.set_ylabel("held-out accuracy (200 prompts)")
+        ax.legend(fontsize=7, title="markers: x fixed-K line, s auto, D probe (all), ^ α-scaling", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "regime_map.png", dpi=110)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------
