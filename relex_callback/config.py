@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .options import (
+    CANDIDATE_FAMILIES,
     BUFFER_DEVICES,
     BUFFER_DTYPES,
     JUMP_ANCHORS,
@@ -35,8 +36,11 @@ class RelexConfig:
     Args:
         observe (`int`, defaults to `50`): length of the observation window in optimizer steps [N].
             Snapshots are taken at ``start_step + snapshot_every``, ..., ``start_step + observe``.
-        extrapolate_to (`int` or `list[int]`, *optional*): absolute ``global_step`` target(s) [K] of the
-            halt-mode prediction; one model directory is written per target. Required in halt mode.
+        extrapolate_to (`int`, `list[int]` or `"auto"`, *optional*): absolute ``global_step`` target(s) [K] of the
+            halt-mode prediction; one model directory is written per target. Required in halt mode. ``"auto"``
+            takes the supported horizon K_max of the window diagnostic (``docs/choosing-a-horizon.md``); with a
+            probe, the best of the candidates up to K_max, never below the trained weights. An explicit target
+            beyond K_max is still written, with a warning, and the K_max model is written beside it.
         mode (`str`, defaults to `"halt"`): ``"halt"`` fits once at the end of the window, writes the
             extrapolated model(s) and stops training. ``"jump"`` keeps training and moves the live weights
             ``jump_horizon`` (virtual) steps ahead along the fitted trajectory at step ``start_step + observe``
@@ -101,6 +105,11 @@ class RelexConfig:
             θ + (ĉ(v + H) − ĉ(v))·v. ``shrink`` scales the move in both cases.
         allow_worse (`bool`, defaults to `False`): halt mode with a probe: load the best-scoring candidate even
             when it scores below the current weights (by default the current weights are then kept).
+        candidates (`list[str]`, *optional*): halt mode: prediction families written for every target and, with a
+            probe, competing for it: ``"trend"`` (the configured ``fit``, the paper's line by default), ``"sqrt"``
+            (rank r with c = a + b·√(t − start_step)) and ``"scale"`` (θ_0 + √(K/N)·(θ_N − θ_0), magnitude scaling
+            with no direction fit). Default ``["trend"]``; ``["trend", "sqrt", "scale"]`` when
+            ``extrapolate_to="auto"`` and a probe is given.
     """
 
     observe: int = _help("Observation window N in optimizer steps.", 50)
@@ -132,6 +141,7 @@ class RelexConfig:
     probe_shrink_on_reject: float = _help("Jump mode: factor on the next horizon after a rejected jump.", 0.5)
     jump_anchor: str = _help("Jump mode: 'fit' (θ_0 + ĉ(v+H)·v, the paper) or 'current' (θ + (ĉ(v+H) − ĉ(v))·v).", "fit")
     allow_worse: bool = _help("Halt mode with a probe: load the best candidate even if below the current weights.", False)
+    candidates: list[str] | None = _help("Halt mode: prediction families 'trend', 'sqrt', 'scale' (default ['trend']).", None)
 
     def __post_init__(self) -> None:
         self._check_int("observe", minimum=1)
@@ -182,6 +192,7 @@ class RelexConfig:
             raise ValueError(f"backtest_tolerance={self.backtest_tolerance!r} must be a number > 0.")
         self._check_jump_options()
         self.extrapolate_to = self._check_targets()
+        self.candidates = self._check_candidates()
 
     def _check_jump_options(self) -> None:
         jump_only = ("jump_every", "jump_horizon", "max_snapshots")
@@ -249,8 +260,37 @@ class RelexConfig:
                 raise ValueError(f"{name} pattern {pattern!r} is not a valid regular expression: {err}.") from None
         return list(value)
 
-    def _check_targets(self) -> list[int] | None:
+    def _check_candidates(self) -> list[str] | None:
+        value = self.candidates
+        if value is None:
+            return None
+        if self.mode == "jump":
+            raise ValueError(f"candidates={value!r} is a halt-mode option; jump mode always follows the fitted trend. "
+                             "Drop candidates or use mode='halt'.")
+        kinds = [value] if isinstance(value, str) else value
+        if not isinstance(kinds, (list, tuple)) or not kinds or any(k not in CANDIDATE_FAMILIES for k in kinds):
+            raise ValueError(f"candidates={value!r} must be a non-empty list drawn from {CANDIDATE_FAMILIES}.")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"candidates={value!r} lists a family twice.")
+        return list(kinds)
+
+    @property
+    def auto_target(self) -> bool:
+        """``extrapolate_to="auto"``: the target is the window diagnostic's supported horizon."""
+        return self.extrapolate_to == "auto"
+
+    def _check_targets(self) -> list[int] | str | None:
         value = self.extrapolate_to
+        if isinstance(value, str) and value == "auto":
+            if self.mode == "jump":
+                raise ValueError("extrapolate_to='auto' is a halt-mode option; jump mode caps each jump by the backtest "
+                                 "(auto_horizon). Drop extrapolate_to or use mode='halt'.")
+            return "auto"
+        if isinstance(value, (list, tuple)) and "auto" in value:
+            raise ValueError(f"extrapolate_to={value!r}: 'auto' picks the target itself and cannot be part of a list; "
+                             "pass extrapolate_to='auto' alone, or a list of steps.")
+        if isinstance(value, str):
+            raise TypeError(f"extrapolate_to={value!r} must be an int, a non-empty list of ints or 'auto'.")
         if self.mode == "jump" and value is not None:
             raise ValueError(
                 f"extrapolate_to={value!r} is a halt-mode option; jump mode moves jump_horizon steps ahead at every "
@@ -259,8 +299,9 @@ class RelexConfig:
         if value is None:
             if self.mode == "halt":
                 raise ValueError(
-                    "extrapolate_to is required in halt mode: pass the target step K, e.g. "
-                    f"RelexCallback(observe={self.observe}, extrapolate_to={self.last_observed_step * 5})."
+                    "extrapolate_to is required in halt mode: pass extrapolate_to='auto' (the horizon the window "
+                    "supports) or a target step K, e.g. "
+                    f"RelexCallback(observe={self.observe}, extrapolate_to={self.last_observed_step * 2})."
                 )
             return None
         targets = [value] if isinstance(value, int) and not isinstance(value, bool) else value

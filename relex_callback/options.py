@@ -17,6 +17,7 @@ __all__ = [
     "OPTIMIZER_POLICIES",
     "JUMP_ANCHORS",
     "DEFAULT_BACKTEST_TOLERANCE",
+    "CANDIDATE_FAMILIES",
     "min_snapshots",
     "shrink_error",
     "power_error",
@@ -29,6 +30,7 @@ MODES = ("halt", "jump")
 OPTIMIZER_POLICIES = ("keep", "reset")
 JUMP_ANCHORS = ("fit", "current")
 DEFAULT_BACKTEST_TOLERANCE = 0.75
+CANDIDATE_FAMILIES = ("trend", "sqrt", "scale")  # halt mode: the configured trend, a √t trend, magnitude scaling
 
 
 def min_snapshots(rank: int, fit: str) -> int:

@@ -616,3 +616,17 @@ def test_model_dir_reads_only_headers(tied):
     entry = model.tensors["model.embed_tokens.weight"]
     assert entry.shape == (96, 32) and entry.dtype == torch.bfloat16 and model.fmt == "safetensors"
     assert os.path.getsize(entry.file) >= entry.offset + entry.nbytes
+
+
+def test_reports_carry_the_window_diagnostic_and_flag_targets_beyond_it(tmp_path):
+    base, parent = make_trajectory(tmp_path / "wavy", two_directions=True)  # a second direction that oscillates
+    diagnosis = offline.report_checkpoints(base, [parent], tmp_path / "report", plots=False, progress=False)["diagnostic"]
+    assert diagnosis["num_snapshots"] == 6 and diagnosis["growth_exponent"] is not None
+    k_max = diagnosis["supported_step"]
+    assert 6 <= k_max < 120  # the oscillating direction limits the horizon
+    near, far = int(k_max), 120
+    reports = offline.extrapolate_checkpoints(base, [parent], [near, far] if near > 6 else [far], tmp_path / "out",
+                                              progress=False)
+    flagged = {r["target_step"]: any("beyond the supported horizon" in w for w in r["warnings"]) for r in reports}
+    assert flagged[far] and (near <= 6 or not flagged[near])
+    assert all(r["diagnostic"]["supported_step"] == pytest.approx(k_max) for r in reports)

@@ -35,6 +35,7 @@ from ..distributed import (
     write_prediction,
 )
 from ..math.core import TrajectoryFit, combine, fit_trajectory, prediction_weights, select_power
+from ..math.diagnostic import WindowDiagnostic, diagnose_window, trend_predictor
 from ..options import BUFFER_DTYPES, TREND_KINDS
 from .candidate import Candidate, TrendSpec
 from .report import backtest_section, horizon_warning, new_report
@@ -64,6 +65,36 @@ def register_candidate_kind(name: str, builder: CandidateBuilder) -> None:
     if name in TREND_KINDS or name == "svd":
         raise ValueError(f"{name!r} is the built-in SVD trend family")
     _CANDIDATE_KINDS[name] = builder
+
+
+def _scale_candidate(engine: "RelexEngine", fit: TrajectoryFit, target: float) -> Candidate:
+    """θ_0 + α(θ_N − θ_0) with α = √((K − x_0)/(x_N − x_0)): magnitude scaling along the last observed delta."""
+    origin = float(engine.fit_inputs[3])
+    alpha = math.sqrt((float(target) - origin) / (float(fit.steps[-1]) - origin))
+    weights = {}
+    for tensor_fit in fit.tensors:
+        w = torch.zeros(len(fit.steps), dtype=torch.float64)
+        w[-1] = alpha
+        weights[tensor_fit.name] = w
+    return Candidate(target=float(target), spec=TrendSpec(kind="scale", origin=origin, params={"alpha": alpha}),
+                     weights=weights, shrink=engine.config.shrink)
+
+
+def _observed_candidate(engine: "RelexEngine", fit: TrajectoryFit, target: float) -> Candidate:
+    """The last observed weights θ_N themselves (weight 1 on the last row): what "no extrapolation" writes."""
+    candidate = _scale_candidate(engine, fit, float(fit.steps[-1]))
+    return Candidate(target=float(fit.steps[-1]), spec=TrendSpec(kind="observed", origin=candidate.spec.origin),
+                     weights=candidate.weights)
+
+
+def _sqrt_candidate(engine: "RelexEngine", fit: TrajectoryFit, target: float) -> Candidate:
+    """The rank-r subspace with a √t trend, c = a + b·√(x − x_0), fitted on the same Grams."""
+    names, grams, steps, origin = engine.fit_inputs
+    cfg = engine.config
+    sqrt_fit = fit_trajectory(list(zip(names, grams, strict=True)), steps, [float(target)], rank=cfg.rank, kind="power",
+                              power=0.5, origin=origin)
+    return Candidate(target=float(target), spec=TrendSpec(kind="sqrt", rank=cfg.rank, power=0.5, origin=origin),
+                     weights={t.name: t.weights[0] for t in sqrt_fit.tensors}, shrink=cfg.shrink)
 
 
 def state_file(checkpoint_dir: Path) -> Path:
@@ -104,6 +135,11 @@ def plan_buffer(config: RelexConfig, numels: Sequence[int], on_gpu: bool, gpu_fr
                       budget=gpu_budget if on_device else host_budget)
 
 
+_CANDIDATE_KINDS.update({"scale": _scale_candidate, "sqrt": _sqrt_candidate, "observed": _observed_candidate})
+FAMILY_KINDS = {"trend": "svd", "sqrt": "sqrt", "scale": "scale"}
+"""``RelexConfig.candidates`` families -> engine candidate kinds."""
+
+
 class RelexEngine:
     """RELEX on one model's live weights: buffer, fit, candidates, predictions, trials and reports.
 
@@ -115,6 +151,8 @@ class RelexEngine:
         self.config = config
         self.buffer: DeltaBuffer | None = None
         self.snapshot_seconds = 0.0
+        self.grams: list[tuple[str, torch.Tensor]] = []  # the last fit's Grams, summed over processes (T×T each)
+        self.diagnostic: WindowDiagnostic | None = None  # the last fit's window diagnostic
 
     # -- the buffer -----------------------------------------------------------------------------------------
 
@@ -263,6 +301,7 @@ class RelexEngine:
                 f"RELEX refuses to extrapolate: non-finite deltas in {bad[:10]}{' ...' if len(bad) > 10 else ''}. "
                 "Live weights and output directories were left untouched."
             )
+        self.grams = list(zip(names, grams, strict=True))
         steps = self.buffer.window_steps(window)
         origin = float(cfg.start_step if origin is None else origin)
         power = cfg.power
@@ -270,10 +309,41 @@ class RelexEngine:
             power, distances = select_power(grams, steps, rank=cfg.rank, origin=origin)
             logger.info("RELEX: power='auto' chose p=%.2f (backtest distance by p: %s)", power,
                         {p: round(d, 4) for p, d in distances.items()})
+        self.fit_inputs = (names, grams, list(steps), origin)
         return fit_trajectory(
-            list(zip(names, grams, strict=True)), steps, [float(t) for t in targets], rank=cfg.rank, kind=cfg.fit,
+            self.grams, steps, [float(t) for t in targets], rank=cfg.rank, kind=cfg.fit,
             power=power, origin=origin,
         )
+
+    def diagnose(self, fit: TrajectoryFit, zero_std_fraction: float | None = None) -> WindowDiagnostic:
+        """The window diagnostic of the last :meth:`fit` (Gram-only; the same on every process): growth exponent,
+        direction stability, noise share, backtests and the supported horizon K_max of the configured trend at
+        ``backtest_tolerance`` (:mod:`relex_callback.math.diagnostic`)."""
+        cfg = self.config
+        names, grams, steps, origin = self.fit_inputs
+        stacked = torch.stack([g.detach().to(device="cpu", dtype=torch.float64) for g in grams])
+        numels = [math.prod(getattr(item, "full_shape", None) or item.param.shape) for item in self.buffer.tracked]
+        trend = fit.tensors[0].trend
+        predictor = trend_predictor(stacked, steps, rank=cfg.rank, kind=cfg.fit, power=trend.power, origin=origin)
+        self.diagnostic = diagnose_window(stacked, steps, origin, numels, predictor, rank=cfg.rank,
+                                          tolerance=cfg.backtest_tolerance, zero_std_fraction=zero_std_fraction)
+        return self.diagnostic
+
+    def auto_targets(self, diagnostic: WindowDiagnostic, with_probe: bool) -> list[float]:
+        """``extrapolate_to="auto"``: K_max (rounded down to a step); with a probe, a ladder of targets up to K_max
+        as well (1.5, 2, 3, 5, 8, 12 and 20 times the window). An empty list: nothing beyond the window is
+        supported."""
+        origin, span = diagnostic.supported_step - diagnostic.supported_ratio * self._span(), self._span()
+        last = origin + span
+        k_max = float(math.floor(diagnostic.supported_step + 1e-9))
+        if k_max <= last:
+            return []
+        ladder = [float(math.floor(origin + r * span)) for r in (1.5, 2, 3, 5, 8, 12, 20)] if with_probe else []
+        return sorted({k for k in ladder if last < k < k_max} | {k_max})
+
+    def _span(self) -> float:
+        _, _, steps, origin = self.fit_inputs
+        return float(steps[-1]) - float(origin)
 
     def trend_spec(self, fit: TrajectoryFit, window: int | None) -> TrendSpec:
         cfg = self.config
@@ -318,19 +388,54 @@ class RelexEngine:
         return out
 
     def extrapolate(
-        self, targets: Sequence[float], producer: str, window: int | None = None, kinds: Sequence[str] = ("svd",)
+        self,
+        targets: Sequence[float] | Callable[[TrajectoryFit], Sequence[float]] | str,
+        producer: str,
+        window: int | None = None,
+        kinds: Sequence[str] = ("svd",),
+        *,
+        with_probe: bool = False,
+        zero_std_fraction: float | None = None,
+        **sections: Any,
     ) -> tuple[TrajectoryFit, list[Candidate], list[dict[str, torch.Tensor]]]:
-        """The whole sequence: fit the recorded ``window``, one candidate per target and kind, their predictions
-        and their reports (``candidate.report``, with the snapshot and fit timings)."""
+        """The whole sequence: fit the recorded ``window``, diagnose it (:meth:`diagnose`), one candidate per target
+        and kind, their predictions and their reports (``candidate.report``, with the diagnostic, the snapshot and
+        fit timings and ``sections``).
+
+        ``targets`` may be a function of the fit, or ``"auto"``: the supported horizon K_max and, ``with_probe``, a
+        ladder of targets below it (:meth:`auto_targets`); when nothing beyond the window is supported the one
+        candidate is the last observed weights (kind ``"observed"``). When an explicit target lies beyond K_max, a
+        candidate at K_max is put first, beside the targets (it is never loaded instead of them without a probe).
+        """
         started = time.perf_counter()
-        fit = self.fit(targets, window=window)
-        candidates = self.candidates(fit, targets, window=window, kinds=kinds)
+        auto = isinstance(targets, str)
+        if auto and targets != "auto":
+            raise ValueError(f"targets={targets!r}: pass step numbers, a function of the fit, or 'auto'")
+        chosen = None if auto or callable(targets) else [float(t) for t in targets]
+        fit = self.fit(chosen or [float(self.buffer.window_steps(window)[-1])], window=window)
+        diagnostic = self.diagnose(fit, zero_std_fraction)
+        logger.info("RELEX: %s", diagnostic.summary_line())
+        for text in diagnostic.warnings:
+            logger.warning("RELEX: %s", text)
+        k_max = float(math.floor(diagnostic.supported_step + 1e-9))
+        if auto:
+            chosen = self.auto_targets(diagnostic, with_probe)
+        elif chosen is None:
+            chosen = [float(t) for t in targets(fit)]
+        if chosen:
+            candidates = self.candidates(fit, chosen, window=window, kinds=kinds)
+        else:
+            logger.warning("RELEX: the window supports no extrapolation (K_max = the last observed step %g); writing the "
+                           "last observed weights instead of a prediction", fit.steps[-1])
+            candidates = [_CANDIDATE_KINDS["observed"](self, fit, float(fit.steps[-1]))]
+        if not auto and any(t > k_max for t in chosen) and k_max > fit.steps[-1] and k_max not in chosen:
+            candidates.insert(0, self.candidate(fit, k_max, window=window))
         predictions = self.predict(candidates)
         fit_seconds = time.perf_counter() - started
         timings = {"snapshot_seconds_total": self.snapshot_seconds,
                    "snapshot_seconds_mean": self.snapshot_seconds / max(len(fit.steps), 1), "fit_seconds": fit_seconds}
         for candidate in candidates:
-            self.report(fit, candidate, producer, timings=dict(timings))
+            self.report(fit, candidate, producer, timings=dict(timings), **sections)
         return fit, candidates, predictions
 
     # -- predictions ----------------------------------------------------------------------------------------
@@ -436,10 +541,22 @@ class RelexEngine:
         cfg = self.config
         ratio = self.horizon_ratio(candidate.target)
         backtest = backtest_section(fit.backtest, cfg.backtest_tolerance)
-        warning = horizon_warning(candidate.target, ratio, backtest)
-        warnings = [warning] if warning else []
-        for text in warnings:
-            logger.warning("RELEX: %s", text)
+        diagnostic = getattr(self, "diagnostic", None)
+        if diagnostic is not None:
+            warnings = list(diagnostic.warnings)
+            beyond = candidate.target > diagnostic.supported_step + 1e-9
+            if beyond:
+                warnings.append(
+                    f"target step {candidate.target:g} is beyond the supported horizon K_max = step "
+                    f"{diagnostic.supported_step:.0f} ({diagnostic.supported_ratio:.2f}x the window) at "
+                    f"backtest_tolerance={cfg.backtest_tolerance}: the window diagnostic expects the prediction to be "
+                    "farther from real training than that. Use extrapolate_to='auto', a nearer target or a probe.")
+                logger.warning("RELEX: %s", warnings[-1])
+        else:
+            warning = horizon_warning(candidate.target, ratio, backtest)
+            warnings = [warning] if warning else []
+            for text in warnings:
+                logger.warning("RELEX: %s", text)
         shapes = {item.name: list(getattr(item, "full_shape", None) or item.param.shape) for item in self.buffer.tracked}
         tensors = {
             t.name: {
@@ -457,7 +574,7 @@ class RelexEngine:
         report = new_report(
             producer,
             target_step=int(candidate.target) if float(candidate.target).is_integer() else candidate.target,
-            targets=list(cfg.extrapolate_to or []),
+            targets=cfg.extrapolate_to if cfg.auto_target else list(cfg.extrapolate_to or []),
             horizon_ratio=ratio,
             observed_steps=list(self.buffer.steps),
             window_steps=window_steps,
@@ -479,6 +596,7 @@ class RelexEngine:
             communication_bytes=communication_report(),
             **sections,
         )
+        report["diagnostic"] = None if diagnostic is None else diagnostic.as_dict()
         candidate.report = report
         return report
 

@@ -80,7 +80,7 @@ def new_report(
     producer: str,
     *,
     target_step: float | None,
-    targets: list[Any],
+    targets: list[Any] | str,
     horizon_ratio: float | None,
     observed_steps: list[Any],
     window_steps: list[Any],
@@ -100,7 +100,7 @@ def new_report(
         "relex_callback_version": _package_version(),
         "method": METHOD,
         "target_step": target_step,
-        "targets": list(targets),
+        "targets": targets if isinstance(targets, str) else list(targets),  # "auto" or the steps
         "horizon_ratio": horizon_ratio,
         "observed_steps": list(observed_steps),
         "window_steps": list(window_steps),

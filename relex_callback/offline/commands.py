@@ -26,7 +26,8 @@ import torch
 
 from ..checkpoints import RelexInputError
 from ..engine.candidate import TrendSpec
-from ..engine.report import backtest_section, horizon_warning, new_report, write_model_card
+from ..engine.report import backtest_section, new_report, write_model_card
+from ..math.diagnostic import WindowDiagnostic, diagnose_window, trend_predictor
 from ..export import REPORT_NAME, atomic_directory, write_json
 from ..export import summarize_explained_variance as summarize
 from ..math.core import (
@@ -143,6 +144,27 @@ def _floats(values: torch.Tensor) -> list[float]:
     return [float(v) for v in values.reshape(-1)]
 
 
+def _diagnose(grams: Sequence[torch.Tensor], steps: Sequence[float], numels: Sequence[int], rank: int, fit: str,
+              power: float, tolerance: float) -> WindowDiagnostic:
+    """The window diagnostic (relex_callback.math.diagnostic) of the fit snapshots, θ_0 at step 0; logged."""
+    g = torch.stack([x.detach().to(torch.float64) for x in grams])
+    x = [float(v) for v in steps]
+    diagnostic = diagnose_window(g, x, 0.0, numels, trend_predictor(g, x, rank=rank, kind=fit, power=power), rank=rank,
+                                 tolerance=tolerance)
+    logger.info("%s", diagnostic.summary_line())
+    for warning in diagnostic.warnings:
+        logger.warning("%s", warning)
+    return diagnostic
+
+
+def _beyond_horizon(target: float, diagnostic: WindowDiagnostic) -> str | None:
+    if target <= diagnostic.supported_step + 1e-9:
+        return None
+    return (f"target step {target:g} is beyond the supported horizon K_max = step {diagnostic.supported_step:.0f} "
+            f"({diagnostic.supported_ratio:.2f}x the window) at backtest_tolerance={diagnostic.tolerance:g}: expect the "
+            "prediction to drift from real training; use a nearer target")
+
+
 def _check_trend(fit: str, power: float, time_scale: float) -> None:
     problem = power_error(power, fit, allow_auto=False)
     if problem:
@@ -234,6 +256,8 @@ def extrapolate_checkpoints(
     def finish(run: _Run, outputs: list[_OutputModel], staging: Path, sources: dict[str, Path]) -> list[dict[str, Any]]:
         bt = backtest([run.grams[n] for n in plan.tracked], x_fit, rank=rank, kind=fit, power=power)
         section = backtest_section(bt, backtest_tolerance)
+        diagnostic = _diagnose([run.grams[n] for n in plan.tracked], plan.fit_steps,
+                               [plan.base.tensors[n].numel for n in plan.tracked], rank, fit, power, backtest_tolerance)
         settings = _settings(rank=rank, fit=fit, power=float(power), window=window, fit_steps=fit_steps,
                              time_scale=float(time_scale), shrink=float(shrink), dtype=out_dtype or "auto",
                              max_memory=budget, num_workers=num_workers, backtest_tolerance=backtest_tolerance,
@@ -242,8 +266,8 @@ def extrapolate_checkpoints(
         for j, (target, eff, out) in enumerate(zip(targets, effective, outputs)):
             horizon = eff / last if last > 0 else math.inf
             warnings = [f"target step {target} (effective {eff:g}) is not after the last observed step {last}: this interpolates"] if eff <= last else []
-            beyond = horizon_warning(eff, horizon, section)
-            warnings += [beyond] if beyond else []
+            beyond = _beyond_horizon(eff, diagnostic)
+            warnings += list(diagnostic.warnings) + ([beyond] if beyond else [])
             report = new_report(
                 "extrapolate", target_step=target, targets=targets, horizon_ratio=horizon,
                 observed_steps=plan.fit_steps, window_steps=plan.fit_steps[-used:], settings=settings,
@@ -256,10 +280,12 @@ def extrapolate_checkpoints(
                 tensors={n: {**{k: v for k, v in run.tensors[n].items() if k != "predicted_coefficients"},
                              "predicted_coefficients": run.tensors[n]["predicted_coefficients"][j]} for n in plan.tracked},
             )
+            report["diagnostic"] = diagnostic.as_dict()
             write_json(out.directory / REPORT_NAME, report)
             write_model_card(out.directory, report)
             for warning in warnings:
-                logger.warning("%s", warning)
+                if warning not in diagnostic.warnings:  # those were logged once by _diagnose
+                    logger.warning("%s", warning)
             reports.append(report)
         logger.info(
             "extrapolated %d tensors to step(s) %s in %.1f s (waited %.1f s for reads of %s; %d tensor(s) chunked)",
@@ -552,6 +578,10 @@ def report_checkpoints(
             trajectories=trajectories, plots=[], tensors=tensors,
         )
         report["explained_variance"]["numel_weighted_mean"] = sum(e * n for e, n in zip(ev_values, numel)) / max(sum(numel), 1)
+        diagnostic = _diagnose([run.grams[n][:fit_count, :fit_count] for n in plan.tracked], plan.fit_steps, numel, rank, fit,
+                               power, backtest_tolerance)
+        report["diagnostic"] = diagnostic.as_dict()
+        report["warnings"] = list(report["warnings"]) + list(diagnostic.warnings)
         if plots:
             report["plots"] = _write_plots(staging, report, plan, rank, horizon_end)
         report.update(_run_sections(run, began))

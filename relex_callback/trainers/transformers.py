@@ -19,10 +19,10 @@ from transformers.training_args import TrainingArguments
 from ..config import RelexConfig
 from ..distributed import gather_state_dict, is_main_process, unwrap_model, world_info
 from ..engine.candidate import Candidate
-from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, state_file
+from ..engine.engine import FAMILY_KINDS, STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, state_file
 from ..engine.report import report_metrics, write_model_card
 from ..export import REPORT_NAME, atomic_directory, check_output_dir, write_json
-from ..math.core import TrajectoryFit
+from ..math.core import TREND_KINDS, TrajectoryFit
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
 from ..probe import choose_candidate
 from .jump import JumpController
@@ -85,7 +85,8 @@ class RelexCallback(TrainerCallback, ExportableState):
         self.engine = RelexEngine(config)
         self.last_fit: TrajectoryFit | None = None
         self.candidates: list[Candidate] = []
-        self.written_dirs: dict[int, Path] = {}
+        self.diagnostic = None  # the window diagnostic of the halt-mode fit
+        self.written_dirs: dict[int | str, Path] = {}  # target step (the trend) or directory name (other families)
         self.loaded_target: int | None = None
         self._final_weights: dict[str, torch.Tensor] | None = None
         self._pending_metrics: dict[str, float] = {}
@@ -115,7 +116,8 @@ class RelexCallback(TrainerCallback, ExportableState):
     @property
     def reports(self) -> dict[int, dict[str, Any]]:
         """The halt-mode report of each target step."""
-        return {int(c.target): c.report for c in self.candidates if c.report is not None}
+        return {(int(c.target) if c.spec.kind in TREND_KINDS or c.spec.kind == "observed" else c.label): c.report
+                for c in self.candidates if c.report is not None}
 
     @property
     def _snapshot_seconds(self) -> float:  # restored from trainer_state.json by transformers' from_state
@@ -191,7 +193,7 @@ class RelexCallback(TrainerCallback, ExportableState):
                 f"(or num_train_epochs) or lower observe."
             )
         self._output_root = Path(cfg.output_dir or args.output_dir)
-        if cfg.mode == "halt" and cfg.save_model and state.global_step < cfg.last_observed_step:
+        if cfg.mode == "halt" and cfg.save_model and state.global_step < cfg.last_observed_step and not cfg.auto_target:
             for target in cfg.extrapolate_to:
                 check_output_dir(self.target_dir(target), cfg.overwrite)
                 if cfg.merge_lora:
@@ -260,6 +262,26 @@ class RelexCallback(TrainerCallback, ExportableState):
     def target_dir(self, target: int) -> Path:
         return self._output_root / f"relex-step{target}"
 
+    def candidate_dir(self, candidate: Candidate) -> Path:
+        """``relex-step{K}`` for the configured trend (and for the observed weights, K = N), else
+        ``relex-step{K}-{family}``."""
+        kind = candidate.spec.kind
+        suffix = "" if kind in TREND_KINDS or kind == "observed" else f"-{kind}"
+        return self._output_root / f"relex-step{int(candidate.target)}{suffix}"
+
+    def _families(self) -> list[str]:
+        cfg = self.config
+        if cfg.candidates is not None:
+            return [FAMILY_KINDS[f] for f in cfg.candidates]
+        return ["svd", "sqrt", "scale"] if cfg.auto_target and self.probe is not None else ["svd"]
+
+    @staticmethod
+    def _window_zero_std(state: TrainerState, first: int, last: int) -> float | None:
+        """Mean ``frac_reward_zero_std`` (GRPO's share of prompt groups without reward variance) logged in the window."""
+        values = [h["frac_reward_zero_std"] for h in state.log_history
+                  if "frac_reward_zero_std" in h and first < h.get("step", -1) <= last]
+        return sum(values) / len(values) if values else None
+
     def save_state(self, checkpoint_dir: str | Path) -> Path:
         """Write θ_0 and the recorded deltas of this process into ``checkpoint_dir``."""
         extra = {"jump": json.dumps(self.jump.state_dict())} if self.jump is not None else {}
@@ -306,15 +328,19 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     def _halt(self, state: TrainerState, control: TrainerControl, model, processing_class) -> None:
         cfg = self.config
-        fit, candidates, predictions = self.engine.extrapolate(cfg.extrapolate_to, "halt", window=cfg.window)
-        self.last_fit, self.candidates = fit, candidates
+        fit, candidates, predictions = self.engine.extrapolate(
+            cfg.extrapolate_to, "halt", window=cfg.window, kinds=self._families(), with_probe=self.probe is not None,
+            zero_std_fraction=self._window_zero_std(state, cfg.start_step, cfg.last_observed_step),
+        )
+        self.last_fit, self.candidates, self.diagnostic = fit, candidates, self.engine.diagnostic
         chosen = self._choose_with_probe(model, candidates, predictions)
         if cfg.save_model:
             started = time.perf_counter()
             for candidate, prediction in zip(candidates, predictions, strict=True):
                 candidate.report["timings"]["write_seconds"] = None
-                target = int(candidate.target)
-                self.written_dirs[target] = self._write_model_dir(model, processing_class, candidate, prediction)
+                path = self._write_model_dir(model, processing_class, candidate, prediction)
+                plain = candidate.spec.kind in TREND_KINDS or candidate.spec.kind == "observed"
+                self.written_dirs[int(candidate.target) if plain else path.name] = path
             logger.info("RELEX: wrote %s in %.1fs", [str(p) for p in self.written_dirs.values()], time.perf_counter() - started)
         self.loaded_target = None if chosen is None else int(candidates[chosen].target)
         self._final_weights = None if chosen is None else predictions[chosen]
@@ -322,6 +348,13 @@ class RelexCallback(TrainerCallback, ExportableState):
         control.should_training_stop = True
         report = candidates[-1 if chosen is None else chosen].report
         metrics = {**report_metrics(report), "relex/fit_seconds": report["timings"]["fit_seconds"]}
+        diagnostic = self.engine.diagnostic
+        metrics["relex/supported_step"] = diagnostic.supported_step
+        metrics["relex/supported_ratio"] = diagnostic.supported_ratio
+        for key in ("growth_exponent", "direction_stability", "noise_share"):
+            value = getattr(diagnostic, key)
+            if value is not None:
+                metrics[f"relex/{key}"] = value
         for key, value in self.probe_scores.items():
             if math.isfinite(value):
                 metrics["relex/probe_current" if key == "current" else f"relex/probe_step{key}"] = value
@@ -331,8 +364,9 @@ class RelexCallback(TrainerCallback, ExportableState):
         """Index of the prediction to load: the last target without a probe; with one, the best-scoring target
         (ties: the nearest), or ``None`` (keep the current weights) when it scores below them and not
         ``allow_worse``. Scores go into each target's report under ``"probe"``."""
-        if self.probe is None:
-            return len(candidates) - 1
+        if self.probe is None:  # the last target of the configured trend (the user's last target)
+            plain = [i for i, c in enumerate(candidates) if c.spec.kind in TREND_KINDS or c.spec.kind == "observed"]
+            return plain[-1] if plain else len(candidates) - 1
         targets = [int(c.target) for c in candidates]
         allow_worse = self.config.allow_worse
         current, chosen = self.engine.trial(
@@ -388,7 +422,7 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     def _write_model_dir(self, model, processing_class, candidate: Candidate, prediction: dict[str, torch.Tensor]) -> Path:
         target = int(candidate.target)
-        final = self.target_dir(target)
+        final = self.candidate_dir(candidate)
         report = candidate.report
         started = time.perf_counter()
         state_dict = gather_state_dict(model, self.buffer.tracked, prediction)  # collective; None off rank 0

@@ -1,0 +1,124 @@
+"""The window diagnostic in halt mode and ``extrapolate_to="auto"``, end to end with the real TRL GRPOTrainer and
+transformers Trainer on tiny models. Written weights are checked against independent computations from weights
+captured by a separate callback."""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from _oracle import CaptureWeights, oracle
+from _tiny import tiny_qwen2, tiny_tokenizer
+from relex_callback import RelexCallback
+from test_halt import assert_close_state, grpo_trainer, lm_trainer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer(chat_template=False)
+
+
+def loaded_state(path):
+    return dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())
+
+
+def test_auto_writes_the_line_at_the_supported_horizon(tmp_path, tok):
+    capture = CaptureWeights()
+    relex = RelexCallback(observe=8, extrapolate_to="auto", buffer_dtype="float32")
+    trainer = lm_trainer(tmp_path, tok, [capture, relex])  # full-batch-like LM training: a smooth trajectory
+    trainer.train()
+
+    diagnostic = relex.diagnostic
+    k = math.floor(diagnostic.supported_step + 1e-9)
+    assert k > 8, diagnostic.as_dict()  # this run supports extrapolation (else the test below would not test it)
+    assert list(relex.written_dirs) == [k]
+    report = json.loads((relex.written_dirs[k] / "relex_report.json").read_text())
+    assert report["target_step"] == k and report["targets"] == "auto"
+    assert report["diagnostic"]["supported_step"] == pytest.approx(diagnostic.supported_step)
+    assert report["diagnostic"]["distance_curve"]  # the curve K_max was read from
+    expected = oracle(capture.weights, 0, list(range(1, 9)), k)
+    assert_close_state(loaded_state(relex.written_dirs[k]), expected, atol=2e-5)
+    assert_close_state(dict(trainer.model.named_parameters()), expected, atol=2e-5)  # and the live model holds it
+    logged = {k2: v for h in trainer.state.log_history for k2, v in h.items()}
+    assert logged["relex/supported_step"] == pytest.approx(diagnostic.supported_step)
+    assert "relex/growth_exponent" in logged and "relex/direction_stability" in logged
+
+
+def test_auto_on_a_window_that_never_moved_writes_the_observed_weights(tmp_path, tok, caplog):
+    capture = CaptureWeights()
+    relex = RelexCallback(observe=8, extrapolate_to="auto", buffer_dtype="float32")
+    trainer = lm_trainer(tmp_path, tok, [capture, relex])
+    trainer.args.learning_rate = 0.0  # no step moves the weights
+    with caplog.at_level(logging.WARNING, logger="relex_callback"):
+        trainer.train()
+    assert relex.diagnostic.supported_ratio == 1.0 and relex.diagnostic.distinct_snapshots == 0
+    assert list(relex.written_dirs) == [8]
+    report = json.loads((relex.written_dirs[8] / "relex_report.json").read_text())
+    assert report["candidate"]["trend"]["kind"] == "observed"
+    assert any("distinct snapshot" in w for w in report["warnings"])
+    assert "supports no extrapolation" in caplog.text and "distinct snapshot" in caplog.text
+    assert_close_state(loaded_state(relex.written_dirs[8]), capture.weights[8], atol=0.0)
+
+
+def test_a_target_beyond_the_supported_horizon_warns_and_writes_the_horizon_model_beside_it(tmp_path, tok, caplog):
+    capture = CaptureWeights()
+    relex = RelexCallback(observe=6, extrapolate_to=[120], buffer_dtype="float32")
+    trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [capture, relex])
+    with caplog.at_level(logging.WARNING, logger="relex_callback"):
+        trainer.train()
+    k = math.floor(relex.diagnostic.supported_step + 1e-9)
+    assert 6 < k < 120, relex.diagnostic.as_dict()
+    assert "target step 120 is beyond the supported horizon" in caplog.text
+    assert sorted(relex.written_dirs) == [k, 120]
+    far = json.loads((relex.written_dirs[120] / "relex_report.json").read_text())
+    assert any("beyond the supported horizon" in w for w in far["warnings"])
+    near = json.loads((relex.written_dirs[k] / "relex_report.json").read_text())
+    assert not any("beyond the supported horizon" in w for w in near["warnings"])
+    assert_close_state(loaded_state(relex.written_dirs[k]), oracle(capture.weights, 0, list(range(1, 7)), k), atol=2e-5)
+    # without a probe the live model holds the user's target, not the horizon model
+    assert_close_state(dict(trainer.model.named_parameters()), oracle(capture.weights, 0, list(range(1, 7)), 120), atol=1e-4)
+
+
+def test_auto_with_a_probe_chooses_among_families_and_never_below_the_trained_weights(tmp_path, tok):
+    capture = CaptureWeights()
+    seen = []
+
+    def probe(model):  # prefers weights close to the step-12 line prediction: a probe with a known best
+        score = -sum(float((p.detach() - target[n]).pow(2).sum()) for n, p in model.named_parameters())
+        seen.append(score)
+        return score
+
+    relex = RelexCallback(observe=8, extrapolate_to="auto", buffer_dtype="float32", probe=probe)
+    trainer = lm_trainer(tmp_path, tok, [capture, relex])
+    target = None
+
+    class SetTarget(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            nonlocal target
+            if state.global_step == 8:
+                target = {n: w.detach().clone() for n, w in oracle(capture.weights, 0, list(range(1, 9)), 12).items()}
+
+    trainer.add_callback(SetTarget())
+    trainer.pop_callback(relex)
+    trainer.add_callback(relex)  # after SetTarget, so the probe's target exists when RELEX fits
+    trainer.train()
+
+    families = {c.spec.kind for c in relex.candidates}
+    assert families == {"linear", "sqrt", "scale"}
+    k_max = math.floor(relex.diagnostic.supported_step + 1e-9)
+    assert max(c.target for c in relex.candidates) == k_max
+    scores = {c.label: c.score for c in relex.candidates}
+    best = max(relex.candidates, key=lambda c: c.score)
+    current = relex.probe_scores["current"]
+    assert best.score >= current  # the step-8 weights are farther from the step-12 line than the best candidate
+    assert relex.loaded_target == int(best.target), scores
+    # the magnitude-scaling family is θ_0 + √(K/N)(θ_N − θ_0), computed here from the captured weights
+    scale = [c for c in relex.candidates if c.spec.kind == "scale"][0]
+    alpha = math.sqrt(scale.target / 8)
+    expected = {n: capture.weights[0][n] + alpha * (capture.weights[8][n] - capture.weights[0][n]) for n in capture.weights[0]}
+    assert_close_state(loaded_state(relex.written_dirs[f"relex-step{int(scale.target)}-scale"]), expected, atol=2e-5)
+    for candidate in relex.candidates:
+        assert candidate.report["probe"]["current_weights_score"] == current
