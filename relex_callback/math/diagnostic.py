@@ -70,6 +70,7 @@ _TAU_GRID = tuple(2.0 ** (k / 2) for k in range(0, 25))  # 1 ... 4096 model step
 NEAR_BEST = 0.0
 """Shapes whose fit residual is within this fraction of the best one count as equally good fits."""
 _STILL_RTOL = 1e-10
+_FIT_ROWS = 24  # snapshots the model is fitted on (evenly spaced): 300 Gram entries per tensor
 
 
 def ratio_grid(max_ratio: float = MAX_RATIO, per_octave: int = 8) -> list[float]:
@@ -106,6 +107,25 @@ class DriftShape:
             kernel = torch.exp(-0.5 * (lag / self.tau) ** 2)
         return (i.pow(-self.decay) * j.pow(-self.decay) * kernel).cumsum_(0).cumsum_(1)
 
+    def diagonal(self, length: int) -> torch.Tensor:
+        """C[K−1, K−1] for K = 1..``length`` in O(L log L): with A(m) = Σ_{i<m} i^−β k(m − i) (one FFT
+        convolution), C(K, K) = Σ_{m ≤ K} (m^−2β k(0) + 2 m^−β A(m))."""
+        f = torch.arange(1, length + 1, dtype=torch.float64).pow(-self.decay)
+        lag = torch.arange(length, dtype=torch.float64)
+        if not math.isfinite(self.tau):
+            kernel = torch.ones_like(lag)
+        elif self.kernel == "exp":
+            kernel = torch.exp(-lag / self.tau)
+        elif self.kernel == "cos":
+            kernel = torch.cos(lag / self.tau)
+        else:
+            kernel = torch.exp(-0.5 * (lag / self.tau) ** 2)
+        shifted = kernel.clone()
+        shifted[0] = 0.0  # A(m) excludes i = m
+        size = 2 * length
+        conv = torch.fft.irfft(torch.fft.rfft(f, size) * torch.fft.rfft(shifted, size), size)[:length]
+        return (f * f * kernel[0] + 2.0 * f * conv).cumsum(0)
+
     def as_dict(self) -> dict[str, float | str]:
         return {"decay": self.decay, "tau": self.tau, "kernel": self.kernel}
 
@@ -139,6 +159,16 @@ class TrajectoryModel:
             c = self.catalogue[index].cumulative(int(ua.max()), int(ub.max()))[ua - 1][:, ub - 1]
             out[rows] = self.drift_sq[rows, None, None] * c
         return out + self.noise_sq[:, None, None] * torch.minimum(ua[:, None], ub[None, :]).to(torch.float64)
+
+    def future(self, targets: torch.Tensor) -> torch.Tensor:
+        """E||Δ_K||² ``[n, k]`` at elapsed optimizer steps ``targets`` (the diagonal of :meth:`gram`, computed
+        without the ``[K, K]`` matrix)."""
+        ut = self.to_units(targets)
+        out = torch.empty(self.drift_sq.numel(), ut.numel(), dtype=torch.float64)
+        for index in torch.unique(self.shapes).tolist():
+            rows = self.shapes == index
+            out[rows] = self.drift_sq[rows, None] * self.catalogue[index].diagonal(int(ut.max()))[ut - 1][None, :]
+        return out + self.noise_sq[:, None] * ut.to(torch.float64)[None, :]
 
     def summary(self, weights: torch.Tensor) -> dict[str, Any]:
         """Aggregates over tensors (``weights`` e.g. each tensor's energy): the whole model's drift and noise per
@@ -176,17 +206,21 @@ def fit_trajectory_model(grams: torch.Tensor, elapsed: torch.Tensor, shapes: Seq
     g = grams.detach().to(device="cpu", dtype=torch.float64)
     span = float(elapsed.max())
     unit = max(1, int(math.ceil(span / _MODEL_STEPS)))
-    x = torch.round(elapsed.to(torch.float64) / unit).clamp_min(1.0).long()
+    # at most _FIT_ROWS snapshots (evenly spaced, the last one kept) and the upper triangle of their Gram
+    rows = torch.unique(torch.linspace(0, elapsed.numel() - 1, min(elapsed.numel(), _FIT_ROWS)).round().long())
+    g = g[:, rows][:, :, rows]
+    x = torch.round(elapsed.to(torch.float64)[rows] / unit).clamp_min(1.0).long()
+    upper = torch.triu_indices(x.numel(), x.numel())
     n = g.shape[0]
     diag = torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(0.0)
     scale = (diag[:, :, None] * diag[:, None, :]).sqrt()
-    inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-300), torch.zeros_like(scale))
-    target = (g * inv).reshape(n, -1)
-    noise_basis = (torch.minimum(x[:, None], x[None, :]).to(torch.float64)[None] * inv).reshape(n, -1)
+    inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-300), torch.zeros_like(scale))[:, upper[0], upper[1]]
+    target = g[:, upper[0], upper[1]] * inv
+    noise_basis = torch.minimum(x[:, None], x[None, :]).to(torch.float64)[upper[0], upper[1]][None] * inv
     residuals, coefs = [], []
     size = int(x.max())
     for shape in shapes:
-        drift_basis = (shape.cumulative(size, size)[x - 1][:, x - 1][None] * inv).reshape(n, -1)
+        drift_basis = shape.cumulative(size, size)[x[upper[0]] - 1, x[upper[1]] - 1][None] * inv
         coef = _nnls2(drift_basis, noise_basis, target)
         residuals.append(((coef[:, :1] * drift_basis + coef[:, 1:] * noise_basis - target) ** 2).sum(-1))
         coefs.append(coef)
@@ -203,7 +237,7 @@ def fit_trajectory_model(grams: torch.Tensor, elapsed: torch.Tensor, shapes: Seq
     best_coef = coef[torch.arange(n), chosen]
     best_shape = chosen
     best_res = res[torch.arange(n), chosen]
-    count = float(x.numel() ** 2)
+    count = float(upper.shape[1])
     return TrajectoryModel(drift_sq=best_coef[:, 0], noise_sq=best_coef[:, 1], shapes=best_shape,
                            residual=(best_res / count).sqrt(), unit=unit, catalogue=tuple(shapes))
 
@@ -241,9 +275,7 @@ def trend_predictor(grams: torch.Tensor, steps: Sequence[float], rank: int = 1, 
 
 def model_cross_gram(model: TrajectoryModel, elapsed: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(E[M Δ_K] [n, T, k], E||Δ_K||² [n, k])`` for elapsed target steps ``targets``."""
-    cross = model.gram(elapsed, targets)
-    future = torch.diagonal(model.gram(targets, targets), dim1=-2, dim2=-1)
-    return cross, future
+    return model.gram(elapsed, targets), model.future(targets)
 
 
 def predicted_distances(

@@ -295,6 +295,9 @@ class JumpController:
         cap = self.horizon_cap(fit, virtual)
         horizon = requested if cap is None else min(requested, cap)
         record = self._new_record(fit, step, virtual, requested, cap)
+        diagnostic = engine.diagnose(fit)  # recorded in the jump log; the cap above stays the backtest's
+        record["diagnostic"] = {key: diagnostic.as_dict()[key] for key in (
+            "supported_step", "supported_ratio", "growth_exponent", "direction_stability", "noise_share", "warnings")}
         if horizon < 1:
             bt = fit.backtest
             record["reason"] = (

@@ -52,15 +52,15 @@ class RelexCallback(TrainerCallback, ExportableState):
             than ``probe_tolerance``; halt mode with several targets loads the best one, never one below the
             current weights unless ``allow_worse=True``. Not saved in checkpoints: a callback rebuilt by
             transformers from ``trainer_state.json`` takes the probe of the callback it replaces.
-        **options: any :class:`RelexConfig` field, e.g. ``observe=50, extrapolate_to=1000``.
+        **options: any :class:`RelexConfig` field, e.g. ``observe=50, extrapolate_to="auto"``.
 
     Example:
 
     ```python
     from relex_callback import RelexCallback
 
-    trainer = GRPOTrainer(..., callbacks=[RelexCallback(observe=50, extrapolate_to=1000)])
-    trainer.train()  # stops after step 50; writes out/relex-step1000/
+    trainer = GRPOTrainer(..., callbacks=[RelexCallback(observe=50, extrapolate_to="auto", probe=probe)])
+    trainer.train()  # stops after step 50; writes out/relex-step{K}/ for the probe-chosen K ≤ K_max
     ```
 
     Resuming: the callback writes ``relex_state.safetensors`` into every ``checkpoint-N/`` and reloads it on
