@@ -275,14 +275,17 @@ LINE_MULTIPLES = (2, 3, 5)
 SCALES = (1.5, 2.0, 3.0, 5.0)
 
 
-def load_window(paths: dict[str, Path], names: list[str], observe: int) -> dict[str, torch.Tensor]:
-    """Per tensor the ``[N, numel]`` bf16 stack of Δ_1..Δ_N read from the window files."""
+def load_window(paths: dict[str, Path], names: list[str], observe: int, check_only: bool = False) -> dict[str, torch.Tensor]:
+    """Per tensor the ``[N, numel]`` bf16 stack of Δ_1..Δ_N read from the window files (``check_only``: only
+    check that they exist)."""
     from safetensors import safe_open
 
     files = [delta_path(paths, t) for t in range(1, observe + 1)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise SystemExit(f"the window is incomplete ({', '.join(missing[:3])} missing): train this run first")
+    if check_only:
+        return {}
     handles = [safe_open(str(f), framework="pt") for f in files]
     return {name: torch.stack([h.get_tensor(name).reshape(-1) for h in handles]) for name in names}
 
@@ -304,24 +307,20 @@ def candidate_weights(name: str, grams: torch.Tensor, steps: list[float], observ
 
 
 @torch.no_grad()
-def extended_grams(paths, names, stacks, observe: int) -> tuple[torch.Tensor, list[int]]:
+def extended_grams(paths, names, observe: int) -> tuple[torch.Tensor, list[int]]:
     """Per tensor the Gram of [Δ_1..Δ_N, Δ_K for every saved real step K > N] (fp64, ``[n, R, R]``): with it the
     distance of any weighted-sum candidate to every real step is ||w·M − Δ_K||² = wᵀGw − 2wᵀG[:, K] + G[K, K],
-    so the methods can be compared again later from this small file alone (it goes into git)."""
+    so the methods can be compared again later from this small file alone (it goes into git). Streams one tensor
+    at a time from the delta files (memory: one tensor's rows)."""
     from safetensors import safe_open
 
     from relex_callback.math.core import gram_matrix
 
-    later = sorted(int(p.stem.split("-")[1]) for p in paths["deltas"].glob("delta-*.safetensors"))
-    later = [s for s in later if s > observe]
-    handles = [safe_open(str(delta_path(paths, s)), framework="pt") for s in later]
-    out = []
-    for name in names:
-        rows = stacks[name]
-        if handles:
-            rows = torch.cat([rows, torch.stack([h.get_tensor(name).reshape(-1) for h in handles])])
-        out.append(gram_matrix(rows))
-    return torch.stack(out).double(), list(range(1, observe + 1)) + later
+    saved = sorted(int(p.stem.split("-")[1]) for p in paths["deltas"].glob("delta-*.safetensors"))
+    steps = list(range(1, observe + 1)) + [s for s in saved if s > observe]
+    handles = [safe_open(str(delta_path(paths, s)), framework="pt") for s in steps]
+    out = [gram_matrix(torch.stack([h.get_tensor(name).reshape(-1) for h in handles])) for name in names]
+    return torch.stack(out).double(), steps
 
 
 def save_grams(path: Path, names: list[str], grams: torch.Tensor, steps: list[int]) -> None:
@@ -397,12 +396,12 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
     names = [n for n, _ in model.named_parameters()]
     theta0 = {n: p.detach().to(torch.float32).clone() for n, p in model.named_parameters()}
     started = time.perf_counter()
-    stacks = load_window(paths, names, observe)
+    load_window(paths, names, observe, check_only=True)
     steps = [float(t) for t in range(1, observe + 1)]
-    extended, gram_steps = extended_grams(paths, names, stacks, observe)
+    extended, gram_steps = extended_grams(paths, names, observe)
     save_grams(paths["grams"], names, extended, gram_steps)
     grams = extended[:, :observe, :observe]
-    diagnostic = diagnose_from_grams(regime, records, extended, names, [stacks[t].shape[1] for t in names])
+    diagnostic = diagnose_from_grams(regime, records, extended, names, [theta0[t].numel() for t in names])
     power_auto, _ = select_power(list(grams), steps)
     append_record(results, {"kind": "diagnostic", "step": observe, **diagnostic.as_dict(), "power_auto": power_auto,
                             "seconds": time.perf_counter() - started})
@@ -411,6 +410,7 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
         log.info("  warning: %s", warning)
     if diagnostic_only:
         return
+    stacks = load_window(paths, names, observe)
 
     k_auto = int(math.floor(diagnostic.supported_step))
     lines = [f"line@{m * observe}" for m in LINE_MULTIPLES]
