@@ -122,3 +122,22 @@ def test_auto_with_a_probe_chooses_among_families_and_never_below_the_trained_we
     assert_close_state(loaded_state(relex.written_dirs[f"relex-step{int(scale.target)}-scale"]), expected, atol=2e-5)
     for candidate in relex.candidates:
         assert candidate.report["probe"]["current_weights_score"] == current
+
+
+def test_relex_lines_are_visible_without_logging_configuration_and_not_doubled_with_it():
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, relex_callback\n"
+        "logging.getLogger('relex_callback.engine').warning('beyond K_max')\n"
+        "logging.getLogger('relex_callback.engine').info('K_max = 15')\n"
+        "logging.basicConfig(level=logging.INFO, format='app %(message)s')\n"
+        "logging.getLogger('relex_callback.engine').warning('configured')\n"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "[relex] WARNING beyond K_max" in err and "[relex] INFO K_max = 15" in err
+    assert err.count("configured") == 1 and "app configured" in err  # the application's handler only
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "RELEX_VERBOSITY": "warning"}).stderr
+    assert "K_max = 15" not in quiet and "beyond K_max" in quiet
