@@ -333,17 +333,13 @@ class RelexEngine:
         """``extrapolate_to="auto"``: K_max (rounded down to a step); with a probe, a ladder of targets up to K_max
         as well (1.5, 2, 3, 5, 8, 12 and 20 times the window). An empty list: nothing beyond the window is
         supported."""
-        origin, span = diagnostic.supported_step - diagnostic.supported_ratio * self._span(), self._span()
-        last = origin + span
+        _, _, steps, origin = self.fit_inputs
+        last, span = float(steps[-1]), float(steps[-1]) - float(origin)
         k_max = float(math.floor(diagnostic.supported_step + 1e-9))
         if k_max <= last:
             return []
         ladder = [float(math.floor(origin + r * span)) for r in (1.5, 2, 3, 5, 8, 12, 20)] if with_probe else []
         return sorted({k for k in ladder if last < k < k_max} | {k_max})
-
-    def _span(self) -> float:
-        _, _, steps, origin = self.fit_inputs
-        return float(steps[-1]) - float(origin)
 
     def trend_spec(self, fit: TrajectoryFit, window: int | None) -> TrendSpec:
         cfg = self.config
