@@ -100,14 +100,21 @@ def main() -> None:
     }
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     bt = report["backtest"] or {}
+
+    def with_se(p: float) -> str:
+        return f"{p:.3f} ± {(p * (1 - p) / args.heldout) ** 0.5:.3f}"
+
     print()
     print(f"RELEX: observed steps 1..{args.observe} ({train_seconds:.0f}s of GRPO), extrapolated to step {args.target}")
     print(f"  explained variance (rank 1): mean {report['explained_variance']['mean']:.3f}, min {report['explained_variance']['min']:.3f}")
     print(f"  backtest distance {bt.get('distance', float('nan')):.3f} at {bt.get('ratio', float('nan')):.1f}x; horizon {report['horizon_ratio']:.1f}x")
-    print(f"  held-out accuracy ({args.heldout} prompts, greedy):")
-    print(f"    base model            {base_accuracy:.3f}")
-    print(f"    real step {args.observe:<4}        {observed_accuracy:.3f}")
-    print(f"    RELEX step {args.target:<4}       {extrapolated_accuracy:.3f}")
+    print(f"  window diagnostic: {relex.diagnostic.summary_line()}")
+    for warning in report["warnings"]:
+        print(f"  warning: {warning}")
+    print(f"  held-out accuracy ({args.heldout} prompts, greedy, ± binomial SE):")
+    print(f"    base model            {with_se(base_accuracy)}")
+    print(f"    real step {args.observe:<4}        {with_se(observed_accuracy)}")
+    print(f"    RELEX step {args.target:<4}       {with_se(extrapolated_accuracy)}")
     print(f"  extrapolated model: {out_dir}")
     print(f"  report:             {report_path}")
 
