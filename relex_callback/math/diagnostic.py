@@ -92,34 +92,28 @@ class DriftShape:
     tau: float
     kernel: str
 
+    def coherence(self, lag: torch.Tensor) -> torch.Tensor:
+        """k(lag): 1 for a straight path (τ = ∞), else the shape's kernel."""
+        if not math.isfinite(self.tau):
+            return torch.ones_like(lag)
+        if self.kernel == "exp":
+            return torch.exp(-lag / self.tau)
+        if self.kernel == "cos":
+            return torch.cos(lag / self.tau)
+        return torch.exp(-0.5 * (lag / self.tau) ** 2)
+
     def cumulative(self, rows: int, cols: int) -> torch.Tensor:
         """C[a−1, b−1] = Σ_{i ≤ a} Σ_{j ≤ b} i^−β j^−β k(|i−j|), ``[rows, cols]`` fp64."""
         i = torch.arange(1, rows + 1, dtype=torch.float64)[:, None]
         j = torch.arange(1, cols + 1, dtype=torch.float64)[None, :]
-        lag = (i - j).abs()
-        if not math.isfinite(self.tau):
-            kernel = torch.ones_like(lag)
-        elif self.kernel == "exp":
-            kernel = torch.exp(-lag / self.tau)
-        elif self.kernel == "cos":
-            kernel = torch.cos(lag / self.tau)
-        else:
-            kernel = torch.exp(-0.5 * (lag / self.tau) ** 2)
+        kernel = self.coherence((i - j).abs())
         return (i.pow(-self.decay) * j.pow(-self.decay) * kernel).cumsum_(0).cumsum_(1)
 
     def diagonal(self, length: int) -> torch.Tensor:
         """C[K−1, K−1] for K = 1..``length`` in O(L log L): with A(m) = Σ_{i<m} i^−β k(m − i) (one FFT
         convolution), C(K, K) = Σ_{m ≤ K} (m^−2β k(0) + 2 m^−β A(m))."""
         f = torch.arange(1, length + 1, dtype=torch.float64).pow(-self.decay)
-        lag = torch.arange(length, dtype=torch.float64)
-        if not math.isfinite(self.tau):
-            kernel = torch.ones_like(lag)
-        elif self.kernel == "exp":
-            kernel = torch.exp(-lag / self.tau)
-        elif self.kernel == "cos":
-            kernel = torch.cos(lag / self.tau)
-        else:
-            kernel = torch.exp(-0.5 * (lag / self.tau) ** 2)
+        kernel = self.coherence(torch.arange(length, dtype=torch.float64))
         shifted = kernel.clone()
         shifted[0] = 0.0  # A(m) excludes i = m
         size = 2 * length
