@@ -1,7 +1,7 @@
 """Plain TRL GRPO vs RELEX jump mode on the packaged SmolLM2-135M-Instruct, same seed and step budget.
 
 Task: "What is a + b? Reply with just the number." (a, b ≤ 50), exact-match reward, the CPU settings of
-quality-anchors.md §B (2 prompts × 8 generations per step, temperature 0.7, lr 5e-6 constant, AdamW, beta 0,
+the quality benchmark's settings (2 prompts × 8 generations per step, temperature 0.7, lr 5e-6 constant, AdamW, beta 0,
 loss "dapo", 16 new tokens). Held-out accuracy is the greedy exact-match rate on prompts disjoint from training
 (``RewardProbe``). The jump arms guard each jump with a second, disjoint held-out probe set. Accuracy is
 recorded at fixed *real* optimizer steps, after any jump of that step, together with the training wall time

@@ -639,7 +639,7 @@ def plot(args, seeds: list[dict[str, Any]], summary_rows: list[dict], out: Path)
             pts.append((int(k), sum(vs) / len(vs), min(vs), max(vs)))
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
                     color="0.35", ls="--", marker="o", mfc="white", capsize=3,
-                    label="real GRPO to step 100, not re-measured here: quality-anchors §B (2 seeds, same settings, base 0.320; range)")
+                    label="real GRPO to step 100, not re-measured here: the project's earlier measurement (2 seeds, same settings, base 0.320; range)")
     ax.axvline(args.observe, color="0.3", ls=":", lw=1)
     ax.text(args.observe, 0.02, " N", va="bottom")
     ax.set_xlabel("optimizer step K")

@@ -1,4 +1,4 @@
-"""The GRPO settings shared by the demo and the benchmarks (quality-anchors §B, CPU)."""
+"""The GRPO settings shared by the demo and the benchmarks (CPU; the settings of `docs/benchmarks.md`)."""
 
 from __future__ import annotations
 
