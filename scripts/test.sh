@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# Set up the environment (scripts/setup.sh) and run the default test suite (excludes tests marked slow).
+# Set up the environments (scripts/setup.sh, scripts/setup_verl.sh) and run the default test suite (excludes
+# tests marked slow): the main suite in .venv, then the verl integration tests (tests/verl) in .venv-verl.
+# Arguments go to the main pytest run; RELEX_SKIP_VERL=1 skips the verl stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:warnings "$@"
+.venv/bin/python -m pytest -q -p no:warnings "$@"
+if [ "${RELEX_SKIP_VERL:-0}" != "1" ]; then
+  bash scripts/setup_verl.sh
+  .venv-verl/bin/python -m pytest -q -p no:warnings tests/verl
+fi

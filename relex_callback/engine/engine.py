@@ -140,6 +140,14 @@ FAMILY_KINDS = {"trend": "svd", "sqrt": "sqrt", "scale": "scale"}
 """``RelexConfig.candidates`` families -> engine candidate kinds."""
 
 
+def candidate_kinds(config: RelexConfig, with_probe: bool) -> list[str]:
+    """The candidate kinds of a halt-mode fit: ``config.candidates`` when set; else all three families
+    (trend, √t, scale) for ``extrapolate_to="auto"`` with a probe to choose among them, else the trend alone."""
+    if config.candidates is not None:
+        return [FAMILY_KINDS[f] for f in config.candidates]
+    return ["svd", "sqrt", "scale"] if config.auto_target and with_probe else ["svd"]
+
+
 class RelexEngine:
     """RELEX on one model's live weights: buffer, fit, candidates, predictions, trials and reports.
 

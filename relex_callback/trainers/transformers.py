@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import weakref
 from dataclasses import replace
@@ -19,13 +18,14 @@ from transformers.training_args import TrainingArguments
 from ..config import RelexConfig
 from ..distributed import gather_state_dict, is_main_process, unwrap_model, world_info
 from ..engine.candidate import Candidate
-from ..engine.engine import FAMILY_KINDS, STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, state_file
-from ..engine.report import report_metrics, write_model_card
+from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, state_file
+from ..engine.report import write_model_card
 from ..export import REPORT_NAME, atomic_directory, check_output_dir, write_json
 from ..math.core import TREND_KINDS, TrajectoryFit
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
 from ..probe import choose_candidate
 from .jump import JumpController
+from .steps import halt_metrics
 
 __all__ = ["RelexCallback", "STATE_FILE_NAME", "STATE_FORMAT_VERSION"]
 
@@ -269,12 +269,6 @@ class RelexCallback(TrainerCallback, ExportableState):
         suffix = "" if kind in TREND_KINDS or kind == "observed" else f"-{kind}"
         return self._output_root / f"relex-step{int(candidate.target)}{suffix}"
 
-    def _families(self) -> list[str]:
-        cfg = self.config
-        if cfg.candidates is not None:
-            return [FAMILY_KINDS[f] for f in cfg.candidates]
-        return ["svd", "sqrt", "scale"] if cfg.auto_target and self.probe is not None else ["svd"]
-
     @staticmethod
     def _window_zero_std(state: TrainerState, first: int, last: int) -> float | None:
         """Mean ``frac_reward_zero_std`` (GRPO's share of prompt groups without reward variance) logged in the window."""
@@ -329,7 +323,8 @@ class RelexCallback(TrainerCallback, ExportableState):
     def _halt(self, state: TrainerState, control: TrainerControl, model, processing_class) -> None:
         cfg = self.config
         fit, candidates, predictions = self.engine.extrapolate(
-            cfg.extrapolate_to, "halt", window=cfg.window, kinds=self._families(), with_probe=self.probe is not None,
+            cfg.extrapolate_to, "halt", window=cfg.window, kinds=candidate_kinds(cfg, self.probe is not None),
+            with_probe=self.probe is not None,
             zero_std_fraction=self._window_zero_std(state, cfg.start_step, cfg.last_observed_step),
         )
         self.last_fit, self.candidates, self.diagnostic = fit, candidates, self.engine.diagnostic
@@ -347,18 +342,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         self._halted = True
         control.should_training_stop = True
         report = candidates[-1 if chosen is None else chosen].report
-        metrics = {**report_metrics(report), "relex/fit_seconds": report["timings"]["fit_seconds"]}
-        diagnostic = self.engine.diagnostic
-        metrics["relex/supported_step"] = diagnostic.supported_step
-        metrics["relex/supported_ratio"] = diagnostic.supported_ratio
-        for key in ("growth_exponent", "direction_stability", "noise_share"):
-            value = getattr(diagnostic, key)
-            if value is not None:
-                metrics[f"relex/{key}"] = value
-        for key, value in self.probe_scores.items():
-            if math.isfinite(value):
-                metrics["relex/probe_current" if key == "current" else f"relex/probe_step{key}"] = value
-        self._emit(metrics, state, control)
+        self._emit(halt_metrics(report, self.engine.diagnostic, self.probe_scores), state, control)
 
     def _choose_with_probe(self, model, candidates: list[Candidate], predictions: list[dict[str, torch.Tensor]]) -> int | None:
         """Index of the prediction to load: the last target without a probe; with one, the best-scoring target

@@ -1,0 +1,256 @@
+"""`StepDriver`: RELEX driven by a step number, for trainers without a callback API (verl's workers).
+
+An adapter calls :meth:`StepDriver.begin` once with the live (possibly sharded) model, then
+:meth:`StepDriver.after_step` after every optimizer update of the policy with the trainer's step count, and
+:meth:`StepDriver.save` beside each checkpoint. The driver decides nothing about the trainer: it captures θ_0 at
+``start_step``, records Δ_t = θ_t − θ_0 over the window, and then either halts (fit → candidates → model
+directories, :meth:`RelexEngine.extrapolate`) or jumps (:class:`~relex_callback.trainers.jump.JumpController`).
+Every process of a sharded run makes the same calls; only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+
+from ..config import RelexConfig
+from ..distributed import gather_state_dict, is_main_process, unwrap_model
+from ..engine.candidate import Candidate
+from ..engine.engine import STATE_FILE_NAME, Probe, RelexEngine, candidate_kinds, state_file
+from ..engine.report import report_metrics, write_model_card
+from ..export import REPORT_NAME, atomic_directory, check_output_dir, write_json
+from ..math.core import TREND_KINDS
+from ..probe import choose_candidate
+from .jump import JumpController
+
+__all__ = ["StepDriver", "StepOutcome", "halt_metrics", "write_candidate_model"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutcome:
+    """What one :meth:`StepDriver.after_step` did: ``relex/*`` metrics for the trainer's logger, whether the run
+    should stop (halt mode fitted), the model directories written and the jump record (jump mode)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    halted: bool = False
+    written: list[str] = field(default_factory=list)
+    jump: dict[str, Any] | None = None
+
+
+def halt_metrics(report: dict[str, Any], diagnostic: Any, probe_scores: dict[str, float]) -> dict[str, float]:
+    """The ``relex/*`` scalars of a halt-mode fit: the loaded candidate's report, the window diagnostic (K_max,
+    α, direction stability, noise share) and the finite probe scores."""
+    metrics = {**report_metrics(report), "relex/fit_seconds": report["timings"]["fit_seconds"]}
+    if diagnostic is not None:
+        metrics["relex/supported_step"] = diagnostic.supported_step
+        metrics["relex/supported_ratio"] = diagnostic.supported_ratio
+        for key in ("growth_exponent", "direction_stability", "noise_share"):
+            value = getattr(diagnostic, key)
+            if value is not None:
+                metrics[f"relex/{key}"] = value
+    for key, value in probe_scores.items():
+        if math.isfinite(value):
+            metrics["relex/probe_current" if key == "current" else f"relex/probe_step{key}"] = value
+    return metrics
+
+
+def write_candidate_model(
+    engine: RelexEngine, model: torch.nn.Module, processing_class: Any, candidate: Candidate,
+    prediction: dict[str, torch.Tensor], final: Path, overwrite: bool,
+) -> Path:
+    """Write the full model with ``prediction`` in place of the tracked tensors as a Hugging Face directory
+    ``final`` (atomically), with ``relex_report.json`` and a model card. Collective: every process calls it."""
+    started = time.perf_counter()
+    state_dict = gather_state_dict(model, engine.tracked, prediction)  # None off the main process
+    if not is_main_process():
+        return final
+    report = candidate.report
+    with atomic_directory(final, overwrite=overwrite) as staging:
+        unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
+        if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+            processing_class.save_pretrained(staging)
+        report["timings"]["write_seconds"] = time.perf_counter() - started
+        write_json(staging / REPORT_NAME, report)
+        write_model_card(staging, report)
+    logger.info("RELEX: wrote the extrapolated model for step %d to %s", int(candidate.target), final)
+    return final
+
+
+class StepDriver:
+    """RELEX on a live model, advanced by step numbers (see the module docstring).
+
+    Args:
+        config (`RelexConfig`): the settings.
+        probe (`Callable[[torch.nn.Module], float]`, *optional*): scores a model, higher is better; every process
+            must call it (it may be collective).
+        model_subdir (`str`): where a model goes inside ``relex-step{K}/`` (``"actor/huggingface"`` gives verl's
+            checkpoint layout, which ``relex`` reads back).
+    """
+
+    def __init__(self, config: RelexConfig, probe: Probe | None = None, model_subdir: str = "") -> None:
+        self.engine = RelexEngine(config)
+        self.jump = JumpController(config) if config.mode == "jump" else None
+        self.probe = probe
+        self.model_subdir = model_subdir
+        self.halted = False
+        self.model: torch.nn.Module | None = None
+        self.processing_class: Any = None
+        self.optimizer: Any = None
+        self.output_root = Path(".")
+        self.zero_std_fraction: Callable[[], float | None] = lambda: None
+        self.optimizer_steps = 0  # counted by a post-step hook since the last after_step
+        self._hook = None
+
+    @property
+    def config(self) -> RelexConfig:
+        return self.engine.config
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+
+    def check_outputs(self, output_root: str | Path, step: int = 0) -> None:
+        """Refuse existing halt-mode output directories before any training (``overwrite=False``)."""
+        cfg = self.config
+        if cfg.mode == "halt" and cfg.save_model and step < cfg.last_observed_step and not cfg.auto_target:
+            for target in cfg.extrapolate_to:
+                check_output_dir(self.model_dir(Path(output_root), float(target), "svd"), cfg.overwrite)
+
+    def begin(
+        self, model: torch.nn.Module, step: int, output_root: str | Path, *, optimizer: Any = None,
+        processing_class: Any = None, resume_dir: str | Path | None = None,
+    ) -> None:
+        """Attach to ``model`` at trainer step ``step``: size the buffer, capture θ_0 (``step == start_step``) or
+        restore the saved window from ``resume_dir`` (``step > start_step``)."""
+        cfg = self.config
+        self.model, self.processing_class, self.optimizer = model, processing_class, optimizer
+        self.output_root = Path(output_root)
+        self.check_outputs(self.output_root, step)
+        self.engine.attach(model)
+        if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
+            self._hook = optimizer.register_step_post_hook(self._count_optimizer_step)
+        if step > cfg.start_step:
+            self._resume(step, resume_dir)
+        elif step == cfg.start_step:
+            self.engine.capture_base(step)
+        if self.jump is not None:
+            self.jump.begin(SimpleNamespace(), SimpleNamespace(global_step=step), self.output_root)
+
+    def _count_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.optimizer_steps += 1
+
+    def close(self) -> None:
+        """Remove the optimizer hook."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # -- the step -------------------------------------------------------------------------------------------
+
+    def after_step(self, step: int) -> StepOutcome:
+        """Record, halt or jump after the policy update of trainer step ``step`` (collective)."""
+        cfg = self.config
+        outcome = StepOutcome()
+        if self.optimizer_steps:
+            outcome.metrics["relex/optimizer_steps"] = float(self.optimizer_steps)
+            self.optimizer_steps = 0
+        if self.halted or self.engine.buffer is None:
+            return outcome
+        if step == cfg.start_step and not self.engine.ready:
+            self.engine.capture_base(step)
+            return outcome
+        if self.jump is not None:
+            record = self.jump.on_step_end(self.engine, step, self.model, self.probe, self.optimizer)
+            outcome.metrics["relex/virtual_step"] = float(self.jump.virtual_step(step))
+            if record is not None:
+                outcome.jump = record
+                outcome.metrics.update(self.jump.metrics(record))
+            return outcome
+        steps = self.engine.buffer.steps
+        due = cfg.start_step < step <= cfg.last_observed_step and not (step - cfg.start_step) % cfg.snapshot_every
+        if due and (not steps or step > steps[-1]):
+            self.engine.record(step)
+        if step == cfg.last_observed_step and steps and steps[-1] == step:
+            self._halt(outcome)
+        return outcome
+
+    def model_dir(self, root: Path, target: float, kind: str) -> Path:
+        suffix = "" if kind in TREND_KINDS or kind in ("svd", "observed") else f"-{kind}"
+        directory = root / f"relex-step{int(target)}{suffix}"
+        return directory / self.model_subdir if self.model_subdir else directory
+
+    def _halt(self, outcome: StepOutcome) -> None:
+        cfg = self.config
+        fit, candidates, predictions = self.engine.extrapolate(
+            cfg.extrapolate_to, "halt", window=cfg.window, kinds=candidate_kinds(cfg, self.probe is not None),
+            with_probe=self.probe is not None,
+            zero_std_fraction=self.zero_std_fraction(),
+        )
+        probe_scores: dict[str, float] = {}
+        if self.probe is None:
+            plain = [i for i, c in enumerate(candidates) if c.spec.kind in TREND_KINDS or c.spec.kind == "observed"]
+            chosen = plain[-1] if plain else len(candidates) - 1
+        else:
+            targets = [float(c.target) for c in candidates]
+            current, chosen = self.engine.trial(
+                self.model, self.probe, candidates, predictions,
+                lambda cur, scores: choose_candidate(cur, scores, targets, cfg.allow_worse), keep_chosen=False,
+            )
+            probe_scores = {"current": current, **{str(c.label): c.score for c in candidates}}
+            for i, candidate in enumerate(candidates):
+                candidate.report["probe"] = {"score": candidate.score, "current_weights_score": current,
+                                             "scores_by_target": probe_scores, "chosen": i == chosen}
+        if cfg.save_model:
+            for candidate, prediction in zip(candidates, predictions, strict=True):
+                candidate.report["timings"]["write_seconds"] = None
+                path = self.model_dir(self.output_root, candidate.target, candidate.spec.kind)
+                outcome.written.append(str(write_candidate_model(
+                    self.engine, self.model, self.processing_class, candidate, prediction, path, cfg.overwrite)))
+        report = candidates[-1 if chosen is None else chosen].report
+        outcome.metrics.update(halt_metrics(report, self.engine.diagnostic, probe_scores))
+        outcome.halted = self.halted = True
+        logger.info("RELEX: halt mode done at step %d; wrote %s", cfg.last_observed_step, outcome.written)
+
+    # -- saved state ----------------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path | None:
+        """Write this process's θ_0 and recorded deltas (and the jump bookkeeping) into ``directory``."""
+        if not self.engine.ready:
+            return None
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        extra = {"jump": json.dumps(self.jump.state_dict())} if self.jump is not None else {}
+        extra["halted"] = json.dumps(self.halted)
+        return self.engine.save_state(directory, extra)
+
+    def _resume(self, step: int, resume_dir: str | Path | None) -> None:
+        cfg = self.config
+        path = state_file(Path(resume_dir)) if resume_dir is not None else None
+        if path is not None and path.is_file():
+            metadata = self.engine.read_state_metadata(path)
+            self.halted = json.loads(metadata.get("halted", "false"))
+            if self.jump is not None and "jump" in metadata:
+                self.jump.load_state_dict(json.loads(metadata["jump"]), step)
+            virtual = self.jump.virtual_step(step) if self.jump is not None else step
+            self.engine.load_state(path, metadata, virtual)
+            return
+        if cfg.mode == "halt" and step >= cfg.last_observed_step:
+            self.halted = True
+            logger.info("RELEX: resumed after the observation window (step %d); nothing to do", step)
+            return
+        logger.warning(
+            "RELEX: resuming at step %d without a saved delta buffer (looked for %s). θ_0 is lost, so the observation "
+            "restarts from the current weights and the prediction will differ from an uninterrupted run. Keep %s "
+            "beside your checkpoints to resume exactly.", step, path, STATE_FILE_NAME,
+        )
+        self.engine.config = replace(cfg, start_step=step)
+        if self.jump is not None:
+            self.jump.restart(self.engine.config)
+        self.engine.capture_base(step)
