@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -62,10 +63,15 @@ class RelexConfig:
         buffer_device (`str`, defaults to `"auto"`): ``"param"`` keeps the buffer on each parameter's device,
             ``"cpu"`` in host memory (pinned when CUDA is present), ``"auto"`` picks ``"param"`` when the
             parameters are on a GPU and the buffer fits in ``buffer_max_bytes`` (default: half the free GPU
-            memory), else ``"cpu"``.
+            memory), else ``"cpu"``. ``"disk"`` appends every snapshot once to an append-only file in ``store_dir``
+            (host memory: θ_0, one staging row and a fixed read block, whatever the window; checkpoints then
+            reference the stored rows instead of copying them; see ``relex_callback/store.py``).
         buffer_max_bytes (`int`, *optional*): memory budget of the buffer; the default is half the free memory
             of the chosen device (GPU) or 80% of the available host memory (CPU). Training refuses to start
             when the buffer would not fit.
+        store_dir (`str` or `os.PathLike`, *optional*): with ``buffer_device="disk"``, the folder of the delta
+            store (one θ_0 file and one deltas file per process); default ``{args.output_dir}/relex-store``. It
+            must stay in place until the run has resumed for the last time: checkpoints point into it.
         include (`list[str]`, *optional*): regular expressions; track only parameters whose name matches one.
         exclude (`list[str]`, *optional*): regular expressions; never track parameters whose name matches one.
         output_dir (`str`, *optional*): folder of the ``relex-step{K}`` model directories (default: the
@@ -123,8 +129,9 @@ class RelexConfig:
     window: int | None = _help("Fit on the last W snapshots only.", None)
     shrink: float = _help("λ: scale of the predicted move beyond the last observed weights.", 1.0)
     buffer_dtype: str = _help("Stored delta dtype: bfloat16, float16 or float32.", "bfloat16")
-    buffer_device: str = _help("'auto', 'cpu' or 'param'.", "auto")
+    buffer_device: str = _help("'auto', 'cpu', 'param' or 'disk' (an append-only delta store in store_dir).", "auto")
     buffer_max_bytes: int | None = _help("Memory budget of the delta buffer in bytes.", None)
+    store_dir: str | None = _help("buffer_device='disk': folder of the delta store (default: {args.output_dir}/relex-store).", None)
     include: list[str] | None = _help("Regexes of parameter names to track.", None)
     exclude: list[str] | None = _help("Regexes of parameter names never to track.", None)
     output_dir: str | None = _help("Folder of the relex-step{K} directories (default: args.output_dir).", None)
@@ -179,6 +186,13 @@ class RelexConfig:
             raise ValueError(f"buffer_device={self.buffer_device!r} is not supported; use one of {BUFFER_DEVICES}.")
         if self.buffer_max_bytes is not None:
             self._check_int("buffer_max_bytes", minimum=1)
+        if isinstance(self.store_dir, os.PathLike):
+            self.store_dir = os.fspath(self.store_dir)
+        if self.store_dir is not None and not isinstance(self.store_dir, str):
+            raise TypeError(f"store_dir must be a str or os.PathLike path, got {type(self.store_dir).__name__}.")
+        if self.store_dir is not None and self.buffer_device != "disk":
+            raise ValueError(f"store_dir={self.store_dir!r} is the folder of the disk delta store; pass "
+                             f"buffer_device='disk' with it, or drop store_dir (buffer_device={self.buffer_device!r}).")
         self.include = self._check_patterns("include")
         self.exclude = self._check_patterns("exclude")
         if self.output_dir is not None and not isinstance(self.output_dir, str):

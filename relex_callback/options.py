@@ -25,7 +25,7 @@ __all__ = [
 
 BUFFER_DTYPES = ("bfloat16", "float16", "float32")
 OUTPUT_DTYPES = ("auto",) + BUFFER_DTYPES  # "auto": each tensor keeps its dtype
-BUFFER_DEVICES = ("auto", "cpu", "param")
+BUFFER_DEVICES = ("auto", "cpu", "param", "disk")
 MODES = ("halt", "jump")
 OPTIMIZER_POLICIES = ("keep", "reset")
 JUMP_ANCHORS = ("fit", "current")

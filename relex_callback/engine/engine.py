@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from ..distributed import (
 from ..math.core import TrajectoryFit, combine, fit_trajectory, prediction_weights, select_power
 from ..math.diagnostic import WindowDiagnostic, diagnose_window, trend_predictor
 from ..options import BUFFER_DTYPES, TREND_KINDS
+from ..store import DiskDeltaStore, StoreError, store_footprint
 from .candidate import Candidate, TrendSpec
 from .report import backtest_section, horizon_warning, new_report
 
@@ -45,7 +47,9 @@ __all__ = ["RelexEngine", "BufferPlan", "Probe", "STATE_FILE_NAME", "STATE_FORMA
 logger = logging.getLogger(__name__)
 
 STATE_FILE_NAME = "relex_state.safetensors"
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2
+"""1: θ_0 and the deltas inside the file (in-memory buffers); 2: a reference to rows of a disk store (``"store"``)."""
+_READABLE_STATE_FORMATS = (1, 2)
 _RESUME_KEYS = ("start_step", "snapshot_every", "buffer_dtype", "include", "exclude")
 
 Probe = Callable[[torch.nn.Module], float]
@@ -173,8 +177,9 @@ class RelexEngine:
     def tracked(self) -> list[TrackedTensor]:
         return self.buffer.tracked if self.buffer is not None else []
 
-    def attach(self, model: torch.nn.Module) -> DeltaBuffer:
-        """Choose the tracked tensors of ``model`` (this process's slices), size and allocate the buffer."""
+    def attach(self, model: torch.nn.Module, store_dir: str | Path | None = None) -> DeltaBuffer:
+        """Choose the tracked tensors of ``model`` (this process's slices), size and allocate the buffer
+        (``buffer_device="disk"``: a :class:`~relex_callback.store.DiskDeltaStore` in ``store_dir``)."""
         cfg = self.config
         chosen = select_parameters(model, cfg.include, cfg.exclude)
         if not chosen:
@@ -184,6 +189,8 @@ class RelexEngine:
             )
         tracked = track_parameters(model, chosen)  # one slice per process under DDP/FSDP/DeepSpeed
         numels = [t.numel for t in tracked]
+        if cfg.buffer_device == "disk":
+            return self._attach_store(tracked, Path(cfg.store_dir or store_dir or "relex-store"))
         on_gpu = any(t.view().is_cuda for t in tracked)
         gpu_free = torch.cuda.mem_get_info()[0] if on_gpu and cfg.buffer_device in ("auto", "param") and cfg.buffer_max_bytes is None else None
         plan = plan_buffer(cfg, numels, on_gpu, gpu_free, host_available_bytes() if cfg.buffer_max_bytes is None else 0)
@@ -194,6 +201,37 @@ class RelexEngine:
             len(tracked), f"{sum(numels):,}", format_bytes(plan.needed), plan.where, cfg.buffer_capacity, cfg.buffer_dtype,
         )
         self.buffer = DeltaBuffer(tracked, cfg.buffer_capacity, cfg.buffer_dtype, plan.device)
+        return self.buffer
+
+    def _attach_store(self, tracked: list[TrackedTensor], directory: Path) -> DiskDeltaStore:
+        """The disk store: refuses before training when its memory exceeds the budget or its file the free disk."""
+        cfg = self.config
+        numels = [t.numel for t in tracked]
+        memory, disk = store_footprint(numels, cfg.buffer_capacity, cfg.buffer_dtype)
+        budget = cfg.buffer_max_bytes if cfg.buffer_max_bytes is not None else int(0.8 * host_available_bytes())
+        if memory > budget:
+            raise MemoryError(
+                f"the RELEX disk store needs {format_bytes(memory)} of host memory (θ_0 in fp32, one staging row and the "
+                f"fit's read block) but the budget is {format_bytes(budget)} (buffer_max_bytes={cfg.buffer_max_bytes}). "
+                "Track fewer tensors with include/exclude, or raise buffer_max_bytes.")
+        existing = directory
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            raise NotADirectoryError(f"store_dir={str(directory)!r} lies under the file {existing}; pick a folder for "
+                                     "the RELEX delta store (store_dir=...).")
+        free = shutil.disk_usage(existing).free if existing.exists() else None
+        if free is not None and disk > free:
+            raise OSError(
+                f"the RELEX disk store needs {format_bytes(disk)} in {directory} but only {format_bytes(free)} is free "
+                f"there. Point store_dir at a larger disk, or use a smaller buffer_dtype, snapshot_every or include/exclude.")
+        rank, world = world_info()
+        self.buffer = DiskDeltaStore(tracked, cfg.buffer_capacity, cfg.buffer_dtype, directory, rank, world)
+        logger.info(
+            "RELEX: tracking %d tensors (%s parameters); the disk delta store needs %s on disk in %s and %s of host memory "
+            "(%d snapshots, %s)", len(tracked), f"{sum(numels):,}", format_bytes(disk), directory, format_bytes(memory),
+            cfg.buffer_capacity, cfg.buffer_dtype,
+        )
         return self.buffer
 
     def _budget_message(self, plan: BufferPlan, numels: list[int]) -> str:
@@ -243,15 +281,20 @@ class RelexEngine:
         path = state_file(Path(checkpoint_dir))
         rank, world = world_info()
         values = {
-            "format_version": str(STATE_FORMAT_VERSION),
+            "format_version": "1",
             "steps": json.dumps(self.buffer.steps),
             "config": json.dumps(self.config.to_dict()),
             "rank": str(rank),
             "world_size": str(world),
             **(metadata or {}),
         }
+        if isinstance(self.buffer, DiskDeltaStore):  # the rows are on disk already: reference them, copy nothing
+            values.update(format_version=str(STATE_FORMAT_VERSION), store=json.dumps(self.buffer.reference()))
+            tensors = {}
+        else:
+            tensors = self.buffer.state_tensors()
         tmp = path.with_name(path.name + ".tmp")
-        save_file(self.buffer.state_tensors(), str(tmp), metadata=values)
+        save_file(tensors, str(tmp), metadata=values)
         tmp.replace(path)
         return path
 
@@ -260,8 +303,8 @@ class RelexEngine:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         version = int(metadata.get("format_version", "0"))
-        if version != STATE_FORMAT_VERSION:
-            raise ValueError(f"{path} has RELEX state format {version}; this version reads {STATE_FORMAT_VERSION}.")
+        if version not in _READABLE_STATE_FORMATS:
+            raise ValueError(f"{path} has RELEX state format {version}; this version reads {_READABLE_STATE_FORMATS}.")
         return metadata
 
     def load_state(self, path: Path, metadata: dict[str, str], up_to_step: float) -> None:
@@ -275,6 +318,17 @@ class RelexEngine:
                     f"{key}={getattr(self.config, key)!r}; resume with the same setting."
                 )
         steps = [s for s in json.loads(metadata["steps"]) if s <= up_to_step]
+        on_disk = isinstance(self.buffer, DiskDeltaStore)
+        if ("store" in metadata) != on_disk:
+            saved_device = "disk" if "store" in metadata else saved.get("buffer_device")
+            raise ValueError(
+                f"{path} was written with buffer_device={saved_device!r} but the callback now has "
+                f"buffer_device={self.config.buffer_device!r}; resume with the same setting.")
+        if on_disk:
+            self.buffer.load_reference(json.loads(metadata["store"]), len(steps), path)
+            logger.info("RELEX: restored θ_0 and %d snapshots from the delta store %s (checked against %s)", len(steps),
+                        self.buffer.directory, path)
+            return
         tensors = load_file(str(path))
         tensors = {k: (v[: len(steps)] if k.startswith("deltas/") else v) for k, v in tensors.items()}
         self.buffer.load_state_tensors(tensors, steps)
@@ -594,7 +648,8 @@ class RelexEngine:
                 "bytes": self.buffer.nbytes,
                 "bytes_all_processes": int(all_reduce_sum(torch.tensor(float(self.buffer.nbytes), dtype=torch.float64))),
                 "dtype": cfg.buffer_dtype,
-                "device": str(self.buffer.device),
+                "device": "disk" if isinstance(self.buffer, DiskDeltaStore) else str(self.buffer.device),
+                "disk_bytes": self.buffer.disk_nbytes if isinstance(self.buffer, DiskDeltaStore) else 0,
                 "world_size": world,
             },
             communication_bytes=communication_report(),

@@ -71,19 +71,20 @@ def _resolve_chunk(device: torch.device, chunk_elements: int | None) -> int:
 
 
 class _Upcaster:
-    """fp32 views of ``[T, w]`` column slices of a delta stack, written into one reused scratch buffer
-    (no allocation per chunk); fp32 stacks are sliced without a copy."""
+    """Contiguous fp32 copies of ``[T, w]`` column slices of a delta stack, written into one reused scratch
+    buffer (no allocation per chunk).
+
+    fp32 stacks are copied too: matmul kernels may round differently for differently strided inputs, and
+    the copy makes every pass independent of how the stack is stored (a slice of a larger in-memory stack,
+    or a block read from a disk store), so both give bit-identical results.
+    """
 
     def __init__(self, deltas: torch.Tensor, width: int):
         self.deltas = deltas
-        self.scratch = None
-        if deltas.dtype != torch.float32:
-            self.scratch = torch.empty(deltas.shape[0] * min(width, deltas.shape[1]), dtype=torch.float32, device=deltas.device)
+        self.scratch = torch.empty(deltas.shape[0] * min(width, deltas.shape[1]), dtype=torch.float32, device=deltas.device)
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         piece = self.deltas[:, start:stop]
-        if self.scratch is None:
-            return piece
         return self.scratch[: piece.numel()].view(piece.shape).copy_(piece)
 
 

@@ -24,6 +24,7 @@ from ..export import REPORT_NAME, atomic_directory, check_output_dir, write_json
 from ..math.core import TREND_KINDS, TrajectoryFit
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
 from ..probe import choose_candidate
+from ..store import DiskDeltaStore
 from .jump import JumpController
 from .steps import halt_metrics
 
@@ -202,7 +203,7 @@ class RelexCallback(TrainerCallback, ExportableState):
             check_mergeable(model)
             if cfg.merge_lora == "delta" and world_info()[1] > 1:
                 raise ValueError("merge_lora='delta' needs the full LoRA factors on one process; use merge_lora=True under DDP/FSDP/DeepSpeed.")
-        self.engine.attach(model)
+        self.engine.attach(model, store_dir=Path(args.output_dir) / "relex-store")
         if self.jump is not None and self._jump_state:
             self.jump.load_state_dict(self._jump_state, state.global_step)  # restored by transformers; the sidecar wins
         if state.global_step > cfg.start_step:
@@ -251,6 +252,8 @@ class RelexCallback(TrainerCallback, ExportableState):
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if isinstance(self.buffer, DiskDeltaStore):
+            self.buffer.close()
         if self._final_weights is not None:
             self.engine.load(self._final_weights)
             self._final_weights = None

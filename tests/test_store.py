@@ -1,0 +1,225 @@
+"""The disk delta store holds and streams exactly what the in-memory buffer holds, and refuses damaged rows.
+
+The fit on the store is compared bit for bit with the fit on the in-memory ``DeltaBuffer`` (same math, same
+chunk order), and both with an independent oracle (``torch.linalg.svd`` of deltas formed in float64 from
+weights captured by the test).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from _oracle import oracle_prediction
+from relex_callback import RelexCallback
+from relex_callback.buffer import _RECORD_CHUNK, DeltaBuffer, TrackedTensor
+from relex_callback.config import RelexConfig
+from relex_callback.engine.engine import RelexEngine
+from relex_callback.math.core import combine, fit_trajectory, gram_matrix
+from relex_callback.store import DiskDeltaStore, StoreError, StoredStack, store_file_names
+
+
+def _params(sizes, seed=0):
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+
+
+def _record_both(tmp_path, dtype, sizes, steps, read_bytes=1 << 12, seed=0):
+    """The same trajectory recorded into an in-memory buffer and a disk store (a small read block, so the fit
+    crosses many block boundaries); returns both and the float64 weights at every step."""
+    params = _params(sizes, seed)
+    tracked = [TrackedTensor(f"p{i}", p) for i, p in enumerate(params)]
+    memory = DeltaBuffer(tracked, len(steps), dtype, "cpu")
+    disk = DiskDeltaStore(tracked, len(steps), dtype, tmp_path / "store", read_bytes=read_bytes)
+    memory.capture_base()
+    disk.capture_base()
+    history = [[p.detach().double().clone() for p in params]]
+    generator = torch.Generator().manual_seed(seed + 1)
+    direction = [torch.randn(p.shape, generator=generator) for p in params]
+    for step in steps:
+        with torch.no_grad():
+            for p, v in zip(params, direction):
+                p.add_(1e-2 * v + 1e-3 * torch.randn(p.shape, generator=generator))
+        memory.record(step)
+        disk.record(step)
+        history.append([p.detach().double().clone() for p in params])
+    return memory, disk, history
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_store_streams_bit_identical_grams_and_combinations(tmp_path, dtype):
+    sizes = (_RECORD_CHUNK + 4099, 7, 3000)  # a tensor wider than a record chunk, a tiny one, one between
+    steps = [1.0, 2.0, 4.0, 5.0, 7.0]
+    memory, disk, history = _record_both(tmp_path, dtype, sizes, steps)
+    for i in range(len(sizes)):
+        name = f"p{i}"
+        stored = disk.stack(name)
+        assert isinstance(stored, StoredStack) and stored.shape == memory.stack(name).shape
+        assert torch.equal(stored.to(torch.float32), memory.stack(name).to(torch.float32))
+        for window in (None, 3):
+            g_mem, g_disk = gram_matrix(memory.stack(name, window)), gram_matrix(disk.stack(name, window))
+            assert torch.equal(g_mem, g_disk)
+            weights = torch.randn(2, g_mem.shape[0], dtype=torch.float64)
+            assert torch.equal(combine(memory.stack(name, window), weights), combine(disk.stack(name, window), weights))
+    # the whole fit + prediction against an independent oracle on float64 deltas
+    grams = [(name, g) for (_, g), name in zip(disk.grams(), disk.names)]
+    fit = fit_trajectory(grams, steps, [12.0])
+    for i, tensor_fit in enumerate(fit.tensors):
+        predicted = disk.theta0[f"p{i}"].double() + combine(disk.stack(f"p{i}"), tensor_fit.weights).double()[0]
+        deltas = torch.stack([h[i] - history[0][i] for h in history[1:]])
+        expected = history[0][i] + oracle_prediction(deltas, steps, 12.0)
+        scale = float(expected.sub(history[0][i]).abs().max())
+        rounding = 1e-2 if dtype == "bfloat16" else 1e-5  # bf16 stored deltas vs exact float64 ones
+        assert float((predicted - expected).abs().max()) <= rounding * scale
+
+
+def test_store_file_layout_and_rolling_rows(tmp_path):
+    memory, disk, _ = _record_both(tmp_path, "float16", (100, 3), [1.0, 2.0, 3.0, 4.0])
+    base_name, deltas_name = store_file_names(0, 1)
+    assert (tmp_path / "store" / base_name).is_file() and (tmp_path / "store" / deltas_name).is_file()
+    assert not list((tmp_path / "store").glob("*.tmp"))
+    disk.flush()
+    size = os.path.getsize(tmp_path / "store" / deltas_name)
+    assert size == disk.data_start + 4 * disk.record_bytes  # each row appended exactly once
+    disk.keep_rows([1, 3])
+    memory.keep_rows([1, 3])
+    assert disk.steps == memory.steps == [2.0, 4.0] and disk.rows == [1, 3]
+    assert torch.equal(disk.stack("p0").to(torch.float32), memory.stack("p0").to(torch.float32))
+    assert os.path.getsize(tmp_path / "store" / deltas_name) == size  # logical drop: the file keeps the rows
+
+
+# -- end to end: Trainer, checkpoints that reference the store, resume, damage ---------------------------------------
+
+
+def _lm_trainer(out, tok, callbacks, save_total_limit=None):
+    from test_halt import lm_trainer
+
+    trainer = lm_trainer(out, tok, callbacks)
+    trainer.args.save_total_limit = save_total_limit
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from _tiny import tiny_tokenizer
+
+    return tiny_tokenizer(chat_template=False)
+
+
+DISK = dict(observe=10, extrapolate_to=40, save_model=False, buffer_dtype="float32", buffer_device="disk")
+
+
+def test_disk_store_run_equals_memory_run_and_checkpoints_copy_no_deltas(tmp_path, tok):
+    memory_run = _lm_trainer(tmp_path / "mem", tok, [RelexCallback(**{**DISK, "buffer_device": "cpu"})])
+    memory_run.train()
+    disk_cb = RelexCallback(**DISK)
+    disk_run = _lm_trainer(tmp_path / "disk", tok, [disk_cb])
+    disk_run.train()
+    for (name, a), (_, b) in zip(memory_run.model.named_parameters(), disk_run.model.named_parameters()):
+        assert torch.equal(a, b), name  # bit for bit
+    assert disk_cb.reports[40]["buffer"]["device"] == "disk"
+    store = tmp_path / "disk" / "relex-store"
+    from safetensors.torch import load_file
+
+    theta0 = load_file(str(store / "base-rank00000-of-00001.safetensors"))
+    assert set(theta0) == {n for n, _ in disk_run.model.named_parameters()}
+    # negative control: the equal models are not trivially θ_0 (training and the extrapolation moved them)
+    assert any(not torch.equal(p.detach(), theta0[n]) for n, p in disk_run.model.named_parameters())
+    assert (store / "deltas-rank00000-of-00001.bin").is_file()
+    ref_sizes = [os.path.getsize(tmp_path / "disk" / f"checkpoint-{s}" / "relex_state.safetensors") for s in (4, 8)]
+    mem_sizes = [os.path.getsize(tmp_path / "mem" / f"checkpoint-{s}" / "relex_state.safetensors") for s in (4, 8)]
+    assert ref_sizes[0] < 20_000 and ref_sizes[1] < 20_000  # a reference: no θ_0, no deltas
+    assert mem_sizes[1] > mem_sizes[0] > 100_000  # the in-memory fallback copies θ_0 and the deltas
+
+
+def test_disk_store_resume_is_bit_exact_after_rotation(tmp_path, tok):
+    straight = _lm_trainer(tmp_path / "a", tok, [RelexCallback(**DISK)])
+    straight.train()
+    reference = {n: p.detach().clone() for n, p in straight.model.named_parameters()}
+
+    from test_halt import StopAt
+
+    first = _lm_trainer(tmp_path / "b", tok, [RelexCallback(**DISK), StopAt(9)], save_total_limit=1)
+    first.train()
+    assert not (tmp_path / "b" / "checkpoint-4").exists()  # rotated away; the rows it covered stay in the store
+    state = tmp_path / "b" / "checkpoint-8" / "relex_state.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(state), framework="pt") as handle:
+        meta = handle.metadata()
+        assert list(handle.keys()) == []
+    ref = json.loads(meta["store"])
+    assert ref["steps"] == [float(s) for s in range(1, 9)] and len(ref["row_crc32"]) == 8
+    resumed = _lm_trainer(tmp_path / "b", tok, [RelexCallback(**DISK)], save_total_limit=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-8"))
+    assert resumed.state.global_step == 10
+    for name, param in resumed.model.named_parameters():
+        assert torch.equal(param.detach(), reference[name]), name
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "base"])
+def test_damaged_store_is_refused_with_the_file_and_the_fix(tmp_path, tok, damage):
+    from test_halt import StopAt
+
+    first = _lm_trainer(tmp_path, tok, [RelexCallback(**DISK), StopAt(8)])
+    first.train()
+    store = tmp_path / "relex-store"
+    deltas, base = store / "deltas-rank00000-of-00001.bin", store / "base-rank00000-of-00001.safetensors"
+    if damage == "truncate":  # the last referenced row only half written
+        os.truncate(deltas, os.path.getsize(deltas) - 100)
+        expected, named = "only half written", deltas
+    elif damage == "flip":
+        with open(deltas, "r+b") as handle:
+            handle.seek(os.path.getsize(deltas) - 5000)
+            byte = handle.read(1)
+            handle.seek(-1, os.SEEK_CUR)
+            handle.write(bytes([byte[0] ^ 0x40]))
+        expected, named = "CRC-32", deltas
+    else:
+        with open(base, "r+b") as handle:
+            handle.seek(-8, os.SEEK_END)
+            handle.write(b"\x00" * 8)
+        expected, named = "SHA-256", base
+    resumed = _lm_trainer(tmp_path, tok, [RelexCallback(**DISK)])
+    with pytest.raises(StoreError, match=expected) as info:
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    assert str(named) in str(info.value) and "Resume from a checkpoint whose store is intact" in str(info.value)
+
+
+def test_missing_store_and_device_mismatch_are_refused(tmp_path, tok):
+    from test_halt import StopAt
+
+    first = _lm_trainer(tmp_path, tok, [RelexCallback(**DISK), StopAt(4)])
+    first.train()
+    mismatched = _lm_trainer(tmp_path, tok, [RelexCallback(**{**DISK, "buffer_device": "cpu"})])
+    with pytest.raises(ValueError, match="buffer_device='disk'.*resume with the same setting"):
+        mismatched.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    (tmp_path / "relex-store").rename(tmp_path / "moved")
+    resumed = _lm_trainer(tmp_path, tok, [RelexCallback(**DISK)])
+    with pytest.raises(StoreError, match="does not exist.*point store_dir at where it is now"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_store_options_are_validated():
+    with pytest.raises(ValueError, match=r"^store_dir='x' is the folder of the disk delta store; pass buffer_device='disk'"):
+        RelexConfig(observe=10, extrapolate_to=20, store_dir="x")
+    assert RelexConfig(observe=10, extrapolate_to=20, buffer_device="disk", store_dir=Path("/tmp/s")).store_dir == "/tmp/s"
+    with pytest.raises(TypeError, match="^store_dir must be a str or os.PathLike path, got int"):
+        RelexConfig(observe=10, extrapolate_to=20, buffer_device="disk", store_dir=3)
+
+
+def test_store_under_a_file_and_over_the_memory_budget_are_refused_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    model = torch.nn.Linear(4, 4)
+    engine = RelexEngine(RelexConfig(observe=4, extrapolate_to=8, buffer_device="disk", store_dir=str(blocker / "store")))
+    with pytest.raises(NotADirectoryError, match="lies under the file"):
+        engine.attach(model)
+    engine = RelexEngine(RelexConfig(observe=4, extrapolate_to=8, buffer_device="disk", buffer_max_bytes=10,
+                                     store_dir=str(tmp_path / "s")))
+    with pytest.raises(MemoryError, match="disk store needs .* of host memory"):
+        engine.attach(model)
+    assert not (tmp_path / "s").exists()
