@@ -72,7 +72,7 @@ def store_footprint(numels: Iterable[int], capacity: int, dtype: str, read_bytes
     total = sum(numels)
     itemsize = _DTYPES[dtype].itemsize
     memory = total * (4 + itemsize) + read_bytes
-    disk = total * 4 + capacity * (_ROW_HEADER.size + total * itemsize) + 4096 + 64 * len(numels)
+    disk = total * 4 + capacity * (_ROW_HEADER.size + total * itemsize) + 8192 + 256 * len(numels)  # + file headers
     return memory, disk
 
 

@@ -133,6 +133,11 @@ def test_disk_store_run_equals_memory_run_and_checkpoints_copy_no_deltas(tmp_pat
     mem_sizes = [os.path.getsize(tmp_path / "mem" / f"checkpoint-{s}" / "relex_state.safetensors") for s in (4, 8)]
     assert ref_sizes[0] < 20_000 and ref_sizes[1] < 20_000  # a reference: no θ_0, no deltas
     assert mem_sizes[1] > mem_sizes[0] > 100_000  # the in-memory fallback copies θ_0 and the deltas
+    # the pre-flight estimate (logged at train begin) bounds what the store really used on disk, within a header
+    estimate = disk_cb.engine.preflight
+    on_disk = sum(f.stat().st_size for f in store.iterdir())
+    assert estimate.disk_bytes - 8192 - 256 * len(theta0) <= on_disk <= estimate.disk_bytes
+    assert disk_cb.reports[40]["buffer"]["preflight"]["disk_bytes"] == estimate.disk_bytes
 
 
 def test_disk_store_resume_is_bit_exact_after_rotation(tmp_path, tok):
@@ -223,3 +228,25 @@ def test_store_under_a_file_and_over_the_memory_budget_are_refused_before_traini
     with pytest.raises(MemoryError, match="disk store needs .* of host memory"):
         engine.attach(model)
     assert not (tmp_path / "s").exists()
+
+
+def test_preflight_estimate_against_hand_arithmetic(caplog):
+    import logging
+
+    from relex_callback.preflight import FIT_SECONDS_PER_GRAM_MAC, FIT_SECONDS_PER_STORED_BYTE, preflight
+    from relex_callback.store import FIT_READ_BYTES
+
+    numels = [1000, 24]
+    memory = preflight(numels, RelexConfig(observe=10, extrapolate_to=20), world_size=4)
+    assert memory.memory_bytes == 1024 * (10 * 2 + 4) and memory.disk_bytes == 0
+    assert memory.checkpoint_bytes == memory.memory_bytes and memory.write_bytes_per_snapshot == 0
+    disk = preflight(numels, RelexConfig(observe=10, extrapolate_to=20, buffer_device="disk", buffer_dtype="float16"))
+    assert disk.memory_bytes == 1024 * (4 + 2) + FIT_READ_BYTES
+    assert disk.disk_bytes == 1024 * 4 + 10 * (40 + 1024 * 2) + 8192 + 256 * 2
+    assert disk.write_bytes_per_snapshot == 2048 and disk.checkpoint_bytes < 20_000
+    assert disk.fit_seconds == pytest.approx(FIT_SECONDS_PER_STORED_BYTE * 10 * 2048 + FIT_SECONDS_PER_GRAM_MAC * 100 * 1024)
+    # attach logs it before any buffer is allocated, also when the budget then refuses the buffer
+    engine = RelexEngine(RelexConfig(observe=4, extrapolate_to=8, buffer_max_bytes=10))
+    with caplog.at_level(logging.INFO, logger="relex_callback"), pytest.raises(MemoryError):
+        engine.attach(torch.nn.Linear(4, 4))
+    assert "RELEX pre-flight (auto buffer" in caplog.text and engine.buffer is None

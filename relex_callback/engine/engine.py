@@ -38,6 +38,7 @@ from ..distributed import (
 from ..math.core import TrajectoryFit, combine, fit_trajectory, prediction_weights, select_power
 from ..math.diagnostic import WindowDiagnostic, diagnose_window, trend_predictor
 from ..options import BUFFER_DTYPES, TREND_KINDS
+from ..preflight import Preflight, preflight
 from ..store import DiskDeltaStore, StoreError, store_footprint
 from .candidate import Candidate, TrendSpec
 from .report import backtest_section, horizon_warning, new_report
@@ -165,6 +166,7 @@ class RelexEngine:
         self.snapshot_seconds = 0.0
         self.grams: list[tuple[str, torch.Tensor]] = []  # the last fit's Grams, summed over processes (T×T each)
         self.diagnostic: WindowDiagnostic | None = None  # the last fit's window diagnostic
+        self.preflight: Preflight | None = None  # the cost estimate of this process, set by attach()
 
     # -- the buffer -----------------------------------------------------------------------------------------
 
@@ -189,6 +191,9 @@ class RelexEngine:
             )
         tracked = track_parameters(model, chosen)  # one slice per process under DDP/FSDP/DeepSpeed
         numels = [t.numel for t in tracked]
+        self.preflight = preflight(numels, cfg, world_info()[1])  # before any refusal, so the user sees the costs
+        if is_main_process():
+            logger.info("%s", self.preflight.summary_line())
         if cfg.buffer_device == "disk":
             return self._attach_store(tracked, Path(cfg.store_dir or store_dir or "relex-store"))
         on_gpu = any(t.view().is_cuda for t in tracked)
@@ -651,6 +656,7 @@ class RelexEngine:
                 "device": "disk" if isinstance(self.buffer, DiskDeltaStore) else str(self.buffer.device),
                 "disk_bytes": self.buffer.disk_nbytes if isinstance(self.buffer, DiskDeltaStore) else 0,
                 "world_size": world,
+                "preflight": None if self.preflight is None else self.preflight.as_dict(),
             },
             communication_bytes=communication_report(),
             **sections,
