@@ -249,6 +249,8 @@ class DiskDeltaStore(DeltaBuffer):
         save_file({name: self.theta0[name] for name in self.names}, str(tmp),
                   metadata={"relex_store_run_id": self.run_id, "rank": str(self.rank), "world_size": str(self.world)})
         self.base_sha256 = _sha256(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
         tmp.replace(self.base_path)
         header = self._header()
         tmp = self.deltas_path.with_name(self.deltas_path.name + ".tmp")
@@ -335,6 +337,8 @@ class DiskDeltaStore(DeltaBuffer):
 
     def _fill_stage(self, rows: tuple[int, ...], first: int, last: int) -> None:
         """Read elements ``[first, first + E)`` of every row in ``rows`` (E from ``read_bytes``, at least ``last − first``)."""
+        if self._fd is None:  # read after close(): e.g. a fit called once training has ended
+            self._open()
         itemsize = self.dtype.itemsize
         per_row = max(last - first, self.read_bytes // max(len(rows) * itemsize, 1))
         per_row = min(per_row, self.row_elements - first)

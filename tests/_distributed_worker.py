@@ -141,6 +141,18 @@ def scenario_ddp(out: Path) -> None:
     _dump(out, relex, recorder, {n: _full(p) for n, p in model.named_parameters() if p.requires_grad})
 
 
+def scenario_ddp_disk(out: Path) -> None:
+    """DDP with the disk delta store: one θ_0 file and one deltas file per process in ``out/store``."""
+    tok = tiny_tokenizer()
+    model = tiny_qwen2(tie=True, tokenizer=tok)
+    relex, recorder = _relex(out, buffer_device="disk", store_dir=str(out / "store")), Recorder()
+    trainer = Trainer(model=model, args=_training_args(out), train_dataset=_dataset(tok), data_collator=_collate(tok),
+                      processing_class=tok, callbacks=[relex, recorder])
+    trainer.train()
+    assert trainer.state.global_step == OBSERVE, trainer.state.global_step
+    _dump(out, relex, recorder, {n: _full(p) for n, p in model.named_parameters() if p.requires_grad})
+
+
 def scenario_ddp_peft(out: Path) -> None:
     from peft import LoraConfig, get_peft_model
 

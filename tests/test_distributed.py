@@ -36,7 +36,7 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
 
 WORLD = 2
 
-SCENARIOS = ["ddp", "fsdp2", "fsdp1", "ddp_peft", "unsupported"]
+SCENARIOS = ["ddp", "ddp_disk", "fsdp2", "fsdp1", "ddp_peft", "unsupported"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,26 @@ def runs(tmp_path_factory) -> Path:
 @pytest.mark.distributed
 def test_ddp_trainer_matches_single_process_and_halves_buffer(runs):
     check_sharded_run(scenario(runs, "ddp"), {"ReplicatedSlice"}, exact_halves=True)
+
+
+@pytest.mark.distributed
+def test_ddp_disk_store_matches_in_memory_ddp_with_one_file_pair_per_process(runs):
+    directory, memory = scenario(runs, "ddp_disk"), scenario(runs, "ddp")
+    for target in TARGETS:  # same run, same slices: the streamed fit is bit-identical to the in-memory one
+        disk_model = load_file(str(directory / f"relex-step{target}" / "model.safetensors"))
+        memory_model = load_file(str(memory / f"relex-step{target}" / "model.safetensors"))
+        for name, value in memory_model.items():
+            assert torch.equal(disk_model[name], value), (target, name)
+    expected = oracle(load_file(str(directory / "snapshots.safetensors")), TARGETS)
+    saved = load_file(str(directory / f"relex-step{TARGETS[-1]}" / "model.safetensors"))
+    for name, value in expected[TARGETS[-1]].items():  # and both match the independent single-process oracle
+        assert_close(saved[name], value, name, torch.float32)
+    store = directory / "store"
+    sizes = [(store / f"deltas-rank{r:05d}-of-{WORLD:05d}.bin").stat().st_size for r in range(WORLD)]
+    bases = [load_file(str(store / f"base-rank{r:05d}-of-{WORLD:05d}.safetensors")) for r in range(WORLD)]
+    total = sum(v.numel() for v in expected[TARGETS[-1]].values())
+    assert sum(v.numel() for b in bases for v in b.values()) == total  # θ_0 split between the processes, not copied
+    assert all(abs(size - sizes[0]) < 0.2 * sizes[0] for size in sizes)
 
 
 @pytest.mark.distributed

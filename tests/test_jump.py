@@ -314,14 +314,17 @@ def test_current_anchor_adds_the_predicted_progress_to_the_current_weights(tmp_p
         assert float((observe.post[5][name].double() - expected).abs().max()) < 1e-6, name
 
 
-def test_virtual_steps_and_history_survive_checkpoint_resume_and_the_probe_is_kept(tmp_path):
+@pytest.mark.parametrize("buffer_device", ["auto", "disk"])
+def test_virtual_steps_and_history_survive_checkpoint_resume_and_the_probe_is_kept(tmp_path, buffer_device):
+    # disk: the thinned rows (keep_rows) are a logical selection of the store's rows; the checkpoint references them
     probe_calls = []
 
     def probe(model):
         probe_calls.append(1)
         return 0.0
 
-    options = dict(mode="jump", observe=3, jump_every=3, jump_horizon=5, buffer_dtype="float32", max_snapshots=4)
+    options = dict(mode="jump", observe=3, jump_every=3, jump_horizon=5, buffer_dtype="float32", max_snapshots=4,
+                   buffer_device=buffer_device)
     straight = RelexCallback(probe=probe, **options)
     full = linear_trainer(tmp_path / "a", [straight], max_steps=12)
     full.train()

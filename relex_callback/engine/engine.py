@@ -39,7 +39,7 @@ from ..math.core import TrajectoryFit, combine, fit_trajectory, prediction_weigh
 from ..math.diagnostic import WindowDiagnostic, diagnose_window, trend_predictor
 from ..options import BUFFER_DTYPES, TREND_KINDS
 from ..preflight import Preflight, preflight
-from ..store import DiskDeltaStore, StoreError, store_footprint
+from ..store import DiskDeltaStore, store_footprint
 from .candidate import Candidate, TrendSpec
 from .report import backtest_section, horizon_warning, new_report
 
@@ -49,7 +49,9 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE_NAME = "relex_state.safetensors"
 STATE_FORMAT_VERSION = 2
-"""1: θ_0 and the deltas inside the file (in-memory buffers); 2: a reference to rows of a disk store (``"store"``)."""
+"""The newest state format: 2 references rows of a disk store (metadata ``"store"``); 1 holds θ_0 and the deltas
+themselves (in-memory buffers, written as 1 so older versions still read them)."""
+_INLINE_STATE_FORMAT = 1
 _READABLE_STATE_FORMATS = (1, 2)
 _RESUME_KEYS = ("start_step", "snapshot_every", "buffer_dtype", "include", "exclude")
 
@@ -282,11 +284,13 @@ class RelexEngine:
     # -- saved state ----------------------------------------------------------------------------------------
 
     def save_state(self, checkpoint_dir: str | Path, metadata: dict[str, str] | None = None) -> Path:
-        """Write θ_0 and the recorded deltas of this process into ``checkpoint_dir`` (atomically)."""
+        """Write this process's saved state into ``checkpoint_dir`` (atomically): θ_0 and the recorded deltas of an
+        in-memory buffer, or, for the disk store, only which of its rows the checkpoint covers (rows, CRC-32s, θ_0's
+        SHA-256)."""
         path = state_file(Path(checkpoint_dir))
         rank, world = world_info()
         values = {
-            "format_version": "1",
+            "format_version": str(_INLINE_STATE_FORMAT),
             "steps": json.dumps(self.buffer.steps),
             "config": json.dumps(self.config.to_dict()),
             "rank": str(rank),

@@ -65,7 +65,9 @@ class RelexCallback(TrainerCallback, ExportableState):
     ```
 
     Resuming: the callback writes ``relex_state.safetensors`` into every ``checkpoint-N/`` and reloads it on
-    ``trainer.train(resume_from_checkpoint=...)``; its JSON state also goes into ``trainer_state.json``.
+    ``trainer.train(resume_from_checkpoint=...)``; its JSON state also goes into ``trainer_state.json``. With an
+    in-memory buffer that file holds θ_0 and every recorded delta; with ``buffer_device="disk"`` it only names
+    the rows of the delta store (``store_dir``) it covers, so checkpoints stay a few KB.
     """
 
     _instances: list[weakref.ref] = []
@@ -280,7 +282,8 @@ class RelexCallback(TrainerCallback, ExportableState):
         return sum(values) / len(values) if values else None
 
     def save_state(self, checkpoint_dir: str | Path) -> Path:
-        """Write θ_0 and the recorded deltas of this process into ``checkpoint_dir``."""
+        """Write this process's RELEX state into ``checkpoint_dir`` (the deltas, or with ``buffer_device="disk"`` a
+        reference to the store's rows)."""
         extra = {"jump": json.dumps(self.jump.state_dict())} if self.jump is not None else {}
         return self.engine.save_state(checkpoint_dir, extra)
 
