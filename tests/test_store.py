@@ -194,6 +194,21 @@ def test_damaged_store_is_refused_with_the_file_and_the_fix(tmp_path, tok, damag
     assert str(named) in str(info.value) and "Resume from a checkpoint whose store is intact" in str(info.value)
 
 
+def test_half_written_row_after_the_checkpoint_is_cut_and_recording_continues(tmp_path, tok):
+    # a crash in the middle of an append leaves a partial record after the rows the checkpoint covers
+    from test_halt import StopAt
+
+    _lm_trainer(tmp_path, tok, [RelexCallback(**DISK), StopAt(8)]).train()
+    deltas = tmp_path / "relex-store" / "deltas-rank00000-of-00001.bin"
+    with open(deltas, "ab") as handle:
+        handle.write(b"RLXROW01" + b"\x00" * 500)
+    resumed_cb = RelexCallback(**DISK)
+    resumed = _lm_trainer(tmp_path, tok, [resumed_cb])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    assert resumed.state.global_step == 10 and resumed_cb.buffer.steps == [float(s) for s in range(1, 11)]
+    assert os.path.getsize(deltas) == resumed_cb.buffer.data_start + 10 * resumed_cb.buffer.record_bytes
+
+
 def test_missing_store_and_device_mismatch_are_refused(tmp_path, tok):
     from test_halt import StopAt
 
