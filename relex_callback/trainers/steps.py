@@ -29,6 +29,7 @@ from ..engine.report import report_metrics, write_model_card
 from ..export import REPORT_NAME, atomic_directory, check_output_dir, write_json
 from ..math.core import TREND_KINDS
 from ..probe import choose_candidate
+from ..store import DiskDeltaStore
 from .jump import JumpController
 
 __all__ = ["StepDriver", "StepOutcome", "halt_metrics", "write_candidate_model"]
@@ -134,7 +135,7 @@ class StepDriver:
         self.model, self.processing_class, self.optimizer = model, processing_class, optimizer
         self.output_root = Path(output_root)
         self.check_outputs(self.output_root, step)
-        self.engine.attach(model)
+        self.engine.attach(model, store_dir=self.output_root / "relex-store")  # used by buffer_device="disk"
         if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
             self._hook = optimizer.register_step_post_hook(self._count_optimizer_step)
         if step > cfg.start_step:
@@ -148,10 +149,12 @@ class StepDriver:
         self.optimizer_steps += 1
 
     def close(self) -> None:
-        """Remove the optimizer hook."""
+        """Remove the optimizer hook; finish the disk store's pending append."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if isinstance(self.engine.buffer, DiskDeltaStore):
+            self.engine.buffer.close()
 
     # -- the step -------------------------------------------------------------------------------------------
 
