@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
 
 from _oracle import oracle_prediction
 from relex_callback import RelexCallback
