@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up the environments (scripts/setup.sh, scripts/setup_verl.sh) and run the default test suite (excludes
-# tests marked slow): the main suite in .venv, then the verl integration tests (tests/verl) in .venv-verl.
+# Set up the environments (scripts/setup.sh, scripts/setup_verl.sh) and run the whole test suite: the main suite
+# in .venv, then the verl integration tests (tests/verl) in .venv-verl.
 # Arguments go to the main pytest run; RELEX_SKIP_VERL=1 skips the verl stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,4 +1,4 @@
-"""The one independent RELEX oracle and the one weight-capture callback of the test suite.
+"""The one independent RELEX oracle, the one weight-capture callback and the NaN-injecting callback of the test suite.
 
 Nothing here imports ``relex_callback``: predictions come from ``torch.linalg.svd`` of the stacked deltas and a
 least-squares polynomial (``numpy.polyfit``) of the coefficients c = M v on the given step axis.
@@ -89,3 +89,16 @@ class CaptureWeights(TrainerCallback):
         self.weights[state.global_step] = self.grab(model)
         if self.with_optimizer:
             self.opt_post[state.global_step] = self.grab_optimizer(model, optimizer)
+
+
+class PoisonAt(TrainerCallback):
+    """Writes a NaN into one weight right after the optimizer step that ends at global step ``step``."""
+
+    def __init__(self, step, name):
+        self.step, self.name = step, name
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                dict(model.named_parameters())[self.name].view(-1)[0] = float("nan")
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters()}

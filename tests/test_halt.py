@@ -7,6 +7,7 @@ separate callback during the same run (torch.linalg.svd of the stacked deltas, n
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer
 
-from _oracle import CaptureWeights, oracle
+from _oracle import CaptureWeights, PoisonAt, max_diff, oracle
 from _tiny import tiny_llama, tiny_qwen2, tiny_tokenizer
 from relex_callback import RelexCallback
 from relex_callback.callback import STATE_FILE_NAME
@@ -73,6 +74,8 @@ def test_grpo_halt_writes_the_independent_prediction(tmp_path, tok, tie):
     assert sorted(capture.weights) == list(range(0, 7))
     for target in (15, 40):
         expected = oracle(capture.weights, 0, list(range(1, 7)), target)
+        assert max_diff(capture.weights[6], capture.weights[0]) > 1e-3  # training moved the weights ...
+        assert max_diff(expected, capture.weights[6]) > 1e-3  # ... and the prediction is not the last snapshot
         out_dir = tmp_path / "out" / f"relex-step{target}"
         loaded = AutoModelForCausalLM.from_pretrained(out_dir)
         state = {n: p for n, p in loaded.named_parameters()}
@@ -111,6 +114,7 @@ def test_default_bf16_buffer_stays_within_bf16_rounding(tmp_path, tok):
     live = {n: p for n, p in trainer.model.named_parameters()}
     assert_close_state(live, rounded, atol=2e-5)  # same math on the bf16-stored deltas
     moved = max(float((exact[n] - capture.weights[0][n].double()).abs().max()) for n in exact)
+    assert moved > 1e-3  # a run that did not move would pass both comparisons trivially
     assert_close_state(live, exact, atol=0.02 * moved)  # and close to the fp32 answer
 
 
@@ -134,12 +138,21 @@ def test_sparse_snapshots_and_start_step(tmp_path, tok):
 
 def test_include_exclude_and_frozen_params(tmp_path, tok):
     model = tiny_qwen2(tokenizer=tok)
-    model.model.norm.weight.requires_grad_(False)
+    frozen = "model.layers.0.mlp.up_proj.weight"  # matched by the include pattern, kept by the exclude pattern
+    model.get_parameter(frozen).requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     relex = RelexCallback(observe=4, extrapolate_to=8, include=[r"layers\.0\."], exclude=[r"bias$"], save_model=False)
     trainer = grpo_trainer(tmp_path, model, tok, [relex])
     trainer.train()
     names = [t.name for t in relex.buffer.tracked]
-    assert names and all("layers.0." in n and not n.endswith("bias") for n in names)
+    expected = [n for n, p in model.named_parameters()
+                if p.requires_grad and re.search(r"layers\.0\.", n) and not re.search(r"bias$", n)]
+    assert names == expected and len(names) >= 5
+    assert frozen not in names and any(n.startswith("model.layers.0.mlp.") for n in names)
+    assert any(n.endswith("bias") and "layers.0." in n for n, _ in model.named_parameters())  # the exclude did exclude
+    live = dict(model.named_parameters())
+    assert torch.equal(live[frozen], before[frozen])  # RELEX did not write the frozen tensor ...
+    assert all(not torch.equal(live[n], before[n]) for n in names)  # ... while every tracked one moved
     assert not (tmp_path / "out" / "relex-step8").exists()
 
 
@@ -169,19 +182,6 @@ def test_buffer_budget_is_checked_before_training(tmp_path, tok):
     with pytest.raises(MemoryError, match=r"needs .* but the host budget is 2\.9 MiB .*Settings that fit: buffer_dtype='bfloat16'"):
         trainer.train()
     assert trainer.state.global_step == 0
-
-
-class PoisonAt(TrainerCallback):
-    """Writes a NaN into one weight right after the optimizer step that ends at global step ``step``."""
-
-    def __init__(self, step, name):
-        self.step, self.name = step, name
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if state.global_step + 1 == self.step:
-            with torch.no_grad():
-                dict(model.named_parameters())[self.name].view(-1)[0] = float("nan")
-            self.weights = {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def test_non_finite_deltas_leave_weights_and_disk_untouched(tmp_path, tok):

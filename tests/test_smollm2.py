@@ -79,9 +79,11 @@ def test_grpo_on_smollm2_writes_the_independent_prediction(tmp_path):
     report = json.loads((out / "relex_report.json").read_text())
     assert report["explained_variance"]["tensors"] == 272
     assert report["backtest"] is not None and report["backtest"]["ratio"] == pytest.approx(1.5)
-    # the extrapolated model still generates text
+    # the extrapolated model still knows what the base model knows (a broken write garbles the answer)
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True,
     )
-    generated = loaded.generate(**ids, max_new_tokens=4, do_sample=False)
-    assert generated.shape[1] > ids["input_ids"].shape[1]
+    with torch.no_grad():
+        generated = loaded.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
