@@ -5,6 +5,7 @@ same run (torch.linalg.svd of the stacked deltas, an OLS line on the virtual ste
 """
 
 import json
+import logging
 import math
 
 import pytest
@@ -13,11 +14,11 @@ from datasets import Dataset
 from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer
 
-from _oracle import CaptureWeights, max_diff, oracle
+from _oracle import CaptureWeights, PoisonAt, max_diff, oracle
 from _tiny import tiny_qwen2, tiny_tokenizer
 from relex_callback import RelexCallback, RelexConfig
 from relex_callback.core import gram_matrix, select_power
-from relex_callback.jump import JUMP_LOG_NAME, generation_period
+from relex_callback.jump import JUMP_LOG_NAME, generation_period, reset_optimizer_state
 
 
 # -- independent observers --------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ class LinearPath(PreTrainedModel):
 LR = 2.0**-10
 
 
-def linear_trainer(tmp_path, callbacks, max_steps, **overrides):
+def linear_trainer(tmp_path, callbacks, max_steps, model=None, **overrides):
     data = Dataset.from_dict({"x": [[0.0]] * 64, "labels": [0.0] * 64})
     settings = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=1, max_steps=max_steps, learning_rate=LR,
@@ -213,7 +214,7 @@ def linear_trainer(tmp_path, callbacks, max_steps, **overrides):
         save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
     )
     args = TrainingArguments(**{**settings, **overrides})
-    return Trainer(model=LinearPath(), args=args, train_dataset=data, callbacks=callbacks)
+    return Trainer(model=model or LinearPath(), args=args, train_dataset=data, callbacks=callbacks)
 
 
 def on_line(model0, t):
@@ -291,6 +292,22 @@ def test_optimizer_policy_touches_exactly_the_jumped_parameters(tmp_path, policy
         assert not torch.equal(observe.post[s]["first.weight"], observe.pre[s]["first.weight"])
 
 
+def test_a_reset_that_finds_no_state_for_the_jumped_parameters_says_so(caplog):
+    model = Regress()
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]  # a wrapper's own copies
+    optimizer = torch.optim.Adam(copies, lr=1e-2)
+    sum(c.square().sum() for c in copies).backward()
+    optimizer.step()
+    with caplog.at_level(logging.WARNING, logger="relex_callback"):
+        assert reset_optimizer_state(optimizer, model.parameters()) == 0
+    assert "optimizer_policy='reset' reset nothing" in caplog.text and "none of the 4 jumped parameters" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="relex_callback"):  # control: keyed by the given tensors
+        assert reset_optimizer_state(optimizer, copies) == 4
+    assert "reset nothing" not in caplog.text
+    assert all(not torch.count_nonzero(v) for c in copies for v in optimizer.state[c].values())
+
+
 def regression_data():
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     return Dataset.from_dict({"x": x.tolist(), "labels": (x @ torch.tensor([1.0, -2.0, 0.5, 3.0])).tolist()})
@@ -358,6 +375,145 @@ def test_virtual_steps_and_history_survive_checkpoint_resume_and_the_probe_is_ke
     trainer.train(resume_from_checkpoint=str(checkpoint))
     assert plain.jump.offset == straight.jump.offset and plain.buffer.steps == straight.buffer.steps
     assert max_diff(dict(trainer.model.named_parameters()), dict(full.model.named_parameters())) == 0.0
+
+
+# -- faults: non-finite values, overflow, failing probes, a partial horizon cap ---------------------------------
+
+
+def bits(weights):
+    """The raw bytes of every tensor: a bit-exact comparison that also holds for NaN."""
+    return {n: w.detach().contiguous().reshape(-1).view(torch.uint8).clone() for n, w in weights.items()}
+
+
+def assert_bit_equal(actual, expected, what):
+    actual, expected = bits(actual), bits(expected)
+    assert set(actual) == set(expected)
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), f"{what}: {name} changed"
+
+
+def test_nan_delta_at_a_jump_stops_training_and_leaves_the_live_weights_untouched(tmp_path):
+    observe = Observe()
+    relex = RelexCallback(mode="jump", observe=4, jump_every=2, jump_horizon=4, buffer_dtype="float32", auto_horizon=False)
+    trainer = linear_trainer(tmp_path, [PoisonAt(6, "a"), relex, observe], max_steps=10)
+    with pytest.raises(FloatingPointError, match=r"non-finite deltas in \['a'\]\. Live weights .* left untouched"):
+        trainer.train()
+    assert trainer.state.global_step == 6  # stopped at the poisoned jump, not later
+    assert [(r["step"], r["status"]) for r in relex.jump.history] == [(4, "accepted")]
+    assert torch.isnan(observe.pre[6]["a"]).sum() == 1
+    assert_bit_equal(dict(trainer.model.named_parameters()), observe.pre[6], "step 6")  # NaN included, nothing jumped
+    logged = [json.loads(line) for line in (tmp_path / "out" / JUMP_LOG_NAME).read_text().splitlines()]
+    assert [r["step"] for r in logged] == [4]
+
+
+class HalfPath(LinearPath):
+    """LinearPath in float16 near the top of its range: a = 2^15 + 2^11·t and b = −2^11·t·g_b, exact in fp16 to
+    |x| = 65504; a prediction at virtual step 20 is finite in fp32 (a = 73728) but overflows float16."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.a = torch.nn.Parameter(torch.full((8,), 2.0**15, dtype=torch.float16))
+        self.b = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float16))
+        self.ga = -torch.ones(8)
+
+    def forward(self, x, labels=None):
+        return {"loss": (self.a.float() * self.ga).sum() + (self.b.float() * self.gb).sum() + 0.0 * x.sum()}
+
+
+@pytest.mark.parametrize("horizon", [2, 16])
+def test_a_prediction_that_overflows_the_parameter_dtype_is_refused_before_it_is_written(tmp_path, horizon):
+    observe = Observe()
+    relex = RelexCallback(mode="jump", observe=4, jump_every=4, jump_horizon=horizon, buffer_dtype="float32",
+                          auto_horizon=False)
+    trainer = linear_trainer(tmp_path, [relex, observe], max_steps=4, model=HalfPath(), learning_rate=2048.0)
+    if horizon == 2:  # control: in range, the jump lands exactly on the fp16 line at virtual step 6
+        trainer.train()
+        live = dict(trainer.model.named_parameters())
+        assert torch.equal(live["a"], torch.full((8,), 2.0**15 + 2048 * 6, dtype=torch.float16))
+        assert torch.equal(live["b"], (-2048.0 * 6 * trainer.model.gb).half())
+        return
+    # a = 2^15 + 2^11·20 = 73728 and |b| up to 2^11·20·3 = 122880: both beyond float16's 65504
+    with pytest.raises(FloatingPointError, match=r"non-finite predictions in \['a \(beyond the float16 range, \|x\| > 65504\)', 'b "):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    live = dict(trainer.model.named_parameters())
+    assert all(bool(torch.isfinite(p).all()) for p in live.values())
+    assert_bit_equal(live, observe.pre[4], "step 4")
+
+
+def test_a_probe_that_raises_after_the_jump_restores_the_weights_and_stops_training(tmp_path, caplog):
+    calls = []
+
+    def probe(model):
+        calls.append(1)
+        if len(calls) == 2:  # scoring the jumped weights
+            raise RuntimeError("reward server unreachable")
+        return 0.0
+
+    observe = Observe()
+    relex = RelexCallback(mode="jump", observe=4, jump_every=4, jump_horizon=4, probe=probe, buffer_dtype="float32",
+                          auto_horizon=False)
+    trainer = linear_trainer(tmp_path, [relex, observe], max_steps=12)
+    with caplog.at_level(logging.ERROR, logger="relex_callback"), pytest.raises(RuntimeError, match="reward server unreachable"):
+        trainer.train()
+    assert len(calls) == 2 and trainer.state.global_step == 4
+    assert_bit_equal(dict(trainer.model.named_parameters()), observe.pre[4], "step 4")
+    assert "probe raised while scoring jump 0 at step 4" in caplog.text and "restored" in caplog.text
+    assert relex.jump.history == [] and relex.jump.offset == 0
+
+
+def test_a_probe_that_returns_nan_after_the_jump_rejects_it_and_training_continues(tmp_path):
+    calls = []
+
+    def probe(model):  # fine before each jump, NaN on the jumped weights
+        calls.append(1)
+        return float("nan") if len(calls) % 2 == 0 else 1.0
+
+    observe = Observe()
+    relex = RelexCallback(mode="jump", observe=4, jump_every=2, jump_horizon=4, probe=probe, buffer_dtype="float32",
+                          auto_horizon=False)
+    trainer = linear_trainer(tmp_path, [relex, observe], max_steps=9)
+    trainer.train()
+    assert trainer.state.global_step == 9 and len(calls) == 6
+    history = relex.jump.history
+    assert [(r["step"], r["status"], r["horizon"]) for r in history] == [(4, "rejected", 4), (6, "rejected", 2), (8, "rejected", 1)]
+    assert all(r["probe_before"] == 1.0 and math.isnan(r["probe_after"]) for r in history)
+    for s in (4, 6, 8):
+        assert_bit_equal(observe.post[s], observe.pre[s], f"step {s}")
+    # every jump was undone, so the run ends exactly where plain SGD ends
+    assert_bit_equal(dict(trainer.model.named_parameters()), on_line(LinearPath(), 9), "end")
+    assert relex.jump.offset == 0
+
+
+PARTIAL_TOLERANCE = 0.3  # on this run's distance (about 0.36 at 2x) the cap is 5 of the 60 requested steps
+
+
+def test_a_partial_horizon_cap_jumps_exactly_the_capped_number_of_steps(tmp_path):
+    """The backtest supports more than one step but fewer than the requested horizon: the jump goes to v + cap."""
+    observe = Observe()
+    relex = RelexCallback(mode="jump", observe=6, jump_every=6, jump_horizon=60, buffer_dtype="float32",
+                          backtest_tolerance=PARTIAL_TOLERANCE)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=6, learning_rate=1e-2,
+                             lr_scheduler_type="constant", use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=Regress(), args=args, train_dataset=regression_data(), callbacks=[relex, observe])
+    trainer.train()
+    (record,) = relex.jump.history
+    cap = record["horizon_cap"]
+    assert 1 <= cap < 60, record  # a partial cap
+    assert record["status"] == "accepted" and record["horizon"] == cap and record["virtual_step_after"] == 6 + cap
+    # independent backtest: fit snapshots 1-3, predict step 6, whole-model distance ||θ̂_6 − θ_6|| / ||θ_6 − θ_0||;
+    # the distance grows linearly beyond the fit (ratio 6/3 = 2), so the cap is floor(tolerance / distance · 6)
+    back = oracle_jump(observe.pre, 0, [1, 2, 3], [1, 2, 3], 6)
+    error = sum(float((back[n] - observe.pre[6][n].double()).square().sum()) for n in back)
+    norm = sum(float((observe.pre[6][n].double() - observe.pre[0][n].double()).square().sum()) for n in back)
+    distance = math.sqrt(error / norm)
+    assert record["backtest"]["distance"] == pytest.approx(distance, rel=1e-5)
+    assert cap == math.floor(PARTIAL_TOLERANCE / distance * 6)
+    expected = oracle_jump(observe.pre, 0, list(range(1, 7)), list(range(1, 7)), 6 + cap)
+    assert max_diff(observe.post[6], expected) < 1e-5
+    uncapped = oracle_jump(observe.pre, 0, list(range(1, 7)), list(range(1, 7)), 66)
+    assert max_diff(observe.post[6], uncapped) > 1e-3  # negative control: the requested horizon lands elsewhere
+    assert relex.jump.offset == cap
 
 
 # -- halt mode with a probe -----------------------------------------------------------------------------------
@@ -434,4 +590,3 @@ def test_defaults_and_probe_type():
     assert RelexConfig(mode="jump", observe=10, jump_every=4, window=6).buffer_capacity == 6
     with pytest.raises(TypeError, match=r"^probe must be a callable probe\(model\) -> float, got str"):
         RelexCallback(mode="jump", observe=10, probe="reward")
-    assert math.isinf(float("inf"))

@@ -524,8 +524,17 @@ class RelexEngine:
                 moved = combine(self.buffer.stack(name, window), stacked)
                 for row, j in enumerate(members):
                     predictions[j][name] = self._apply(candidates[j], item, base, moved[row])
-            if not all(bool(torch.isfinite(p[name]).all()) for p in predictions):
-                bad.append(name)
+            # a value finite in fp32 can still overflow the parameter's own dtype (float16: |x| > 65504) when written
+            dtype = item.param.dtype
+            limit = torch.finfo(dtype).max if dtype.is_floating_point else None
+            limit = limit if limit is not None and limit < torch.finfo(torch.float32).max else None
+            for p in predictions:
+                if not bool(torch.isfinite(p[name]).all()):
+                    bad.append(name)
+                    break
+                if limit is not None and p[name].numel() and float(p[name].abs().max()) > limit:
+                    bad.append(f"{name} (beyond the {str(dtype).removeprefix('torch.')} range, |x| > {limit:g})")
+                    break
         self.refuse_non_finite(bad, "predictions")
         return predictions
 

@@ -91,6 +91,7 @@ def reset_optimizer_state(optimizer: Any, params: Iterable[torch.nn.Parameter]) 
     restarts with ``step`` 0). Other parameters are untouched. Returns the number of parameters reset.
     """
     state = _unwrap_optimizer(optimizer).state
+    params = list(params)
     count = 0
     for param in params:
         entry = state.get(param)
@@ -102,6 +103,11 @@ def reset_optimizer_state(optimizer: Any, params: Iterable[torch.nn.Parameter]) 
             elif key == "step" and isinstance(value, (int, float)):
                 entry[key] = type(value)(0)
         count += 1
+    if params and not count and len(state):
+        logger.warning(
+            "RELEX: optimizer_policy='reset' reset nothing: the optimizer holds state, but for none of the %d jumped "
+            "parameters (it is keyed by other tensors, e.g. a wrapper's flat copies).", len(params),
+        )
     return count
 
 
@@ -317,10 +323,17 @@ class JumpController:
         else:
             t0 = time.perf_counter()
             before = engine.score(probe, model)
-            _, chosen = engine.trial(
-                model, probe, [candidate], [prediction], lambda b, scores: 0 if self.accepts(b, scores[0]) else None,
-                before=before,
-            )
+            try:
+                _, chosen = engine.trial(
+                    model, probe, [candidate], [prediction], lambda b, scores: 0 if self.accepts(b, scores[0]) else None,
+                    before=before,
+                )
+            except Exception:
+                logger.error(
+                    "RELEX: the probe raised while scoring jump %d at step %d; the live weights were restored to the "
+                    "pre-jump weights bit for bit and training stops with the probe's error.", len(self.history), step,
+                )
+                raise
             probe_seconds = time.perf_counter() - t0
             record["probe_before"], record["probe_after"] = before, candidate.score
             accepted = chosen == 0
