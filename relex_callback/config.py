@@ -99,7 +99,8 @@ class RelexConfig:
         optimizer_policy (`str`, defaults to `"keep"`): jump mode: what happens to the optimizer state of the
             jumped parameters after an accepted jump: ``"keep"`` leaves it, ``"reset"`` zeroes every state
             tensor (Adam's exp_avg / exp_avg_sq) and its ``step``, as a fresh optimizer would have it. Moments are
-            never extrapolated.
+            never extrapolated. ``"reset"`` is refused under DeepSpeed ZeRO, whose optimizer state belongs to flat
+            partitions shared by many parameters.
         probe_tolerance (`float`, defaults to `0.0`): jump mode: a jump is rejected (weights restored
             bit-for-bit) when the probe score after it is below the score before it minus this tolerance.
         probe_shrink_on_reject (`float`, defaults to `0.5`): jump mode: factor in (0, 1) applied to the next

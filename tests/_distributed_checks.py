@@ -104,6 +104,8 @@ def check_sharded_run(
     snapshots = load_file(str(directory / "snapshots.safetensors"))
     expected = oracle(snapshots, TARGETS)
     names = list(expected[TARGETS[0]])
+    moved = max(float((snapshots[f"{OBSERVE}/{n}"] - snapshots[f"0/{n}"]).abs().max()) for n in names)
+    assert moved > 1e-3, f"training barely moved the weights ({moved}): the comparisons below would pass trivially"
     for target in TARGETS:  # rank 0's checkpoints hold the full extrapolated weights
         saved = load_file(str(directory / f"relex-step{target}" / "model.safetensors"))
         for name in names:
@@ -136,3 +138,43 @@ def check_sharded_run(
         per_fit = len(names) * OBSERVE * (OBSERVE + 1) // 2 * 8 if world > 1 else 0
         assert comm["last_fit_bytes"] == per_fit
         assert comm["cumulative"].get("gram_all_reduce", 0) == per_fit
+
+
+def check_jump_run(directory: Path, world: int = 2, reset: bool = True, replicated: tuple[str, ...] = ()) -> dict:
+    """Jump mode with ``_distributed_worker.rank_probe``: every process saw the same (averaged) scores and took
+    the same decisions; the rejected jump at step 4 left every process's tensors bit for bit as they were; the
+    accepted jumps at 6 and 8 moved every tracked tensor; ``reset`` zeroed exactly the jumped parameters' optimizer
+    state on every process. Keys starting with a prefix in ``replicated`` must be equal on every process."""
+    infos_ = [json.loads((directory / f"jump-rank{r}.json").read_text()) for r in range(world)]
+    tensors = [load_file(str(directory / f"jump-rank{r}.safetensors")) for r in range(world)]
+    mean = (world - 1) / 2  # the raw scores are 10 + rank, rank (+ 20): only the mean is the same everywhere
+    expected = [(4, "rejected", 4, 10 + mean, mean), (6, "accepted", 2, 10 + mean, 20 + mean),
+                (8, "accepted", 4, 10 + mean, 20 + mean)]
+    for info in infos_:
+        got = [(r["step"], r["status"], r["horizon"], r["probe_before"], r["probe_after"]) for r in info["history"]]
+        assert got == expected, got
+        assert [r["optimizer_params_reset"] for r in info["history"]] == [0] + [len(info["tracked"]) if reset else 0] * 2
+    tracked = infos_[0]["tracked"]
+    for rank, values in enumerate(tensors):
+        weights = [k.split("/", 2)[2] for k in values if k.startswith("pre/4/") and "/optim/" not in k]
+        assert weights, rank
+        for key in weights:  # the rejected jump: bit-exact restore of this process's tensors
+            assert torch.equal(values[f"post/4/{key}"], values[f"pre/4/{key}"]), (rank, key)
+        for step in (6, 8):  # accepted: every tracked tensor this process holds moved
+            for name in tracked:
+                for key in weights:
+                    if key.split("/", 1)[-1] == name and values[f"pre/{step}/{key}"].numel():
+                        assert not torch.equal(values[f"post/{step}/{key}"], values[f"pre/{step}/{key}"]), (rank, step, key)
+        optim = [k for k in values if k.startswith("pre/6/optim/")]
+        assert bool(optim) == reset, (rank, optim[:3])
+        for key in optim:  # step 6: jumped parameters' state zeroed, the rest untouched; step 4: untouched
+            name = key.split("/")[3]
+            post = values[key.replace("pre/", "post/", 1)]
+            assert torch.count_nonzero(values[key]), key
+            assert not torch.count_nonzero(post) if name in tracked else torch.equal(post, values[key]), key
+            four = key.replace("pre/6/", "pre/4/", 1)
+            assert torch.equal(values[four.replace("pre/", "post/", 1)], values[four]), four
+    for key in tensors[0]:
+        if key.split("/", 2)[2].startswith(replicated) and "/optim/" not in key:
+            assert all(torch.equal(tensors[0][key], other[key]) for other in tensors[1:]), f"processes differ on {key}"
+    return infos_[0]

@@ -16,6 +16,10 @@ Scenarios:
 * ``fsdp1``: FSDP1 with ``use_orig_params=True``, same loop;
 * ``unsupported``: FSDP1 without ``use_orig_params`` and a tensor-parallel DTensor (``Shard(1)``) must raise
   ``UnsupportedSetupError`` in ``on_train_begin``;
+* ``ddp_jump``, ``fsdp2_jump``, ``zero2_jump``: jump mode with a probe whose raw score differs by rank (the first
+  jump is rejected, the later ones accepted; ``optimizer_policy="reset"`` except under ZeRO); a ``JumpRecorder``
+  saves each process's tensors (its shard, the fp32 masters, the optimizer state) before and after every jump;
+* ``zero2_jump_reset``: ``optimizer_policy="reset"`` under ZeRO-2 must be refused in ``on_train_begin``;
 * ``zero1``, ``zero2``, ``zero3``, ``zero2_bf16``, ``zero3_bf16``: the real ``Trainer`` with DeepSpeed ZeRO-1/2/3 (fp32 or bf16
   weights; ``zero3`` partitions every tensor, ``zero3_bf16`` keeps the tiny tensors "persistent"). DeepSpeed
   runs on CPU through its CPU accelerator and gloo; the Recorder reads fp32 masters with
@@ -169,8 +173,9 @@ def scenario_ddp_peft(out: Path) -> None:
                   str(out / "frozen.safetensors"))
 
 
-def _manual_loop(out: Path, model, tok, relex: RelexCallback, recorder: Recorder) -> None:
-    """The Trainer's event order (on_train_begin; step; on_step_end; ...; on_train_end) on a sharded model."""
+def _manual_loop(out: Path, model, tok, relex: RelexCallback, *observers: TrainerCallback, halts: bool = True) -> None:
+    """The Trainer's event order (on_train_begin; step; on_optimizer_step; on_step_end; ...; on_train_end) on a
+    sharded model."""
     torch.manual_seed(1234 + dist.get_rank())
     args = _training_args(out)
     state, control = TrainerState(), TrainerControl()
@@ -178,33 +183,131 @@ def _manual_loop(out: Path, model, tok, relex: RelexCallback, recorder: Recorder
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
     batches = [_collate(tok)([{"input_ids": tok(t)["input_ids"]} for t in _texts()[i * 8 + dist.get_rank() * 4 :][:4]])
                for i in range(8)]
-    for cb in (relex, recorder):
+    callbacks = (relex, *observers)
+    for cb in callbacks:
         cb.on_train_begin(args, state, control, model=model, processing_class=tok)
     for batch in batches:
         model.train()
         model(**batch).loss.backward()
         optimizer.step()
+        for cb in callbacks:
+            cb.on_optimizer_step(args, state, control, model=model, optimizer=optimizer)
         optimizer.zero_grad()
         state.global_step += 1
-        for cb in (relex, recorder):
+        for cb in callbacks:
             cb.on_step_end(args, state, control, model=model, processing_class=tok, optimizer=optimizer)
         if control.should_training_stop:
             break
-    assert state.global_step == OBSERVE, state.global_step
+    assert state.global_step == (OBSERVE if halts else state.max_steps), state.global_step
     relex.on_train_end(args, state, control, model=model)
 
 
-def scenario_fsdp2(out: Path) -> None:
+def _fsdp2_model(tok):
     from torch.distributed.fsdp import fully_shard
 
-    tok = tiny_tokenizer()
     model = tiny_qwen2(tokenizer=tok)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+    return model
+
+
+def scenario_fsdp2(out: Path) -> None:
+    tok = tiny_tokenizer()
+    model = _fsdp2_model(tok)
     relex, recorder = _relex(out), Recorder()
     _manual_loop(out, model, tok, relex, recorder)
     _dump(out, relex, recorder, {n: _full(p) for n, p in model.named_parameters() if p.requires_grad})
+
+
+# -- jump mode under sharding ---------------------------------------------------------------------------------
+
+JUMP_STEPS = (4, 6, 8)  # observe=4, jump_every=2, max_steps=8
+
+
+def rank_probe():
+    """Raw score 10 + rank before each jump; after it, rank + 0 (first jump: rejected) or rank + 20 (accepted).
+
+    No process sees the mean (10.5, 0.5, 20.5 on 2 processes) unless RELEX averages the scores."""
+    calls = []
+
+    def probe(model) -> float:
+        calls.append(1)
+        if len(calls) % 2:
+            return 10.0 + dist.get_rank()
+        return dist.get_rank() + (0.0 if len(calls) == 2 else 20.0)
+
+    return probe
+
+
+def _jump_relex(out: Path, **extra) -> RelexCallback:
+    return RelexCallback(mode="jump", observe=OBSERVE, jump_every=2, jump_horizon=4, auto_horizon=False,
+                         buffer_dtype="float32", output_dir=str(out), probe=rank_probe(), **extra)
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    data = param.data
+    return (data.to_local() if hasattr(data, "to_local") else data).detach().clone()
+
+
+class JumpRecorder(TrainerCallback):
+    """This process's tensors right after the optimizer step of each jump step (``pre``) and after the RELEX
+    callback's on_step_end (``post``): ``grab(model)`` (name → tensor) and the optimizer state of every parameter."""
+
+    def __init__(self, grab) -> None:
+        self.grab, self.tensors = grab, {}
+
+    def _save(self, when: str, step: int, model, optimizer) -> None:
+        for name, value in self.grab(model).items():
+            self.tensors[f"{when}/{step}/{name}"] = value
+        if optimizer is None:
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)
+        names = {id(p): n for n, p in model.named_parameters()}
+        for param, entries in inner.state.items():
+            for key, value in entries.items():
+                if id(param) in names and torch.is_tensor(value):
+                    self.tensors[f"{when}/{step}/optim/{names[id(param)]}/{key}"] = _local(value).float().reshape(-1)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step + 1 in JUMP_STEPS:
+            self._save("pre", state.global_step + 1, model, optimizer)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step in JUMP_STEPS:
+            self._save("post", state.global_step, model, optimizer)
+
+
+def _dump_jump(out: Path, relex: RelexCallback, recorder: JumpRecorder) -> None:
+    rank = dist.get_rank()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in recorder.tensors.items()}, str(out / f"jump-rank{rank}.safetensors"))
+    info = {"history": relex.jump.history, "kinds": sorted({type(t).__name__ for t in relex.buffer.tracked}),
+            "tracked": sorted(t.name for t in relex.buffer.tracked)}
+    (out / f"jump-rank{rank}.json").write_text(json.dumps(info))
+
+
+def _local_params(model) -> dict[str, torch.Tensor]:
+    return {n: _local(p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def scenario_ddp_jump(out: Path) -> None:
+    tok = tiny_tokenizer()
+    model = tiny_qwen2(tie=True, tokenizer=tok)
+    relex, recorder = _jump_relex(out, optimizer_policy="reset"), JumpRecorder(_local_params)
+    trainer = Trainer(model=model, args=_training_args(out), train_dataset=_dataset(tok), data_collator=_collate(tok),
+                      processing_class=tok, callbacks=[relex, recorder])
+    trainer.train()
+    assert trainer.state.global_step == 8, trainer.state.global_step
+    _dump_jump(out, relex, recorder)
+
+
+def scenario_fsdp2_jump(out: Path) -> None:
+    tok = tiny_tokenizer()
+    model = _fsdp2_model(tok)
+    relex, recorder = _jump_relex(out, optimizer_policy="reset"), JumpRecorder(_local_params)
+    _manual_loop(out, model, tok, relex, recorder, halts=False)
+    _dump_jump(out, relex, recorder)
 
 
 def _fsdp1(model, use_orig_params: bool):
@@ -301,6 +404,41 @@ def _scenario_zero(out: Path, stage: int, bf16: bool, persistence_threshold: int
     final = {f"fp32/{k}": v for k, v in _zero_full_fp32(trainer.model).items()}
     final.update({f"16bit/{k}": v for k, v in _zero_full_16bit(trainer.model).items()})
     _dump(out, relex, recorder, final)
+
+
+def _zero_trainer(out: Path, stage: int, callbacks: list) -> Trainer:
+    tok = tiny_tokenizer()
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-2,
+        report_to=[], save_strategy="no", logging_steps=100, remove_unused_columns=False, disable_tqdm=True, seed=0,
+        deepspeed=_zero_config(stage, False),
+    )
+    return Trainer(model=tiny_qwen2(tie=True, tokenizer=tok), args=args, data_collator=_collate(tok), processing_class=tok,
+                   train_dataset=[{"input_ids": tok(t)["input_ids"]} for t in _texts()], callbacks=callbacks)
+
+
+def scenario_zero2_jump(out: Path) -> None:
+    def grab(model):  # the full fp32 masters (collective) and the 16-bit weights every process holds
+        return {**{f"fp32/{k}": v for k, v in _zero_full_fp32(model).items()},
+                **{f"16bit/{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+
+    relex = _jump_relex(out)
+    recorder = JumpRecorder(grab)
+    trainer = _zero_trainer(out, 2, [relex, recorder])
+    trainer.train()
+    assert trainer.state.global_step == 8, trainer.state.global_step
+    _dump_jump(out, relex, recorder)
+
+
+def scenario_zero2_jump_reset(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = _zero_trainer(out, 2, [_jump_relex(out, optimizer_policy="reset")])
+    try:
+        trainer.train()
+        message = None
+    except ValueError as err:
+        message = str(err)
+    (out / f"errors-rank{dist.get_rank()}.json").write_text(json.dumps({"reset": message}))
 
 
 def scenario_zero1(out: Path) -> None:

@@ -13,23 +13,25 @@ With CUDA, ``RELEX_TEST_WORLD`` (default: 2 on CPU, the GPU count capped at 2 on
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 try:
-    from tests._distributed_checks import check_sharded_run, infos, run_scenarios, scenario
+    from tests._distributed_checks import check_jump_run, check_sharded_run, infos, run_scenarios, scenario
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from _distributed_checks import check_sharded_run, infos, run_scenarios, scenario
+    from _distributed_checks import check_jump_run, check_sharded_run, infos, run_scenarios, scenario
 
 pytestmark = [
     pytest.mark.distributed,
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (pip install deepspeed)"),
 ]
 
-SCENARIOS = ["zero1", "zero2", "zero3", "zero2_bf16", "zero3_bf16"]
+SCENARIOS = ["zero1", "zero2", "zero3", "zero2_bf16", "zero3_bf16", "zero2_jump", "zero2_jump_reset"]
 
 
 def _world() -> int:
@@ -71,3 +73,21 @@ def test_zero3_bf16_reaches_master_and_16bit_copy(runs):
     check_sharded_run(directory, {"Zero3Partition"}, exact_halves=True, world=_world(), final_keys=BF16,
                       saved_dtype=torch.bfloat16)
     assert all(i["zero3_persistent"] > 0 for i in infos(directory, _world()))  # small tensors stay gathered
+
+
+def test_zero2_jump_mode_probe_and_bit_exact_restore_of_masters_and_weights(runs):
+    directory = scenario(runs, "zero2_jump")
+    info = check_jump_run(directory, _world(), reset=False, replicated=("fp32/", "16bit/"))
+    assert info["kinds"] == ["ZeroFragment"]
+    values = load_file(str(directory / "jump-rank0.safetensors"))
+    for name in info["tracked"]:  # an accepted jump reached the fp32 master (else the next step undoes it) and the weights
+        for step in (6, 8):
+            assert torch.equal(values[f"post/{step}/16bit/{name}"], values[f"post/{step}/fp32/{name}"]), (step, name)
+
+
+def test_zero_refuses_optimizer_reset_at_train_begin(runs):
+    directory = scenario(runs, "zero2_jump_reset")
+    for rank in range(_world()):
+        message = json.loads((directory / f"errors-rank{rank}.json").read_text())["reset"]
+        assert message is not None and message.startswith("optimizer_policy='reset' is not supported under DeepSpeed ZeRO")
+        assert "Use optimizer_policy='keep'." in message

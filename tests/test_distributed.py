@@ -28,15 +28,15 @@ from relex_callback.distributed import (
 )
 
 try:
-    from tests._distributed_checks import TARGETS, assert_close, check_sharded_run, oracle, run_scenarios, scenario
+    from tests._distributed_checks import TARGETS, assert_close, check_jump_run, check_sharded_run, oracle, run_scenarios, scenario
     from tests._tiny import tiny_qwen2
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from _distributed_checks import TARGETS, assert_close, check_sharded_run, oracle, run_scenarios, scenario
+    from _distributed_checks import TARGETS, assert_close, check_jump_run, check_sharded_run, oracle, run_scenarios, scenario
     from _tiny import tiny_qwen2
 
 WORLD = 2
 
-SCENARIOS = ["ddp", "ddp_disk", "fsdp2", "fsdp1", "ddp_peft", "unsupported"]
+SCENARIOS = ["ddp", "ddp_disk", "fsdp2", "fsdp1", "ddp_peft", "unsupported", "ddp_jump", "fsdp2_jump"]
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,22 @@ def test_unsupported_layouts_raise_at_train_begin(runs):
         assert errors["fsdp1_flat"] is not None and "use_orig_params=True" in errors["fsdp1_flat"]
         assert errors["tensor_parallel"] is not None and "Shard(dim=1)" in errors["tensor_parallel"]
         assert "up_proj" in errors["tensor_parallel"]
+
+
+@pytest.mark.distributed
+def test_ddp_jump_mode_probe_restore_and_optimizer_reset(runs):
+    info = check_jump_run(scenario(runs, "ddp_jump"), WORLD, reset=True, replicated=("",))
+    assert info["kinds"] == ["ReplicatedSlice"]
+
+
+@pytest.mark.distributed
+def test_fsdp2_jump_mode_probe_restore_and_optimizer_reset_on_every_shard(runs):
+    directory = scenario(runs, "fsdp2_jump")
+    info = check_jump_run(directory, WORLD, reset=True)
+    assert info["kinds"] == ["LocalShard"]
+    shards = [load_file(str(directory / f"jump-rank{r}.safetensors")) for r in range(WORLD)]
+    key = "post/6/model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(shards[0][key], shards[1][key])  # really sharded: each process holds its own rows
 
 
 # -- single-process behaviour of the distributed helpers (no processes spawned) -------------------------------

@@ -16,7 +16,7 @@ from transformers.trainer_callback import ExportableState, TrainerControl, Train
 from transformers.training_args import TrainingArguments
 
 from ..config import RelexConfig
-from ..distributed import gather_state_dict, is_main_process, unwrap_model, world_info
+from ..distributed import detect_layout, gather_state_dict, is_main_process, unwrap_model, world_info
 from ..engine.candidate import Candidate
 from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, state_file
 from ..engine.report import write_model_card
@@ -205,6 +205,12 @@ class RelexCallback(TrainerCallback, ExportableState):
             check_mergeable(model)
             if cfg.merge_lora == "delta" and world_info()[1] > 1:
                 raise ValueError("merge_lora='delta' needs the full LoRA factors on one process; use merge_lora=True under DDP/FSDP/DeepSpeed.")
+        if self.jump is not None and cfg.optimizer_policy == "reset" and detect_layout(model).startswith("deepspeed"):
+            raise ValueError(
+                "optimizer_policy='reset' is not supported under DeepSpeed ZeRO: its optimizer keeps the state of flat "
+                "fp32 partitions, with one step counter per parameter group, so the state of the jumped parameters "
+                "cannot be reset on its own. Use optimizer_policy='keep'."
+            )
         self.engine.attach(model, store_dir=Path(args.output_dir) / "relex-store")
         if self.jump is not None and self._jump_state:
             self.jump.load_state_dict(self._jump_state, state.global_step)  # restored by transformers; the sidecar wins
