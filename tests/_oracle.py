@@ -28,15 +28,19 @@ def oracle_prediction(deltas: torch.Tensor, steps: Sequence[float], target: floa
     return out
 
 
-def oracle(weights, base_step, steps, target, rank=1, round_to=None, x=None, degree=1):
+def oracle(weights, base_step, steps, target, rank=1, round_to=None, x=None, degree=1, power=None):
     """θ_0 + Σ ĉ_i(K) v_i per tensor of ``weights[step][name]``; the trend is fitted on ``x`` (default: ``steps``).
 
-    ``round_to`` rounds the deltas to a storage dtype first (as a compact delta buffer does)."""
+    ``round_to`` rounds the deltas to a storage dtype first (as a compact delta buffer does); ``power`` fits the
+    line on (x − base_step)^power instead of x (the trend c = a + b·t^p)."""
+    x = list(steps if x is None else x)
+    if power is not None:
+        x, target = [(s - base_step) ** power for s in x], (target - base_step) ** power
     out = {}
     for name, base in weights[base_step].items():
         m = torch.stack([(weights[s][name] - base).reshape(-1) for s in steps])
         m = (m.to(round_to) if round_to is not None else m).double()
-        pred = oracle_prediction(m, steps if x is None else x, target, rank=rank, degree=degree)
+        pred = oracle_prediction(m, x, target, rank=rank, degree=degree)
         out[name] = (base.double().reshape(-1) + pred).reshape(base.shape)
     return out
 

@@ -104,6 +104,35 @@ def test_grpo_halt_writes_the_independent_prediction(tmp_path, tok, tie):
     assert any("relex/backtest_distance" in entry for entry in trainer.state.log_history)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(rank=2), dict(fit="poly2"), dict(fit="power", power=0.5), dict(fit="power", power="auto"), dict(window=4),
+     dict(shrink=0.5)],
+    ids=["rank2", "poly2", "power0.5", "power-auto", "window4", "shrink0.5"],
+)
+def test_halt_options_end_to_end_match_the_oracle(tmp_path, tok, options):
+    capture = CaptureWeights()
+    relex = RelexCallback(observe=6, extrapolate_to=15, buffer_dtype="float32", save_model=False, **options)
+    trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [capture, relex])
+    trainer.train()
+    assert trainer.state.global_step == 6
+    weights, last = capture.weights, capture.weights[6]
+    steps = list(range(1, 7))
+    power = options.get("power")
+    if power == "auto":
+        power = relex.reports[15]["candidate"]["trend"]["power"]  # the exponent the backtest chose
+        assert power > 0 and power != 1.0, power  # on this run a line is not the best backtest
+    expected = oracle(weights, 0, steps[-options.get("window", 6):], 15, rank=options.get("rank", 1),
+                      degree=2 if options.get("fit") == "poly2" else 1, power=power if options.get("fit") == "power" else None)
+    if "shrink" in options:
+        expected = {n: last[n].double() + options["shrink"] * (expected[n] - last[n].double()) for n in expected}
+    live = {n: p for n, p in trainer.model.named_parameters()}
+    assert_close_state(live, expected, atol=2e-5)
+    plain = oracle(weights, 0, steps, 15)  # negative control: the option changed the prediction
+    assert max_diff(expected, plain) > 1e-4, max_diff(expected, plain)
+    assert max_diff(last, weights[0]) > 1e-3
+
+
 def test_default_bf16_buffer_stays_within_bf16_rounding(tmp_path, tok):
     model = tiny_qwen2(tok and False, tokenizer=tok)
     capture = CaptureWeights()
