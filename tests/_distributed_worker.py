@@ -28,6 +28,7 @@ Scenarios:
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -479,10 +480,19 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # A native abort (SIGABRT, SIGSEGV) prints every thread's Python stack, so a rare crash can be traced.
+    faulthandler.enable(all_threads=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
-    # Every result is on disk and the process group is destroyed. Skip interpreter finalization, where gloo's
-    # worker threads can abort the process ("terminate called without an active exception", pytorch#179291).
+    status = 0
+    try:
+        main()
+    except BaseException:  # e.g. a failed barrier: report it, then leave the same way as on success
+        traceback.print_exc()
+        status = 1
+    # Skip interpreter finalization on every path. A gloo process group still referenced after
+    # destroy_process_group() (by a DeviceMesh or a DTensor, for instance) is destructed during finalization while
+    # its worker threads may still hold work with Python references, which aborts the process after every result
+    # was written ("terminate called without an active exception"; pytorch#179291, pytorch#190489).
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
