@@ -166,8 +166,19 @@ def test_window_longer_than_max_steps_is_refused(tmp_path, tok):
 def test_buffer_budget_is_checked_before_training(tmp_path, tok):
     relex = RelexCallback(observe=10, extrapolate_to=20, buffer_dtype="float32", buffer_max_bytes=3_000_000)
     trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [relex])
-    with pytest.raises(MemoryError, match=r"needs .* but the host budget is 2\.9 MiB .*Settings that fit: buffer_dtype='bfloat16'"):
+    with pytest.raises(MemoryError, match=r"needs .* but the host budget is 2\.9 MiB .* Use settings that fit: buffer_dtype='bfloat16'"):
         trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_buffer_budget_message_without_fitting_settings(tmp_path, tok):
+    relex = RelexCallback(observe=10, extrapolate_to=20, buffer_max_bytes=1000)
+    trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [relex])
+    with pytest.raises(MemoryError) as caught:
+        trainer.train()
+    message = str(caught.value)
+    assert "settings that fit" not in message and " also " not in message  # nothing to refer back to
+    assert message.endswith("(buffer_max_bytes=1000). Use fewer tracked tensors (include/exclude); or a larger buffer_max_bytes.")
     assert trainer.state.global_step == 0
 
 

@@ -581,7 +581,10 @@ def report_checkpoints(
         diagnostic = _diagnose([run.grams[n][:fit_count, :fit_count] for n in plan.tracked], plan.fit_steps, numel, rank, fit,
                                power, backtest_tolerance)
         report["diagnostic"] = diagnostic.as_dict()
-        report["warnings"] = list(report["warnings"]) + list(diagnostic.warnings)
+        beyond = [w for w in (_beyond_horizon(float(t) * time_scale, diagnostic) for t in targets) if w]
+        for warning in beyond:  # the diagnostic's own warnings were logged by _diagnose
+            logger.warning("%s", warning)
+        report["warnings"] = list(report["warnings"]) + list(diagnostic.warnings) + beyond
         if plots:
             report["plots"] = _write_plots(staging, report, plan, rank, horizon_end)
         report.update(_run_sections(run, began))

@@ -20,7 +20,7 @@ from ..distributed import gather_state_dict, is_main_process, unwrap_model, worl
 from ..engine.candidate import Candidate
 from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, state_file
 from ..engine.report import write_model_card
-from ..export import REPORT_NAME, atomic_directory, check_output_dir, write_json
+from ..export import REPORT_NAME, atomic_directory, check_output_dir, check_output_location, write_json
 from ..math.core import TREND_KINDS, TrajectoryFit
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
 from ..probe import choose_candidate
@@ -196,6 +196,7 @@ class RelexCallback(TrainerCallback, ExportableState):
                 f"(or num_train_epochs) or lower observe."
             )
         self._output_root = Path(cfg.output_dir or args.output_dir)
+        check_output_location(self._output_root, "output_dir" if cfg.output_dir else "TrainingArguments.output_dir")
         if cfg.mode == "halt" and cfg.save_model and state.global_step < cfg.last_observed_step and not cfg.auto_target:
             for target in cfg.extrapolate_to:
                 check_output_dir(self.target_dir(target), cfg.overwrite)
@@ -213,7 +214,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         elif state.global_step == cfg.start_step:
             self.engine.capture_base(state.global_step)
         if self.jump is not None:
-            self.jump.begin(args, state, self._output_root)
+            self.jump.begin(args, state, self._output_root, self.probe)
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
