@@ -157,6 +157,19 @@ def test_existing_output_dir_is_refused_before_training(tmp_path, tok):
     assert (target / "keep.txt").read_text() == "user data"
 
 
+@pytest.mark.parametrize("own", [True, False])
+def test_exported_config_keeps_the_models_own_use_cache(tmp_path, tok, own):
+    """Trainer sets config.use_cache = args.use_cache (False) for training; relex-stepK/config.json must not keep it."""
+    model = tiny_qwen2(tokenizer=tok)
+    model.config.use_cache = own
+    trainer = grpo_trainer(tmp_path, model, tok, [RelexCallback(observe=2, extrapolate_to=4)], max_steps=4)
+    assert model.config.use_cache is False  # the premise: training runs with the cache off
+    trainer.train()
+    saved = json.loads((tmp_path / "out" / "relex-step4" / "config.json").read_text())
+    assert saved["use_cache"] is own  # own=False is the control: a model without a cache stays without
+    assert model.config.use_cache is False  # the live model is left as the trainer set it
+
+
 def test_window_longer_than_max_steps_is_refused(tmp_path, tok):
     trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [RelexCallback(observe=8, extrapolate_to=20)], max_steps=5)
     with pytest.raises(ValueError, match=r"^max_steps=5 ends before the RELEX observation window, which needs step 8"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -94,6 +95,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         self._final_weights: dict[str, torch.Tensor] | None = None
         self._pending_metrics: dict[str, float] = {}
         self._trainer: weakref.ref | None = None
+        self._use_cache: bool | None = None  # the model's own config.use_cache (see on_init_end)
         self._halted = False
         self.probe: Probe | None = probe
         self.probe_scores: dict[str, float] = {}
@@ -184,6 +186,13 @@ class RelexCallback(TrainerCallback, ExportableState):
         return cfg.mode == "halt" and step == cfg.last_observed_step and bool(self.buffer.steps) and self.buffer.steps[-1] == step
 
     # -- events --------------------------------------------------------------------------------------------
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        # Trainer sets model.config.use_cache = args.use_cache (False by default) right after this event; the
+        # exported directories keep the model's own value, so that generation from them uses the KV cache.
+        config = getattr(unwrap_model(model), "config", None) if model is not None else None
+        self._use_cache = getattr(config, "use_cache", None)
+        return control
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         cfg = self.config
@@ -411,6 +420,27 @@ class RelexCallback(TrainerCallback, ExportableState):
         )
         return {prefix: value[0] for prefix, value in deltas.items()}
 
+    @contextlib.contextmanager
+    def _model_use_cache(self, model):
+        """``model.config.use_cache`` as it was before the Trainer set it to ``args.use_cache`` (when this callback
+        saw the Trainer's construction; else the config class's default), for the duration of a save."""
+        config = getattr(model, "config", None)
+        wanted = self._use_cache
+        if wanted is None and config is not None:
+            try:
+                wanted = getattr(type(config)(), "use_cache", None)
+            except Exception:  # a config class that needs arguments: leave the value alone
+                wanted = None
+        if config is None or wanted is None or not hasattr(config, "use_cache"):
+            yield
+            return
+        training = config.use_cache
+        config.use_cache = wanted
+        try:
+            yield
+        finally:
+            config.use_cache = training
+
     def _write_model_dir(self, model, processing_class, candidate: Candidate, prediction: dict[str, torch.Tensor]) -> Path:
         target = int(candidate.target)
         final = self.candidate_dir(candidate)
@@ -420,7 +450,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         if not is_main_process():
             return final
         to_save = unwrap_model(model)
-        with atomic_directory(final, overwrite=self.config.overwrite) as staging:
+        with atomic_directory(final, overwrite=self.config.overwrite) as staging, self._model_use_cache(to_save):
             to_save.save_pretrained(staging, state_dict=state_dict)  # a PeftModel writes its adapter only
             if processing_class is not None and hasattr(processing_class, "save_pretrained"):
                 processing_class.save_pretrained(staging)
@@ -429,7 +459,7 @@ class RelexCallback(TrainerCallback, ExportableState):
             write_model_card(staging, report)
         if self.config.merge_lora:
             merged = self._output_root / merged_dir_name(target)
-            with atomic_directory(merged, overwrite=self.config.overwrite) as staging:
+            with atomic_directory(merged, overwrite=self.config.overwrite) as staging, self._model_use_cache(to_save):
                 deltas = self._merged_lora_deltas(model, target) if self.config.merge_lora == "delta" else None
                 to_save.get_base_model().save_pretrained(staging, state_dict=merged_state_dict(model, state_dict, deltas))
                 if processing_class is not None and hasattr(processing_class, "save_pretrained"):
