@@ -105,7 +105,7 @@ def test_report_command(run_dirs, tmp_path, capsys):
     assert code == 0
     assert "held-out step 5: relative distance" in capsys.readouterr().out
     names = {p.name for p in (tmp_path / "rep").iterdir()}
-    assert names == {"relex_report.json", "explained_variance.png", "coefficients.png", "r_squared.png"}
+    assert names == {"relex_report.json", "explained_variance.png", "coefficients.png", "r_squared.png", "backtest.png"}
     report = json.loads((tmp_path / "rep" / "relex_report.json").read_text())
     assert report["heldout_steps"] == [4, 5] and len(report["trajectories"]) == 2
     assert main(["report", "--base", str(base), "--checkpoints", str(run), "--no-plots",

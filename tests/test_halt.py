@@ -7,6 +7,7 @@ separate callback during the same run (torch.linalg.svd of the stacked deltas, n
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,33 @@ def test_exported_config_keeps_the_models_own_use_cache(tmp_path, tok, own):
     saved = json.loads((tmp_path / "out" / "relex-step4" / "config.json").read_text())
     assert saved["use_cache"] is own  # own=False is the control: a model without a cache stays without
     assert model.config.use_cache is False  # the live model is left as the trainer set it
+
+
+PLOTS = {"explained_variance.png", "coefficients.png", "backtest.png"}
+
+
+@pytest.mark.parametrize("matplotlib", [True, False])
+def test_the_fit_plots_are_written_next_to_each_report(tmp_path, tok, monkeypatch, caplog, matplotlib):
+    if matplotlib:
+        image = pytest.importorskip("matplotlib.image")
+    else:  # negative control: without matplotlib the models are written, the plots are not, and it says so
+        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    relex = RelexCallback(observe=4, extrapolate_to=[8, 12])
+    with caplog.at_level(logging.WARNING, logger="relex_callback"):
+        grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [relex], max_steps=12).train()
+    assert {8, 12} <= set(relex.written_dirs)  # (and the K_max model, written beside a target beyond it)
+    for directory in relex.written_dirs.values():
+        written = {p.name for p in directory.glob("*.png")}
+        assert (directory / "relex_report.json").is_file()
+        if not matplotlib:
+            assert written == set()
+            continue
+        assert written == PLOTS
+        for name in PLOTS:
+            pixels = image.imread(directory / name)
+            assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0
+            assert (directory / name).read_bytes() == (relex.written_dirs[8] / name).read_bytes()  # one fit, one drawing
+    assert ("matplotlib is not installed" in caplog.text) is (not matplotlib)
 
 
 def test_window_longer_than_max_steps_is_refused(tmp_path, tok):

@@ -413,10 +413,10 @@ def test_report_matches_reference_and_writes_plots(tied, tmp_path):
     base, parent = tied
     report = offline.report_checkpoints(base, [parent], tmp_path / "rep", fit_steps=4, target_steps=[20], top=3,
                                         progress=False)
-    for png in ("explained_variance.png", "coefficients.png", "r_squared.png"):
+    for png in ("explained_variance.png", "coefficients.png", "r_squared.png", "backtest.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
     saved = json.loads((tmp_path / "rep" / "relex_report.json").read_text())
-    assert saved["plots"] == report["plots"] == ["explained_variance.png", "coefficients.png", "r_squared.png"]
+    assert saved["plots"] == report["plots"] == ["explained_variance.png", "coefficients.png", "r_squared.png", "backtest.png"]
     assert saved["fit_steps"] == [1, 2, 3, 4] and saved["heldout_steps"] == [5, 6]
     assert len(saved["trajectories"]) == 3
     theta0 = _load_dir(base)

@@ -23,6 +23,7 @@ from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexE
 from ..engine.report import write_model_card
 from ..export import REPORT_NAME, atomic_directory, check_output_dir, check_output_location, write_json
 from ..math.core import TREND_KINDS, TrajectoryFit
+from ..offline.plots import write_fit_plots
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
 from ..probe import choose_candidate
 from ..store import DiskDeltaStore
@@ -353,6 +354,9 @@ class RelexCallback(TrainerCallback, ExportableState):
                 plain = candidate.spec.kind in TREND_KINDS or candidate.spec.kind == "observed"
                 self.written_dirs[int(candidate.target) if plain else path.name] = path
             logger.info("RELEX: wrote %s in %.1fs", [str(p) for p in self.written_dirs.values()], time.perf_counter() - started)
+            if is_main_process():  # the fit's plots next to each relex_report.json (matplotlib, if installed)
+                horizon = max([float(c.target) for c in candidates] + [float(fit.steps[-1])])
+                write_fit_plots(list(self.written_dirs.values()), fit, candidates[0].report, cfg.rank, horizon)
         self.loaded_target = None if chosen is None else int(candidates[chosen].target)
         self._final_weights = None if chosen is None else predictions[chosen]
         self._halted = True
