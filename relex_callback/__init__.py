@@ -24,23 +24,10 @@ if not any(isinstance(h, _DefaultHandler) for h in _library_logger.handlers):
         _library_logger.setLevel(_os.environ.get("RELEX_VERBOSITY", "info").upper())
 
 from .config import RelexConfig  # noqa: E402
-from .math.core import (  # noqa: E402
-    Subspace,
-    Trend,
-    backtest,
-    combine,
-    fit_trajectory,
-    fit_trend,
-    gram_matrix,
-    prediction_weights,
-    reconstruction_weights,
-    subspace_from_gram,
-)
 
-__all__ = [
-    "__version__",
-    "RelexConfig",
-    "RelexCallback",
+# The math needs torch and the callback transformers: both are imported on first use, so that the ``relex``
+# command line (``relex --help``) and ``RelexConfig`` start without them.
+_MATH_NAMES = (
     "Subspace",
     "Trend",
     "backtest",
@@ -51,13 +38,18 @@ __all__ = [
     "prediction_weights",
     "reconstruction_weights",
     "subspace_from_gram",
-]
+)
+
+__all__ = ["__version__", "RelexConfig", "RelexCallback", *_MATH_NAMES]
 
 
 def __getattr__(name: str):
-    # The callback needs transformers; import it only when asked for, so the core works without it.
     if name == "RelexCallback":
         from .trainers.transformers import RelexCallback
 
         return RelexCallback
+    if name in _MATH_NAMES:
+        from .math import core
+
+        return getattr(core, name)
     raise AttributeError(f"module 'relex_callback' has no attribute {name!r}")

@@ -301,7 +301,10 @@ def open_model_dir(path: str | os.PathLike, allow_pickle: bool = False, step: in
     """Open the weights of one snapshot (headers only; no tensor data is read)."""
     path = Path(path)
     if not path.exists():
-        raise RelexInputError(f"{path} does not exist")
+        raise RelexInputError(
+            f"{path} does not exist: RELEX reads a local model directory and downloads nothing. For a Hugging Face Hub "
+            f"model, download it first (e.g. `hf download {path} --local-dir DIR`) and pass DIR"
+        )
     directory = find_weights_dir(path)
     if directory is None:
         fsdp = sorted(path.rglob("model_world_size_*_rank_*.pt"))[:1]

@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .export import check_output_location
 from .options import (
     CANDIDATE_FAMILIES,
     BUFFER_DEVICES,
@@ -74,8 +75,8 @@ class RelexConfig:
             must stay in place until the run has resumed for the last time: checkpoints point into it.
         include (`list[str]`, *optional*): regular expressions; track only parameters whose name matches one.
         exclude (`list[str]`, *optional*): regular expressions; never track parameters whose name matches one.
-        output_dir (`str`, *optional*): folder of the ``relex-step{K}`` model directories (default: the
-            trainer's ``args.output_dir``).
+        output_dir (`str` or `os.PathLike`, *optional*): folder of the ``relex-step{K}`` model directories
+            (default: the trainer's ``args.output_dir``); a path that is or lies under a file is refused here.
         overwrite (`bool`, defaults to `False`): replace existing non-empty output directories.
         save_model (`bool`, defaults to `True`): write the extrapolated model directories (halt mode).
         merge_lora (`bool` or `str`, defaults to `False`): with a LoRA ``PeftModel``, also write a merged full
@@ -135,7 +136,7 @@ class RelexConfig:
     store_dir: str | None = _help("buffer_device='disk': folder of the delta store (default: {args.output_dir}/relex-store).", None)
     include: list[str] | None = _help("Regexes of parameter names to track.", None)
     exclude: list[str] | None = _help("Regexes of parameter names never to track.", None)
-    output_dir: str | None = _help("Folder of the relex-step{K} directories (default: args.output_dir).", None)
+    output_dir: str | os.PathLike | None = _help("Folder of the relex-step{K} directories (default: args.output_dir).", None)
     overwrite: bool = _help("Replace existing non-empty output directories.", False)
     save_model: bool = _help("Write the extrapolated model directories.", True)
     merge_lora: bool | str = _help("LoRA: also write relex-step{K}-merged/ (True/'factors' or 'delta').", False)
@@ -196,8 +197,11 @@ class RelexConfig:
                              f"buffer_device='disk' with it, or drop store_dir (buffer_device={self.buffer_device!r}).")
         self.include = self._check_patterns("include")
         self.exclude = self._check_patterns("exclude")
-        if self.output_dir is not None and not isinstance(self.output_dir, str):
-            raise TypeError(f"output_dir must be a str path, got {type(self.output_dir).__name__}.")
+        if self.output_dir is not None:
+            if not isinstance(self.output_dir, (str, os.PathLike)):
+                raise TypeError(f"output_dir must be a str or os.PathLike path, got {type(self.output_dir).__name__}.")
+            self.output_dir = os.fspath(self.output_dir)  # a str keeps the config JSON-friendly
+            check_output_location(self.output_dir, "output_dir")
         if not (isinstance(self.merge_lora, bool) or self.merge_lora in ("factors", "delta")):
             raise TypeError(f"merge_lora={self.merge_lora!r} must be False, True, 'factors' or 'delta'.")
         for name in ("overwrite", "save_model"):

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["check_output_dir", "atomic_directory", "write_json", "summarize_explained_variance"]
+__all__ = ["check_output_dir", "check_output_location", "atomic_directory", "write_json", "summarize_explained_variance"]
 
 REPORT_NAME = "relex_report.json"
 
@@ -23,6 +23,23 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool, option: str = "ov
         raise FileExistsError(
             f"output directory {str(path)!r} already exists and is not empty; pass {option}=True to replace it "
             "or choose another output_dir."
+        )
+
+
+def check_output_location(path: str | os.PathLike, option: str = "output_dir") -> None:
+    """Refuse a ``path`` that is a file or lies under one, so that writing fails before any work, not after it.
+
+    The nearest existing ancestor must be a folder; nothing is created.
+    """
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            break
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {str(existing)!r}, which is a file"
+        raise NotADirectoryError(
+            f"{option}={str(path)!r} {where}, not a folder: nothing could be written there. Choose an {option} in a "
+            "folder (it is created if missing)."
         )
 
 

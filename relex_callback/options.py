@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from .math.core import POWER_GRID, TREND_KINDS
-
 __all__ = [
     "TREND_KINDS",
     "POWER_GRID",
@@ -23,6 +21,9 @@ __all__ = [
     "power_error",
 ]
 
+# No torch here: the ``relex`` parser reads these choices, and ``relex --help`` must not wait for torch.
+TREND_KINDS = ("linear", "power", "poly2")
+POWER_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 BUFFER_DTYPES = ("bfloat16", "float16", "float32")
 OUTPUT_DTYPES = ("auto",) + BUFFER_DTYPES  # "auto": each tensor keeps its dtype
 BUFFER_DEVICES = ("auto", "cpu", "param", "disk")

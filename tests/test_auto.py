@@ -82,6 +82,37 @@ def test_a_target_beyond_the_supported_horizon_warns_and_writes_the_horizon_mode
     assert_close_state(dict(trainer.model.named_parameters()), oracle(capture.weights, 0, list(range(1, 7)), 120), atol=1e-4)
 
 
+@pytest.mark.parametrize("prefer", ["theta0", "far"])
+def test_model_cards_show_the_probe_scores_and_every_warning(tmp_path, tok, prefer):
+    """A user who opens relex-stepK/ alone sees from its README how it scored and whether it lost."""
+    capture = CaptureWeights()
+    sign = -1.0 if prefer == "theta0" else 1.0  # θ_0: the trained weights beat any extrapolation; far: step 120 wins
+
+    def probe(model):
+        return sign * float(sum((p.detach().float() - capture.weights[0][n]).norm() for n, p in model.named_parameters()))
+
+    relex = RelexCallback(observe=6, extrapolate_to=[120], buffer_dtype="float32", probe=probe)
+    grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [capture, relex]).train()
+    k = math.floor(relex.diagnostic.supported_step + 1e-9)
+    assert sorted(relex.written_dirs) == [k, 120]
+    current = relex.probe_scores["current"]
+    for target, directory in relex.written_dirs.items():
+        report = json.loads((directory / "relex_report.json").read_text())
+        card = (directory / "README.md").read_text()
+        score = report["probe"]["score"]
+        assert f"Probe score (higher is better): {score:.4f}; the trained weights of step 6 scored {current:.4f}." in card
+        assert all(f"{t}: {v:.4f}" in card for t, v in report["probe"]["scores_by_target"].items())
+        assert report["warnings"] and all(f"**Warning:** {w}" in card for w in report["warnings"])
+        assert ("beyond the supported horizon" in card) is (target == 120)
+        assert f"K_max = step {report['diagnostic']['supported_step']:.0f}" in card
+        lost = score < current
+        assert lost is (prefer == "theta0")  # the probes were built to give these outcomes
+        assert ("it lost" in card) is lost
+        loaded = "was loaded" if target == relex.loaded_target else "was not loaded"
+        assert f"This model {loaded} into the trained model" in card
+    assert relex.loaded_target == (None if prefer == "theta0" else 120)
+
+
 def test_auto_with_a_probe_chooses_among_families_and_never_below_the_trained_weights(tmp_path, tok):
     capture = CaptureWeights()
     seen = []

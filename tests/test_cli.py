@@ -105,7 +105,7 @@ def test_report_command(run_dirs, tmp_path, capsys):
     assert code == 0
     assert "held-out step 5: relative distance" in capsys.readouterr().out
     names = {p.name for p in (tmp_path / "rep").iterdir()}
-    assert names == {"relex_report.json", "explained_variance.png", "coefficients.png", "r_squared.png"}
+    assert names == {"relex_report.json", "explained_variance.png", "coefficients.png", "r_squared.png", "backtest.png"}
     report = json.loads((tmp_path / "rep" / "relex_report.json").read_text())
     assert report["heldout_steps"] == [4, 5] and len(report["trajectories"]) == 2
     assert main(["report", "--base", str(base), "--checkpoints", str(run), "--no-plots",
@@ -145,6 +145,31 @@ def test_module_and_console_script():
         pytest.skip("the relex console script is not installed (pip install -e .)")
     result = subprocess.run([script, "extrapolate", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--time-scale" in result.stdout
+
+
+def test_parser_and_help_do_not_import_torch():
+    """``relex --help`` must not wait for torch (seconds): the parser and its options import none of it."""
+    code = (
+        "import sys, argparse\n"
+        "from relex_callback.cli import build_parser\n"
+        "parser = build_parser(); parser.format_help()\n"
+        "action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))\n"
+        "[sub.format_help() for sub in action.choices.values()]\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))\n"
+        "import relex_callback.offline.commands\n"  # negative control: the commands do need torch
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "True"]
+
+
+def test_hub_id_as_base_says_a_local_directory_is_needed(run_dirs, tmp_path, capsys):
+    _, run = run_dirs
+    err = _error(["extrapolate", "--base", "HuggingFaceTB/SmolLM2-135M", "--checkpoints", str(run), "--target-step", "20",
+                  "--output", str(tmp_path / "out"), "--no-progress"], capsys)
+    assert "HuggingFaceTB/SmolLM2-135M does not exist: RELEX reads a local model directory and downloads nothing" in err
+    assert "hf download HuggingFaceTB/SmolLM2-135M --local-dir DIR" in err
 
 
 def _error(argv: list[str], capsys) -> str:

@@ -1,5 +1,7 @@
 """Every invalid setting is refused at construction with a message naming the argument and the fix."""
 
+from pathlib import Path
+
 import pytest
 
 from relex_callback import RelexCallback, RelexConfig
@@ -60,3 +62,28 @@ def test_config_round_trips_and_derives_the_snapshot_steps():
     callback = RelexCallback(config.to_dict(), observe=24, extrapolate_to=[200])
     assert callback.config.observe == 24 and callback.config.snapshot_every == 4
     assert RelexCallback(**callback.state()["args"]).config == callback.config
+
+
+def test_output_dir_under_a_file_is_refused_at_construction(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file")
+    for bad, where in ((tmp_path / "notes.txt" / "run", "is under"), (tmp_path / "notes.txt", "is a file")):
+        for make in (RelexConfig, RelexCallback):
+            with pytest.raises(NotADirectoryError, match=rf"^output_dir='{bad}' {where}.*Choose an output_dir in a folder"):
+                make(observe=4, extrapolate_to=8, output_dir=bad)
+    assert not (tmp_path / "fresh").exists()
+    config = RelexConfig(observe=4, extrapolate_to=8, output_dir=tmp_path / "fresh" / "run")  # missing folders are fine
+    assert config.output_dir == str(tmp_path / "fresh" / "run") and not (tmp_path / "fresh").exists()  # nothing created
+
+
+def test_output_dir_accepts_any_path_like(tmp_path):
+    class Custom:  # os.PathLike by protocol, not a pathlib path
+        def __fspath__(self):
+            return str(tmp_path / "custom")
+
+    for value in (tmp_path / "out", Custom(), str(tmp_path / "out")):
+        callback = RelexCallback(observe=4, extrapolate_to=8, output_dir=value)
+        assert isinstance(callback.config.output_dir, str)  # JSON-friendly for trainer_state.json
+        assert RelexConfig.from_dict(callback.config.to_dict()) == callback.config
+    with pytest.raises(TypeError, match=r"^output_dir must be a str or os.PathLike path, got int\.$"):
+        RelexConfig(observe=4, extrapolate_to=8, output_dir=3)
+    assert Path(RelexConfig(observe=4, extrapolate_to=8, output_dir=Custom()).output_dir) == tmp_path / "custom"

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +139,93 @@ def test_smollm2_loads_caches_and_knows_paris(tmp_path, monkeypatch):
         out = cached.generate(**enc, do_sample=False, max_new_tokens=12)
     answer = tok2.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+# -- the demo script's output folder: re-runnable, refusals before any work ---------------------------------------
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "grpo_smollm2.py"
+
+
+def _earlier_run(directory: Path) -> None:
+    for name in ("relex-step16", "checkpoint-2", "checkpoint-4"):
+        (directory / name).mkdir(parents=True)
+        (directory / name / "model.safetensors").write_bytes(b"old")
+    (directory / "demo.json").write_text("{}")
+    (directory / "notes.txt").write_text("the user's own file")
+
+
+def test_demo_reruns_replace_its_own_output_and_keep_other_files(tmp_path, monkeypatch, capsys):
+    prepare = runpy.run_path(str(DEMO))["prepare_output_dir"]
+    monkeypatch.chdir(tmp_path)
+    default = Path("runs/smollm2-grpo")
+    assert prepare(None, overwrite=False) == default and capsys.readouterr().out == ""  # first run: nothing to say
+    _earlier_run(default)
+    assert prepare(None, overwrite=False, dry_run=True) == default  # scripts/demo.sh's check before the set-up
+    assert len(list(default.iterdir())) == 5 and capsys.readouterr().out == ""
+    assert prepare(None, overwrite=False) == default  # a second default run replaces the first, and says so
+    assert "holds an earlier run: replacing its 4 demo entries (pass --output-dir DIR to keep it)" in capsys.readouterr().out
+    assert [p.name for p in default.iterdir()] == ["notes.txt"]
+
+    mine = tmp_path / "mine"
+    _earlier_run(mine)
+    for dry_run in (True, False):
+        with pytest.raises(SystemExit) as refused:  # an explicit folder is not replaced without --overwrite
+            prepare(mine, overwrite=False, dry_run=dry_run)
+    message = str(refused.value.code)
+    assert f"--output-dir {mine} is not empty" in message and "Pass --overwrite" in message
+    assert "overwrite=True" not in message  # the demo's flag, not the Python option
+    assert len(list(mine.iterdir())) == 5
+    assert prepare(mine, overwrite=True) == mine
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_demo_refuses_before_importing_torch_or_loading_anything(tmp_path):
+    _earlier_run(tmp_path / "mine")
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['grpo_smollm2.py', '--output-dir', {str(tmp_path / 'mine')!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({str(DEMO)!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("grpo_smollm2.py: error: --output-dir") and "Pass --overwrite" in lines[0]
+    assert lines[-1] == "False"
+
+
+def test_demo_runs_twice_and_leaves_what_relex_report_needs(tmp_path, monkeypatch, capsys):
+    """The demo end to end on a tiny model: a second run in the default folder works, each run leaves the
+    extrapolated model with its card and plots, the checkpoints and the `relex report` command, which then runs."""
+    import shlex
+
+    from _tiny import tiny_qwen2, tiny_tokenizer
+    from relex_callback.cli import main as relex_main
+
+    tok = tiny_tokenizer()
+    tiny_qwen2(tokenizer=tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    demo = runpy.run_path(str(DEMO))["main"]
+    argv = ["--model", "model", "--observe", "4", "--target", "8", "--save-every", "1", "--heldout", "2",
+            "--max-operand", "2", "--generations", "4", "--lr", "1e-2"]
+    for run in (1, 2):
+        demo(argv)
+        out = capsys.readouterr().out
+        assert ("holds an earlier run" in out) is (run == 2)
+        assert "RELEX step 8          0.000 ± 0.000" in out  # accuracies with their binomial SE
+        folder = Path("runs/smollm2-grpo")
+        summary = json.loads((folder / "demo.json").read_text())
+        target = folder / "relex-step8"
+        assert {"README.md", "relex_report.json", "config.json", "model.safetensors"} <= {p.name for p in target.iterdir()}
+        assert sorted(summary["plots"]) == ["backtest.png", "coefficients.png", "explained_variance.png"]
+        assert summary["checkpoints"] == [str(folder / f"checkpoint-{s}") for s in (1, 2, 3, 4)]
+        assert summary["relex_report_command"] in out
+    command = shlex.split(summary["relex_report_command"])
+    assert command[:2] == ["relex", "report"]
+    assert relex_main(command[1:] + ["--no-progress"]) == 0
+    report = json.loads((folder / "report" / "relex_report.json").read_text())
+    assert report["fit_steps"] == [1, 2, 3] and report["heldout_steps"] == [4]

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,46 @@ def test_existing_output_dir_is_refused_before_training(tmp_path, tok):
     assert (target / "keep.txt").read_text() == "user data"
 
 
+@pytest.mark.parametrize("own", [True, False])
+def test_exported_config_keeps_the_models_own_use_cache(tmp_path, tok, own):
+    """Trainer sets config.use_cache = args.use_cache (False) for training; relex-stepK/config.json must not keep it."""
+    model = tiny_qwen2(tokenizer=tok)
+    model.config.use_cache = own
+    trainer = grpo_trainer(tmp_path, model, tok, [RelexCallback(observe=2, extrapolate_to=4)], max_steps=4)
+    assert model.config.use_cache is False  # the premise: training runs with the cache off
+    trainer.train()
+    saved = json.loads((tmp_path / "out" / "relex-step4" / "config.json").read_text())
+    assert saved["use_cache"] is own  # own=False is the control: a model without a cache stays without
+    assert model.config.use_cache is False  # the live model is left as the trainer set it
+
+
+PLOTS = {"explained_variance.png", "coefficients.png", "backtest.png"}
+
+
+@pytest.mark.parametrize("matplotlib", [True, False])
+def test_the_fit_plots_are_written_next_to_each_report(tmp_path, tok, monkeypatch, caplog, matplotlib):
+    if matplotlib:
+        image = pytest.importorskip("matplotlib.image")
+    else:  # negative control: without matplotlib the models are written, the plots are not, and it says so
+        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    relex = RelexCallback(observe=4, extrapolate_to=[8, 12])
+    with caplog.at_level(logging.WARNING, logger="relex_callback"):
+        grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [relex], max_steps=12).train()
+    assert {8, 12} <= set(relex.written_dirs)  # (and the K_max model, written beside a target beyond it)
+    for directory in relex.written_dirs.values():
+        written = {p.name for p in directory.glob("*.png")}
+        assert (directory / "relex_report.json").is_file()
+        if not matplotlib:
+            assert written == set()
+            continue
+        assert written == PLOTS
+        for name in PLOTS:
+            pixels = image.imread(directory / name)
+            assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0
+            assert (directory / name).read_bytes() == (relex.written_dirs[8] / name).read_bytes()  # one fit, one drawing
+    assert ("matplotlib is not installed" in caplog.text) is (not matplotlib)
+
+
 def test_window_longer_than_max_steps_is_refused(tmp_path, tok):
     trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [RelexCallback(observe=8, extrapolate_to=20)], max_steps=5)
     with pytest.raises(ValueError, match=r"^max_steps=5 ends before the RELEX observation window, which needs step 8"):
@@ -208,8 +249,19 @@ def test_window_longer_than_max_steps_is_refused(tmp_path, tok):
 def test_buffer_budget_is_checked_before_training(tmp_path, tok):
     relex = RelexCallback(observe=10, extrapolate_to=20, buffer_dtype="float32", buffer_max_bytes=3_000_000)
     trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [relex])
-    with pytest.raises(MemoryError, match=r"needs .* but the host budget is 2\.9 MiB .*Settings that fit: buffer_dtype='bfloat16'"):
+    with pytest.raises(MemoryError, match=r"needs .* but the host budget is 2\.9 MiB .* Use settings that fit: buffer_dtype='bfloat16'"):
         trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_buffer_budget_message_without_fitting_settings(tmp_path, tok):
+    relex = RelexCallback(observe=10, extrapolate_to=20, buffer_max_bytes=1000)
+    trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [relex])
+    with pytest.raises(MemoryError) as caught:
+        trainer.train()
+    message = str(caught.value)
+    assert "settings that fit" not in message and " also " not in message  # nothing to refer back to
+    assert message.endswith("(buffer_max_bytes=1000). Use fewer tracked tensors (include/exclude); or a larger buffer_max_bytes.")
     assert trainer.state.global_step == 0
 
 

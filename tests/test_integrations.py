@@ -3,6 +3,7 @@ full fine-tuning and LoRA) and the accelerate configs name the backends they cla
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import runpy
 from pathlib import Path
@@ -37,6 +38,9 @@ def test_grpo_example_writes_the_relex_directories(tmp_path, model_dir, lora):
             "--generations", "2", "--prompts-per-device", "1", "--max-completion-length", "4", "--lr", "1e-3"]
     if lora:
         argv += ["--lora-r", "2", "--merge-lora"]
+    tensorboard = not lora and importlib.util.find_spec("tensorboard") is not None
+    if tensorboard:
+        argv += ["--report-to", "tensorboard"]
     trainer = run_example(argv)
     assert trainer.state.global_step == 2
     for target in (4, 6):
@@ -44,6 +48,17 @@ def test_grpo_example_writes_the_relex_directories(tmp_path, model_dir, lora):
         assert json.loads((out / "relex_report.json").read_text())["target_step"] == target
         assert (out / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
         assert (tmp_path / f"relex-step{target}-merged" / "model.safetensors").is_file() == lora
+    if tensorboard:  # the quickstart's --report-to: relex/* scalars in real TensorBoard event files, at the halt step
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        runs = list((tmp_path / "runs").iterdir())
+        assert len(runs) == 1
+        events = EventAccumulator(str(runs[0]))
+        events.Reload()
+        (step, target), = [(e.step, e.value) for e in events.Scalars("train/relex/target_step")]
+        assert (step, target) == (2, 6)
+        (_, ratio), = [(e.step, e.value) for e in events.Scalars("train/relex/horizon_ratio")]
+        assert ratio == pytest.approx(3.0)
 
 
 @pytest.mark.parametrize(

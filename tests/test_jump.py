@@ -7,6 +7,8 @@ same run (torch.linalg.svd of the stacked deltas, an OLS line on the virtual ste
 import json
 import logging
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -590,3 +592,56 @@ def test_defaults_and_probe_type():
     assert RelexConfig(mode="jump", observe=10, jump_every=4, window=6).buffer_capacity == 6
     with pytest.raises(TypeError, match=r"^probe must be a callable probe\(model\) -> float, got str"):
         RelexCallback(mode="jump", observe=10, probe="reward")
+
+
+_VISIBLE_JUMPS = """
+import sys
+from transformers import Trainer, TrainingArguments
+from relex_callback import RelexCallback
+
+schedule, with_probe, out, tests = sys.argv[1:]
+sys.path.insert(0, tests)
+from test_jump import Regress, regression_data
+
+scores = iter([0.0, 0.0, 0.0, -1.0, 0.0, 0.0])  # before/after of three jumps: the second one loses
+probe = (lambda model: next(scores)) if with_probe == "probe" else None
+relex = RelexCallback(mode="jump", observe=4, jump_every=3, jump_horizon=3, auto_horizon=False, probe=probe)
+args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=10, learning_rate=1e-2,
+                         lr_scheduler_type=schedule, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+Trainer(model=Regress(), args=args, train_dataset=regression_data(), callbacks=[relex]).train()
+print([r["status"] for r in relex.jump.history])
+"""
+
+
+def test_jumps_and_risky_settings_are_visible_without_logging_configuration(tmp_path):
+    """A user who sets up no logging sees one [relex] line per jump and a warning for each risky setting."""
+    import subprocess
+    import sys
+
+    def run(schedule, with_probe):
+        argv = [schedule, with_probe, str(tmp_path / schedule), os.path.dirname(__file__)]
+        result = subprocess.run([sys.executable, "-c", _VISIBLE_JUMPS, *argv],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()[-1], [line for line in result.stderr.splitlines() if line.startswith("[relex]")]
+
+    out, lines = run("linear", "none")  # TRL's and transformers' default schedule, no probe
+    assert out == "['accepted', 'accepted', 'accepted']"
+    warnings = [line for line in lines if line.startswith("[relex] WARNING")]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("[relex] WARNING RELEX: jump mode runs without a probe: every jump the backtest allows is kept")
+    assert warnings[1].startswith("[relex] WARNING RELEX: lr_scheduler_type='linear' (the transformers/TRL default) decays")
+    assert "Use lr_scheduler_type='constant'" in warnings[1]
+    jumps = [line for line in lines if re.search(r" RELEX: jump \d", line)]
+    assert [line.split(": virtual")[0] for line in jumps] == [
+        f"[relex] INFO RELEX: jump {i} at step {s} accepted" for i, s in enumerate((4, 7, 10))]
+    assert jumps[0].endswith("virtual step 4 -> 7 (H=3, cap None)")
+
+    out, lines = run("constant", "probe")  # negative control: nothing risky; a rejected jump says why
+    assert out == "['accepted', 'rejected', 'accepted']"
+    assert not any("without a probe" in line or "lr_scheduler_type" in line for line in lines)
+    jumps = [line for line in lines if re.search(r" RELEX: jump \d", line)]
+    assert len(jumps) == 3
+    assert jumps[0] == "[relex] INFO RELEX: jump 0 at step 4 accepted: virtual step 4 -> 7 (H=3, cap None, probe 0.0000 -> 0.0000)"
+    assert jumps[1] == ("[relex] WARNING RELEX: jump 1 at step 7 rejected: probe score fell from 0.0000 to -1.0000 "
+                        "(probe_tolerance=0.0)")

@@ -413,10 +413,10 @@ def test_report_matches_reference_and_writes_plots(tied, tmp_path):
     base, parent = tied
     report = offline.report_checkpoints(base, [parent], tmp_path / "rep", fit_steps=4, target_steps=[20], top=3,
                                         progress=False)
-    for png in ("explained_variance.png", "coefficients.png", "r_squared.png"):
+    for png in ("explained_variance.png", "coefficients.png", "r_squared.png", "backtest.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
     saved = json.loads((tmp_path / "rep" / "relex_report.json").read_text())
-    assert saved["plots"] == report["plots"] == ["explained_variance.png", "coefficients.png", "r_squared.png"]
+    assert saved["plots"] == report["plots"] == ["explained_variance.png", "coefficients.png", "r_squared.png", "backtest.png"]
     assert saved["fit_steps"] == [1, 2, 3, 4] and saved["heldout_steps"] == [5, 6]
     assert len(saved["trajectories"]) == 3
     theta0 = _load_dir(base)
@@ -625,6 +625,11 @@ def test_reports_carry_the_window_diagnostic_and_flag_targets_beyond_it(tmp_path
     k_max = diagnosis["supported_step"]
     assert 6 <= k_max < 120  # the oscillating direction limits the horizon
     near, far = int(k_max), 120
+    # `relex report` flags a target beyond K_max as `relex extrapolate` does, and only such a target
+    for target, beyond in ((far, True), (near, False)):
+        report = offline.report_checkpoints(base, [parent], tmp_path / f"report{target}", target_steps=[target],
+                                            plots=False, progress=False)
+        assert any(f"target step {target} is beyond the supported horizon" in w for w in report["warnings"]) is beyond
     reports = offline.extrapolate_checkpoints(base, [parent], [near, far] if near > 6 else [far], tmp_path / "out",
                                               progress=False)
     flagged = {r["target_step"]: any("beyond the supported horizon" in w for w in r["warnings"]) for r in reports}

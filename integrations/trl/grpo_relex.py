@@ -44,6 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true", help="train on the CPU in fp32 (tests, laptops)")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier relex-step{K} directories")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report-to", nargs="*", default=[], metavar="NAME",
+                        help="trainer logging integrations, e.g. tensorboard wandb (relex/* metrics included)")
     return parser.parse_args(argv)
 
 
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None):
         gradient_checkpointing=not args.cpu,
         save_strategy="no",
         logging_steps=1,
-        report_to=[],
+        report_to=args.report_to,
         seed=args.seed,
         disable_tqdm=True,
     )
@@ -100,6 +102,7 @@ def main(argv: Sequence[str] | None = None):
         peft_config=peft_config,
         callbacks=[relex],
     )
+    relex.set_trainer(trainer)  # relex/* metrics go through trainer.log, so --report-to integrations get them too
     trainer.train()
     if trainer.is_world_process_zero():
         for target, path in relex.written_dirs.items():

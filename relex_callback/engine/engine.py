@@ -250,12 +250,14 @@ class RelexEngine:
                     continue
                 if DeltaBuffer.bytes_needed(numels, cfg.observe // every, dtype) <= plan.budget:
                     fits.append(f"buffer_dtype={dtype!r}, snapshot_every={every}")
-        hint = f" Settings that fit: {'; '.join(fits[:4])}." if fits else ""
-        other = " Or use buffer_device='cpu' (host memory)." if plan.where == "GPU" else ""
+        fixes = [f"settings that fit: {'; '.join(fits[:4])}"] if fits else []
+        if plan.where == "GPU":
+            fixes.append("buffer_device='cpu' (host memory)")
+        fixes += ["fewer tracked tensors (include/exclude)", "a larger buffer_max_bytes"]
         return (
             f"the RELEX delta buffer needs {format_bytes(plan.needed)} but the {plan.where} budget is "
-            f"{format_bytes(plan.budget)} (buffer_max_bytes={cfg.buffer_max_bytes}).{hint}{other} You can also track "
-            f"fewer tensors with include/exclude, or raise buffer_max_bytes."
+            f"{format_bytes(plan.budget)} (buffer_max_bytes={cfg.buffer_max_bytes}). Use "
+            + "; or ".join(fixes) + "."
         )
 
     def capture_base(self, step: int) -> None:

@@ -171,6 +171,35 @@ def read_report(path: str | os.PathLike) -> dict[str, Any]:
         return upgrade_report(json.load(handle))
 
 
+def _score(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
+
+
+def _step(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _probe_lines(probe: dict[str, Any] | None, observed: list[Any]) -> list[str]:
+    """The card's probe lines: this model's score against the trained weights', every candidate's, and a warning
+    when this model lost (so that a user who opens this directory alone sees it)."""
+    if not probe:
+        return []
+    score, current = probe.get("score"), probe.get("current_weights_score")
+    others = ", ".join(f"{target}: {_score(value)}" for target, value in (probe.get("scores_by_target") or {}).items())
+    loaded = "was" if probe.get("loaded_into_live_model") else "was not"
+    lines = [
+        f"- Probe score (higher is better): {_score(score)}; the trained weights of step {_step(observed[-1])} scored "
+        f"{_score(current)}. All candidates: {others}. This model {loaded} loaded into the trained model."
+    ]
+    finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (score, current))
+    if not finite or score < current:
+        lines.append(
+            f"- **Warning:** this model scored {_score(score)} on the probe, below the {_score(current)} of the trained "
+            f"weights of step {_step(observed[-1])} it was extrapolated from: it lost."
+        )
+    return lines
+
+
 def write_model_card(directory: str | os.PathLike, report: dict[str, Any]) -> None:
     """A short README.md that says how the weights were made and how far to trust them (any report format)."""
     report = upgrade_report(report)
@@ -184,8 +213,8 @@ def write_model_card(directory: str | os.PathLike, report: dict[str, Any]) -> No
         f"# RELEX extrapolation to step {report.get('target_step')}",
         "",
         "These weights were not trained to this step: they were predicted by RELEX (arXiv 2605.21468) from "
-        f"{len(report.get('observed_steps', []))} snapshots of steps {report.get('observed_steps', [None])[0]}"
-        f"–{report.get('observed_steps', [None])[-1]} with relex-callback, as θ_0 + ĉ(K)·v per tensor "
+        f"{len(report.get('observed_steps', []))} snapshots of steps {_step(report.get('observed_steps', [None])[0])}"
+        f"–{_step(report.get('observed_steps', [None])[-1])} with relex-callback, as θ_0 + ĉ(K)·v per tensor "
         f"(rank {settings.get('rank')}, {settings.get('fit')} trend, shrink {settings.get('shrink')}).",
         "",
         f"- Horizon: {report.get('horizon_ratio', float('nan')):.2f}× the observed window.",
@@ -198,6 +227,13 @@ def write_model_card(directory: str | os.PathLike, report: dict[str, Any]) -> No
             f"({bt.get('ratio', float('nan')):.2f}× out) missed by a relative distance of {bt.get('distance', float('nan')):.3f}; "
             f"horizon supported at tolerance {settings.get('backtest_tolerance')}: {bt.get('supported_ratio', float('nan')):.2f}×."
         )
+    diagnostic = report.get("diagnostic") or {}
+    if diagnostic.get("supported_step") is not None:
+        lines.append(
+            f"- Window diagnostic: supported horizon K_max = step {diagnostic['supported_step']:.0f} "
+            f"({diagnostic.get('supported_ratio', float('nan')):.2f}× the window) at tolerance {diagnostic.get('tolerance')}."
+        )
+    lines += _probe_lines(report.get("probe"), report.get("observed_steps") or [None])
     for warning in report.get("warnings", []):
         lines.append(f"- **Warning:** {warning}")
     lines += [

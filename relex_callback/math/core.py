@@ -1,4 +1,5 @@
-"""The RELEX math (arXiv 2605.21468), framework-free: it imports only torch.
+"""The RELEX math (arXiv 2605.21468), framework-free: it imports only torch (and the option names of
+:mod:`relex_callback.options`).
 
 Notation (per named parameter tensor, flattened to length d):
 
@@ -30,6 +31,8 @@ from typing import Sequence
 
 import torch
 
+from ..options import POWER_GRID, TREND_KINDS
+
 __all__ = [
     "TREND_KINDS",
     "Subspace",
@@ -48,8 +51,6 @@ __all__ = [
     "POWER_GRID",
 ]
 
-TREND_KINDS = ("linear", "power", "poly2")
-POWER_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SINGULAR_VALUE_RTOL = 1e-6
 # fp32 values upcast per chunk. On CPU a 4 MiB chunk is served from the heap and stays in cache; a 64 MiB one
 # is a fresh mmap that the kernel page-faults in on every call (2-3x slower passes, measured in

@@ -8,11 +8,20 @@
 * :mod:`~relex_callback.offline.cli`: the ``relex`` command line.
 """
 
-from ..checkpoints import TensorReader
 from ..options import TREND_KINDS as FIT_KINDS
-from .commands import extrapolate_checkpoints, reconstruct_checkpoints, report_checkpoints
-from .plan import DEFAULT_MAX_MEMORY, OUTPUT_DTYPES, _prepare, parse_size
-from .stream import _Stream
+
+# Everything else needs torch: imported on first use, so that ``relex --help`` (``offline.cli``) starts fast.
+_LAZY = {
+    "TensorReader": "..checkpoints",
+    "extrapolate_checkpoints": ".commands",
+    "reconstruct_checkpoints": ".commands",
+    "report_checkpoints": ".commands",
+    "DEFAULT_MAX_MEMORY": ".plan",
+    "OUTPUT_DTYPES": ".plan",
+    "_prepare": ".plan",
+    "parse_size": ".plan",
+    "_Stream": ".stream",
+}
 
 __all__ = [
     "FIT_KINDS",
@@ -23,3 +32,11 @@ __all__ = [
     "reconstruct_checkpoints",
     "report_checkpoints",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,7 +53,7 @@ from .plan import (
     _steps_text,
     parse_size,
 )
-from .plots import _write_plots
+from .plots import _floats, _write_plots, trajectory_entry
 from .stream import _Run, _stream_tensors
 
 __all__ = ["extrapolate_checkpoints", "reconstruct_checkpoints", "report_checkpoints"]
@@ -138,10 +138,6 @@ def _squared_errors(gram: torch.Tensor, weights: torch.Tensor, num_fit: int, row
 
 def _singular_values(subspace: Subspace) -> list[float]:
     return subspace.eigenvalues.clamp_min(0.0).sqrt().tolist()
-
-
-def _floats(values: torch.Tensor) -> list[float]:
-    return [float(v) for v in values.reshape(-1)]
 
 
 def _diagnose(grams: Sequence[torch.Tensor], steps: Sequence[float], numels: Sequence[int], rank: int, fit: str,
@@ -485,17 +481,9 @@ class _Diagnostics:
             self.norms.add_(sq_norm)
             stats["relative_error_out_of_window"] = [float((e / n).sqrt()) if n > 0 else 0.0 for e, n in zip(sq_err, sq_norm)]
         if name in self.largest:
-            every = torch.cat([coefficients, held])
-            sign = torch.where(coefficients[-1] < 0, -1.0, 1.0).to(torch.float64)  # display: c grows positive
-            self.trajectories[name] = {
-                "steps": self.steps,
-                "coefficients": [_floats(col) for col in (every * sign).T],
-                "trend": {"kind": trend.kind, "params": [_floats(col) for col in (trend.params * sign).T],
-                          "power": trend.power, "origin": trend.origin, "center": trend.center, "scale": trend.scale},
-                "explained_variance": subspace.explained_variance,
-                "r_squared_in_window": stats["r_squared_in_window"],
-                "r_squared_out_of_window": stats["r_squared_out_of_window"],
-            }
+            self.trajectories[name] = trajectory_entry(
+                self.steps, torch.cat([coefficients, held]), trend, subspace.explained_variance,
+                stats["r_squared_in_window"], stats["r_squared_out_of_window"], last_fit_row=fit_count - 1)
         return None, stats
 
 
@@ -581,7 +569,10 @@ def report_checkpoints(
         diagnostic = _diagnose([run.grams[n][:fit_count, :fit_count] for n in plan.tracked], plan.fit_steps, numel, rank, fit,
                                power, backtest_tolerance)
         report["diagnostic"] = diagnostic.as_dict()
-        report["warnings"] = list(report["warnings"]) + list(diagnostic.warnings)
+        beyond = [w for w in (_beyond_horizon(float(t) * time_scale, diagnostic) for t in targets) if w]
+        for warning in beyond:  # the diagnostic's own warnings were logged by _diagnose
+            logger.warning("%s", warning)
+        report["warnings"] = list(report["warnings"]) + list(diagnostic.warnings) + beyond
         if plots:
             report["plots"] = _write_plots(staging, report, plan, rank, horizon_end)
         report.update(_run_sections(run, began))

@@ -45,6 +45,7 @@ __all__ = [
     "Probe",
     "generation_period",
     "reset_optimizer_state",
+    "risky_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,32 @@ def reset_optimizer_state(optimizer: Any, params: Iterable[torch.nn.Parameter]) 
             "parameters (it is keyed by other tensors, e.g. a wrapper's flat copies).", len(params),
         )
     return count
+
+
+# Schedules whose learning rate does not decay with the (real) step count.
+_STEADY_SCHEDULES = ("constant", "constant_with_warmup", "reduce_lr_on_plateau")
+
+
+def risky_settings(args: Any, probe: Probe | None) -> list[str]:
+    """Why these trainer ``args`` and ``probe`` make jump mode risky (``docs/jump-mode.md``); empty when none."""
+    warnings = []
+    if probe is None:
+        warnings.append(
+            "jump mode runs without a probe: every jump the backtest allows is kept, even one that makes the model "
+            "worse. Pass probe=RewardProbe(heldout_prompts, reward_funcs, tokenizer) (or any probe(model) -> float) "
+            "to reject such jumps."
+        )
+    schedule = getattr(args, "lr_scheduler_type", None)
+    schedule = str(getattr(schedule, "value", schedule))
+    if schedule not in _STEADY_SCHEDULES and schedule != "None":
+        default = " (the transformers/TRL default)" if schedule == "linear" else ""
+        warnings.append(
+            f"lr_scheduler_type={schedule!r}{default} decays the learning rate over real steps, while each jump moves the "
+            "weights ahead along the trajectory: after jumps the model trains at the learning rate of an earlier "
+            "step than its weights belong to, and the fitted line assumed the learning rate of the window. Use "
+            "lr_scheduler_type='constant' (or 'constant_with_warmup') with jump mode."
+        )
+    return warnings
 
 
 class JumpController:
@@ -183,9 +210,13 @@ class JumpController:
             return False
         return self.jump_due(step) or (step - cfg.start_step) % self.record_every == 0
 
-    def begin(self, args: Any, state: Any, output_root: Path) -> None:
-        """Bind to a ``train()`` call: check the GRPO generation period and open the jump log."""
+    def begin(self, args: Any, state: Any, output_root: Path, probe: Probe | None = None) -> None:
+        """Bind to a ``train()`` call: warn about risky settings, check the GRPO generation period and open the
+        jump log."""
         cfg = self.config
+        if is_main_process():
+            for warning in risky_settings(args, probe):
+                logger.warning("RELEX: %s", warning)
         self.generation_period = generation_period(args)
         self.generation_origin = int(state.global_step)
         period = self.generation_period
@@ -360,10 +391,12 @@ class JumpController:
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if record["status"] == "accepted":
+            probe = ("" if record["probe_before"] is None
+                     else f", probe {record['probe_before']:.4f} -> {record['probe_after']:.4f}")
             logger.info(
-                "RELEX: jump %d at step %d accepted: virtual step %d -> %d (H=%d, cap %s, probe %s -> %s)",
+                "RELEX: jump %d at step %d accepted: virtual step %d -> %d (H=%d, cap %s%s)",
                 record["jump"], record["step"], record["virtual_step"], record["virtual_step_after"], record["horizon"],
-                record["horizon_cap"], record["probe_before"], record["probe_after"],
+                record["horizon_cap"], probe,
             )
         else:
             logger.warning("RELEX: jump %d at step %d %s: %s", record["jump"], record["step"], record["status"], record.get("reason"))

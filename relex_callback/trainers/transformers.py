@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -20,8 +21,9 @@ from ..distributed import detect_layout, gather_state_dict, is_main_process, unw
 from ..engine.candidate import Candidate
 from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, state_file
 from ..engine.report import write_model_card
-from ..export import REPORT_NAME, atomic_directory, check_output_dir, write_json
+from ..export import REPORT_NAME, atomic_directory, check_output_dir, check_output_location, write_json
 from ..math.core import TREND_KINDS, TrajectoryFit
+from ..offline.plots import write_fit_plots
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
 from ..probe import choose_candidate
 from ..store import DiskDeltaStore
@@ -94,6 +96,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         self._final_weights: dict[str, torch.Tensor] | None = None
         self._pending_metrics: dict[str, float] = {}
         self._trainer: weakref.ref | None = None
+        self._use_cache: bool | None = None  # the model's own config.use_cache (see on_init_end)
         self._halted = False
         self.probe: Probe | None = probe
         self.probe_scores: dict[str, float] = {}
@@ -185,6 +188,13 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     # -- events --------------------------------------------------------------------------------------------
 
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        # Trainer sets model.config.use_cache = args.use_cache (False by default) right after this event; the
+        # exported directories keep the model's own value, so that generation from them uses the KV cache.
+        config = getattr(unwrap_model(model), "config", None) if model is not None else None
+        self._use_cache = getattr(config, "use_cache", None)
+        return control
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         cfg = self.config
         if model is None:
@@ -196,6 +206,7 @@ class RelexCallback(TrainerCallback, ExportableState):
                 f"(or num_train_epochs) or lower observe."
             )
         self._output_root = Path(cfg.output_dir or args.output_dir)
+        check_output_location(self._output_root, "output_dir" if cfg.output_dir else "TrainingArguments.output_dir")
         if cfg.mode == "halt" and cfg.save_model and state.global_step < cfg.last_observed_step and not cfg.auto_target:
             for target in cfg.extrapolate_to:
                 check_output_dir(self.target_dir(target), cfg.overwrite)
@@ -219,7 +230,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         elif state.global_step == cfg.start_step:
             self.engine.capture_base(state.global_step)
         if self.jump is not None:
-            self.jump.begin(args, state, self._output_root)
+            self.jump.begin(args, state, self._output_root, self.probe)
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
@@ -349,6 +360,9 @@ class RelexCallback(TrainerCallback, ExportableState):
                 plain = candidate.spec.kind in TREND_KINDS or candidate.spec.kind == "observed"
                 self.written_dirs[int(candidate.target) if plain else path.name] = path
             logger.info("RELEX: wrote %s in %.1fs", [str(p) for p in self.written_dirs.values()], time.perf_counter() - started)
+            if is_main_process():  # the fit's plots next to each relex_report.json (matplotlib, if installed)
+                horizon = max([float(c.target) for c in candidates] + [float(fit.steps[-1])])
+                write_fit_plots(list(self.written_dirs.values()), fit, candidates[0].report, cfg.rank, horizon)
         self.loaded_target = None if chosen is None else int(candidates[chosen].target)
         self._final_weights = None if chosen is None else predictions[chosen]
         self._halted = True
@@ -416,6 +430,27 @@ class RelexCallback(TrainerCallback, ExportableState):
         )
         return {prefix: value[0] for prefix, value in deltas.items()}
 
+    @contextlib.contextmanager
+    def _model_use_cache(self, model):
+        """``model.config.use_cache`` as it was before the Trainer set it to ``args.use_cache`` (when this callback
+        saw the Trainer's construction; else the config class's default), for the duration of a save."""
+        config = getattr(model, "config", None)
+        wanted = self._use_cache
+        if wanted is None and config is not None:
+            try:
+                wanted = getattr(type(config)(), "use_cache", None)
+            except Exception:  # a config class that needs arguments: leave the value alone
+                wanted = None
+        if config is None or wanted is None or not hasattr(config, "use_cache"):
+            yield
+            return
+        training = config.use_cache
+        config.use_cache = wanted
+        try:
+            yield
+        finally:
+            config.use_cache = training
+
     def _write_model_dir(self, model, processing_class, candidate: Candidate, prediction: dict[str, torch.Tensor]) -> Path:
         target = int(candidate.target)
         final = self.candidate_dir(candidate)
@@ -425,7 +460,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         if not is_main_process():
             return final
         to_save = unwrap_model(model)
-        with atomic_directory(final, overwrite=self.config.overwrite) as staging:
+        with atomic_directory(final, overwrite=self.config.overwrite) as staging, self._model_use_cache(to_save):
             to_save.save_pretrained(staging, state_dict=state_dict)  # a PeftModel writes its adapter only
             if processing_class is not None and hasattr(processing_class, "save_pretrained"):
                 processing_class.save_pretrained(staging)
@@ -434,7 +469,7 @@ class RelexCallback(TrainerCallback, ExportableState):
             write_model_card(staging, report)
         if self.config.merge_lora:
             merged = self._output_root / merged_dir_name(target)
-            with atomic_directory(merged, overwrite=self.config.overwrite) as staging:
+            with atomic_directory(merged, overwrite=self.config.overwrite) as staging, self._model_use_cache(to_save):
                 deltas = self._merged_lora_deltas(model, target) if self.config.merge_lora == "delta" else None
                 to_save.get_base_model().save_pretrained(staging, state_dict=merged_state_dict(model, state_dict, deltas))
                 if processing_class is not None and hasattr(processing_class, "save_pretrained"):
