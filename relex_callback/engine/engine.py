@@ -35,6 +35,7 @@ from ..distributed import (
     world_info,
     write_prediction,
 )
+from ..export import check_output_location
 from ..math.core import TrajectoryFit, combine, fit_trajectory, prediction_weights, select_power
 from ..math.diagnostic import WindowDiagnostic, diagnose_window, trend_predictor
 from ..options import BUFFER_DTYPES, TREND_KINDS
@@ -221,13 +222,9 @@ class RelexEngine:
                 f"the RELEX disk store needs {format_bytes(memory)} of host memory (θ_0 in fp32, one staging row and the "
                 f"fit's read block) but the budget is {format_bytes(budget)} (buffer_max_bytes={cfg.buffer_max_bytes}). "
                 "Track fewer tensors with include/exclude, or raise buffer_max_bytes.")
-        existing = directory
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if existing.exists() and not existing.is_dir():
-            raise NotADirectoryError(f"store_dir={str(directory)!r} lies under the file {existing}; pick a folder for "
-                                     "the RELEX delta store (store_dir=...).")
-        free = shutil.disk_usage(existing).free if existing.exists() else None
+        check_output_location(directory, "store_dir")
+        existing = next(d for d in (directory, *directory.parents) if d.exists())
+        free = shutil.disk_usage(existing).free
         if free is not None and disk > free:
             raise OSError(
                 f"the RELEX disk store needs {format_bytes(disk)} in {directory} but only {format_bytes(free)} is free "
