@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("verl", reason="verl is installed in .venv-verl (scripts/test.sh runs these tests there)")
+# the verl package itself (a bare "verl" could resolve to a namespace package of some folder on sys.path)
+pytest.importorskip("verl.trainer.ppo.v1", reason="verl is installed in .venv-verl (scripts/test.sh runs these tests there)")
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -115,7 +116,7 @@ def ray_cluster():
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(num_cpus=4 * WORLD,  # logical CPUs: placement groups of finished worker groups stay reserved
              include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "verl")]),
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "with_verl")]),
                                        "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
     yield
     ray.shutdown()
