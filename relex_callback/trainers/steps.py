@@ -32,7 +32,7 @@ from ..probe import choose_candidate
 from ..store import DiskDeltaStore
 from .jump import JumpController
 
-__all__ = ["StepDriver", "StepOutcome", "halt_metrics", "write_candidate_model"]
+__all__ = ["StepDriver", "StepOutcome", "choose_with_probe", "halt_metrics", "write_candidate_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,43 @@ def halt_metrics(report: dict[str, Any], diagnostic: Any, probe_scores: dict[str
         if math.isfinite(value):
             metrics["relex/probe_current" if key == "current" else f"relex/probe_step{key}"] = value
     return metrics
+
+
+def choose_with_probe(
+    engine: RelexEngine, model: torch.nn.Module, probe: Probe | None, candidates: list[Candidate],
+    predictions: list[dict[str, torch.Tensor]], allow_worse: bool,
+) -> tuple[int | None, dict[str, float]]:
+    """Halt mode's pick: without a probe the last candidate of the configured trend (the user's last target); with
+    one, the best-scoring candidate (ties: the nearest), or ``None`` (keep the trained weights) when it scores below
+    them and not ``allow_worse``. Scores go into each candidate's report under ``"probe"``. Returns the index and
+    the scores (``"current"`` and one per candidate label); the live weights are left as they were."""
+    if probe is None:
+        plain = [i for i, c in enumerate(candidates) if c.spec.kind in TREND_KINDS or c.spec.kind == "observed"]
+        return (plain[-1] if plain else len(candidates) - 1), {}
+    targets = [int(c.target) for c in candidates]
+    current, chosen = engine.trial(
+        model, probe, candidates, predictions, lambda cur, scores: choose_candidate(cur, scores, targets, allow_worse),
+        keep_chosen=False,
+    )
+    by_target = {str(c.label): c.score for c in candidates}
+    for i, candidate in enumerate(candidates):
+        candidate.report["candidate"]["probe_score"] = candidate.score
+        candidate.report["probe"] = {
+            "score": candidate.score,
+            "current_weights_score": current,
+            "scores_by_target": by_target,
+            "loaded_into_live_model": i == chosen,
+            "allow_worse": allow_worse,
+        }
+    rounded = {t: round(c.score, 4) for t, c in zip(targets, candidates, strict=True)}
+    if chosen is None:
+        logger.warning(
+            "RELEX: every extrapolated candidate scores below the current weights (%.4f; candidates %s); the live model "
+            "keeps the trained weights. Pass allow_worse=True to load the best candidate anyway.", current, rounded,
+        )
+    else:
+        logger.info("RELEX: probe scores %s (current weights %.4f); loading step %d", rounded, current, targets[chosen])
+    return chosen, {"current": current, **by_target}
 
 
 def write_candidate_model(
@@ -197,20 +234,8 @@ class StepDriver:
             with_probe=self.probe is not None,
             zero_std_fraction=self.zero_std_fraction(),
         )
-        probe_scores: dict[str, float] = {}
-        if self.probe is None:
-            plain = [i for i, c in enumerate(candidates) if c.spec.kind in TREND_KINDS or c.spec.kind == "observed"]
-            chosen = plain[-1] if plain else len(candidates) - 1
-        else:
-            targets = [float(c.target) for c in candidates]
-            current, chosen = self.engine.trial(
-                self.model, self.probe, candidates, predictions,
-                lambda cur, scores: choose_candidate(cur, scores, targets, cfg.allow_worse), keep_chosen=False,
-            )
-            probe_scores = {"current": current, **{str(c.label): c.score for c in candidates}}
-            for i, candidate in enumerate(candidates):
-                candidate.report["probe"] = {"score": candidate.score, "current_weights_score": current,
-                                             "scores_by_target": probe_scores, "chosen": i == chosen}
+        chosen, probe_scores = choose_with_probe(self.engine, self.model, self.probe, candidates, predictions,
+                                                 cfg.allow_worse)
         if cfg.save_model:
             for candidate, prediction in zip(candidates, predictions, strict=True):
                 candidate.report["timings"]["write_seconds"] = None

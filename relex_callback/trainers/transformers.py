@@ -25,10 +25,9 @@ from ..export import REPORT_NAME, atomic_directory, check_output_dir, check_outp
 from ..math.core import TREND_KINDS, TrajectoryFit
 from ..offline.plots import write_fit_plots
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
-from ..probe import choose_candidate
 from ..store import DiskDeltaStore
 from .jump import JumpController
-from .steps import halt_metrics
+from .steps import choose_with_probe, halt_metrics
 
 __all__ = ["RelexCallback", "STATE_FILE_NAME", "STATE_FORMAT_VERSION"]
 
@@ -371,37 +370,10 @@ class RelexCallback(TrainerCallback, ExportableState):
         self._emit(halt_metrics(report, self.engine.diagnostic, self.probe_scores), state, control)
 
     def _choose_with_probe(self, model, candidates: list[Candidate], predictions: list[dict[str, torch.Tensor]]) -> int | None:
-        """Index of the prediction to load: the last target without a probe; with one, the best-scoring target
-        (ties: the nearest), or ``None`` (keep the current weights) when it scores below them and not
-        ``allow_worse``. Scores go into each target's report under ``"probe"``."""
-        if self.probe is None:  # the last target of the configured trend (the user's last target)
-            plain = [i for i, c in enumerate(candidates) if c.spec.kind in TREND_KINDS or c.spec.kind == "observed"]
-            return plain[-1] if plain else len(candidates) - 1
-        targets = [int(c.target) for c in candidates]
-        allow_worse = self.config.allow_worse
-        current, chosen = self.engine.trial(
-            model, self.probe, candidates, predictions, lambda cur, scores: choose_candidate(cur, scores, targets, allow_worse),
-            keep_chosen=False,
-        )
-        by_target = {str(c.label): c.score for c in candidates}
-        self.probe_scores = {"current": current, **by_target}
-        for i, candidate in enumerate(candidates):
-            candidate.report["candidate"]["probe_score"] = candidate.score
-            candidate.report["probe"] = {
-                "score": candidate.score,
-                "current_weights_score": current,
-                "scores_by_target": by_target,
-                "loaded_into_live_model": i == chosen,
-                "allow_worse": allow_worse,
-            }
-        rounded = {t: round(c.score, 4) for t, c in zip(targets, candidates, strict=True)}
-        if chosen is None:
-            logger.warning(
-                "RELEX: every extrapolated candidate scores below the current weights (%.4f; candidates %s); the live model "
-                "keeps the trained weights. Pass allow_worse=True to load the best candidate anyway.", current, rounded,
-            )
-        else:
-            logger.info("RELEX: probe scores %s (current weights %.4f); loading step %d", rounded, current, targets[chosen])
+        """Index of the prediction to load (:func:`~relex_callback.trainers.steps.choose_with_probe`)."""
+        chosen, scores = choose_with_probe(self.engine, model, self.probe, candidates, predictions, self.config.allow_worse)
+        if scores:
+            self.probe_scores = scores
         return chosen
 
     # -- metrics --------------------------------------------------------------------------------------------
