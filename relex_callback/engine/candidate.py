@@ -20,7 +20,15 @@ import torch
 
 from ..options import TREND_KINDS
 
-__all__ = ["TrendSpec", "Candidate"]
+__all__ = ["TrendSpec", "Candidate", "output_dir_name"]
+
+
+def output_dir_name(target: float, kind: str) -> str:
+    """The model directory of the prediction for step ``target`` by candidate family ``kind``:
+    ``relex-step{K}`` for an SVD trend (``"svd"`` or one of ``TREND_KINDS``) and for ``"observed"``,
+    else ``relex-step{K}-{kind}``."""
+    plain = kind in TREND_KINDS or kind in ("svd", "observed")
+    return f"relex-step{int(target)}" if plain else f"relex-step{int(target)}-{kind}"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 
 from ..config import RelexConfig
 from ..distributed import gather_state_dict, is_main_process, unwrap_model
-from ..engine.candidate import Candidate
+from ..engine.candidate import Candidate, output_dir_name
 from ..engine.engine import STATE_FILE_NAME, Probe, RelexEngine, candidate_kinds, state_file
 from ..engine.report import report_metrics, write_model_card
 from ..export import REPORT_NAME, atomic_directory, check_output_dir, write_json
@@ -32,7 +32,7 @@ from ..probe import choose_candidate
 from ..store import DiskDeltaStore
 from .jump import JumpController
 
-__all__ = ["StepDriver", "StepOutcome", "choose_with_probe", "halt_metrics", "write_candidate_model"]
+__all__ = ["StepDriver", "StepOutcome", "choose_with_probe", "halt_metrics", "write_candidate_model", "write_model_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,22 @@ def choose_with_probe(
     return chosen, {"current": current, **by_target}
 
 
+def write_model_dir(
+    final: Path, to_save: Any, state_dict: dict[str, torch.Tensor] | None, processing_class: Any,
+    report: dict[str, Any], overwrite: bool, started: float | None = None,
+) -> None:
+    """Write ``to_save.save_pretrained(state_dict=...)``, the processing class, ``relex_report.json`` and a model
+    card as the directory ``final``, atomically; ``started``: record the write time in ``report`` since then."""
+    with atomic_directory(final, overwrite=overwrite) as staging:
+        to_save.save_pretrained(staging, state_dict=state_dict)
+        if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+            processing_class.save_pretrained(staging)
+        if started is not None:
+            report["timings"]["write_seconds"] = time.perf_counter() - started
+        write_json(staging / REPORT_NAME, report)
+        write_model_card(staging, report)
+
+
 def write_candidate_model(
     engine: RelexEngine, model: torch.nn.Module, processing_class: Any, candidate: Candidate,
     prediction: dict[str, torch.Tensor], final: Path, overwrite: bool,
@@ -110,17 +126,9 @@ def write_candidate_model(
     ``final`` (atomically), with ``relex_report.json`` and a model card. Collective: every process calls it."""
     started = time.perf_counter()
     state_dict = gather_state_dict(model, engine.tracked, prediction)  # None off the main process
-    if not is_main_process():
-        return final
-    report = candidate.report
-    with atomic_directory(final, overwrite=overwrite) as staging:
-        unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
-        if processing_class is not None and hasattr(processing_class, "save_pretrained"):
-            processing_class.save_pretrained(staging)
-        report["timings"]["write_seconds"] = time.perf_counter() - started
-        write_json(staging / REPORT_NAME, report)
-        write_model_card(staging, report)
-    logger.info("RELEX: wrote the extrapolated model for step %d to %s", int(candidate.target), final)
+    if is_main_process():
+        write_model_dir(final, unwrap_model(model), state_dict, processing_class, candidate.report, overwrite, started)
+        logger.info("RELEX: wrote the extrapolated model for step %d to %s", int(candidate.target), final)
     return final
 
 
@@ -223,8 +231,7 @@ class StepDriver:
         return outcome
 
     def model_dir(self, root: Path, target: float, kind: str) -> Path:
-        suffix = "" if kind in TREND_KINDS or kind in ("svd", "observed") else f"-{kind}"
-        directory = root / f"relex-step{int(target)}{suffix}"
+        directory = root / output_dir_name(target, kind)
         return directory / self.model_subdir if self.model_subdir else directory
 
     def _halt(self, outcome: StepOutcome) -> None:

@@ -18,16 +18,15 @@ from transformers.training_args import TrainingArguments
 
 from ..config import RelexConfig
 from ..distributed import detect_layout, gather_state_dict, is_main_process, unwrap_model, world_info
-from ..engine.candidate import Candidate
+from ..engine.candidate import Candidate, output_dir_name
 from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, state_file
-from ..engine.report import write_model_card
-from ..export import REPORT_NAME, atomic_directory, check_output_dir, check_output_location, write_json
+from ..export import check_output_dir, check_output_location
 from ..math.core import TREND_KINDS, TrajectoryFit
 from ..offline.plots import write_fit_plots
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
 from ..store import DiskDeltaStore
 from .jump import JumpController
-from .steps import choose_with_probe, halt_metrics
+from .steps import choose_with_probe, halt_metrics, write_model_dir
 
 __all__ = ["RelexCallback", "STATE_FILE_NAME", "STATE_FORMAT_VERSION"]
 
@@ -286,9 +285,7 @@ class RelexCallback(TrainerCallback, ExportableState):
     def candidate_dir(self, candidate: Candidate) -> Path:
         """``relex-step{K}`` for the configured trend (and for the observed weights, K = N), else
         ``relex-step{K}-{family}``."""
-        kind = candidate.spec.kind
-        suffix = "" if kind in TREND_KINDS or kind == "observed" else f"-{kind}"
-        return self._output_root / f"relex-step{int(candidate.target)}{suffix}"
+        return self._output_root / output_dir_name(candidate.target, candidate.spec.kind)
 
     @staticmethod
     def _window_zero_std(state: TrainerState, first: int, last: int) -> float | None:
@@ -432,22 +429,15 @@ class RelexCallback(TrainerCallback, ExportableState):
         if not is_main_process():
             return final
         to_save = unwrap_model(model)
-        with atomic_directory(final, overwrite=self.config.overwrite) as staging, self._model_use_cache(to_save):
-            to_save.save_pretrained(staging, state_dict=state_dict)  # a PeftModel writes its adapter only
-            if processing_class is not None and hasattr(processing_class, "save_pretrained"):
-                processing_class.save_pretrained(staging)
-            report["timings"]["write_seconds"] = time.perf_counter() - started
-            write_json(staging / REPORT_NAME, report)
-            write_model_card(staging, report)
-        if self.config.merge_lora:
-            merged = self._output_root / merged_dir_name(target)
-            with atomic_directory(merged, overwrite=self.config.overwrite) as staging, self._model_use_cache(to_save):
+        overwrite = self.config.overwrite
+        with self._model_use_cache(to_save):  # a PeftModel writes its adapter only
+            write_model_dir(final, to_save, state_dict, processing_class, report, overwrite, started)
+            if self.config.merge_lora:
+                merged = self._output_root / merged_dir_name(target)
                 deltas = self._merged_lora_deltas(model, target) if self.config.merge_lora == "delta" else None
-                to_save.get_base_model().save_pretrained(staging, state_dict=merged_state_dict(model, state_dict, deltas))
-                if processing_class is not None and hasattr(processing_class, "save_pretrained"):
-                    processing_class.save_pretrained(staging)
-                write_json(staging / REPORT_NAME, {**report, "merged_lora": "delta" if deltas is not None else "factors"})
-                write_model_card(staging, report)
-            logger.info("RELEX: wrote the merged LoRA model for step %d to %s", target, merged)
+                write_model_dir(merged, to_save.get_base_model(), merged_state_dict(model, state_dict, deltas),
+                                processing_class, {**report, "merged_lora": "delta" if deltas is not None else "factors"},
+                                overwrite)
+                logger.info("RELEX: wrote the merged LoRA model for step %d to %s", target, merged)
         logger.info("RELEX: wrote the extrapolated model for step %d to %s", target, final)
         return final
