@@ -108,8 +108,9 @@ def test_model_cards_show_the_probe_scores_and_every_warning(tmp_path, tok, pref
         lost = score < current
         assert lost is (prefer == "theta0")  # the probes were built to give these outcomes
         assert ("it lost" in card) is lost
-        loaded = "was loaded" if target == relex.loaded_target else "was not loaded"
-        assert f"This model {loaded} into the trained model" in card
+        pick = ("The probe chose this model and it was loaded into the trained model." if target == relex.loaded_target
+                else "The probe did not choose this model.")
+        assert pick in card
     assert relex.loaded_target == (None if prefer == "theta0" else 120)
 
 

@@ -545,7 +545,7 @@ def test_halt_probe_loads_the_best_candidate_never_a_worse_one(tmp_path, goal, a
         probe = report["probe"]
         assert probe["score"] == pytest.approx(-float(sum((on_line(LinearPath(), target)[n] - on_line(LinearPath(), goal)[n]).norm() for n in ("a", "b"))), abs=1e-5)
         assert probe["current_weights_score"] == pytest.approx(relex.probe_scores["current"])
-        assert probe["loaded_into_live_model"] == (target == loaded)
+        assert probe["loaded_into_live_model"] == probe["chosen"] == (target == loaded)
 
 
 # -- predictor selection and configuration ---------------------------------------------------------------------

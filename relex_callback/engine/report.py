@@ -186,10 +186,15 @@ def _probe_lines(probe: dict[str, Any] | None, observed: list[Any]) -> list[str]
         return []
     score, current = probe.get("score"), probe.get("current_weights_score")
     others = ", ".join(f"{target}: {_score(value)}" for target, value in (probe.get("scores_by_target") or {}).items())
-    loaded = "was" if probe.get("loaded_into_live_model") else "was not"
+    if probe.get("loaded_into_live_model"):
+        pick = "The probe chose this model and it was loaded into the trained model."
+    elif probe.get("chosen"):
+        pick = "The probe chose this model (the trainer's live weights were left as trained)."
+    else:
+        pick = "The probe did not choose this model."
     lines = [
         f"- Probe score (higher is better): {_score(score)}; the trained weights of step {_step(observed[-1])} scored "
-        f"{_score(current)}. All candidates: {others}. This model {loaded} loaded into the trained model."
+        f"{_score(current)}. All candidates: {others}. {pick}"
     ]
     finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (score, current))
     if not finite or score < current:

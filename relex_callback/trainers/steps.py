@@ -67,12 +67,13 @@ def halt_metrics(report: dict[str, Any], diagnostic: Any, probe_scores: dict[str
 
 def choose_with_probe(
     engine: RelexEngine, model: torch.nn.Module, probe: Probe | None, candidates: list[Candidate],
-    predictions: list[dict[str, torch.Tensor]], allow_worse: bool,
+    predictions: list[dict[str, torch.Tensor]], allow_worse: bool, loads_chosen: bool,
 ) -> tuple[int | None, dict[str, float]]:
     """Halt mode's pick: without a probe the last candidate of the configured trend (the user's last target); with
     one, the best-scoring candidate (ties: the nearest), or ``None`` (keep the trained weights) when it scores below
-    them and not ``allow_worse``. Scores go into each candidate's report under ``"probe"``. Returns the index and
-    the scores (``"current"`` and one per candidate label); the live weights are left as they were."""
+    them and not ``allow_worse``. Scores go into each candidate's report under ``"probe"`` (``loads_chosen``: the
+    caller will load the pick into the live model). Returns the index and the scores (``"current"`` and one per
+    candidate label); the live weights are left as they were."""
     if probe is None:
         plain = [i for i, c in enumerate(candidates) if c.spec.kind in TREND_KINDS or c.spec.kind == "observed"]
         return (plain[-1] if plain else len(candidates) - 1), {}
@@ -88,7 +89,8 @@ def choose_with_probe(
             "score": candidate.score,
             "current_weights_score": current,
             "scores_by_target": by_target,
-            "loaded_into_live_model": i == chosen,
+            "chosen": i == chosen,
+            "loaded_into_live_model": loads_chosen and i == chosen,
             "allow_worse": allow_worse,
         }
     rounded = {t: round(c.score, 4) for t, c in zip(targets, candidates, strict=True)}
@@ -242,7 +244,7 @@ class StepDriver:
             zero_std_fraction=self.zero_std_fraction(),
         )
         chosen, probe_scores = choose_with_probe(self.engine, self.model, self.probe, candidates, predictions,
-                                                 cfg.allow_worse)
+                                                 cfg.allow_worse, loads_chosen=False)  # the trainer stops; files only
         if cfg.save_model:
             for candidate, prediction in zip(candidates, predictions, strict=True):
                 candidate.report["timings"]["write_seconds"] = None

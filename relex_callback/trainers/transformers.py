@@ -368,7 +368,8 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     def _choose_with_probe(self, model, candidates: list[Candidate], predictions: list[dict[str, torch.Tensor]]) -> int | None:
         """Index of the prediction to load (:func:`~relex_callback.trainers.steps.choose_with_probe`)."""
-        chosen, scores = choose_with_probe(self.engine, model, self.probe, candidates, predictions, self.config.allow_worse)
+        chosen, scores = choose_with_probe(self.engine, model, self.probe, candidates, predictions, self.config.allow_worse,
+                                           loads_chosen=True)
         if scores:
             self.probe_scores = scores
         return chosen

@@ -1,0 +1,65 @@
+"""`StepDriver`, the step-number adapter verl uses, on a real config-built model in one process.
+
+The weights follow a known straight line θ_t = θ_0 + t·d (written into the live model, no optimizer), so the
+RELEX prediction at step K is θ_0 + K·d exactly; a probe with a known best candidate checks the halt-mode pick.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from relex_callback import RelexConfig
+from relex_callback.trainers.steps import StepDriver
+
+try:
+    from tests._tiny import tiny_qwen2
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from _tiny import tiny_qwen2
+
+OBSERVE, TARGETS, BEST = 4, [8, 16, 40], 16
+
+
+def _line(base: dict[str, torch.Tensor], direction: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    return {n: base[n] + step * direction[n] for n in base}
+
+
+def test_halt_writes_every_target_on_the_line_and_reports_the_probe_pick_without_loading_it(tmp_path):
+    model = tiny_qwen2()
+    generator = torch.Generator().manual_seed(1)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    direction = {n: 1e-3 * torch.randn(p.shape, generator=generator) for n, p in base.items()}
+    best = _line(base, direction, BEST)
+
+    def probe(live):  # higher when the weights are nearer the step-16 point of the line
+        return -sum(float((p.detach() - best[n]).norm()) for n, p in live.named_parameters())
+
+    driver = StepDriver(RelexConfig(observe=OBSERVE, extrapolate_to=TARGETS, buffer_dtype="float32"), probe=probe)
+    driver.begin(model, 0, tmp_path)
+    outcomes = []
+    for step in range(1, OBSERVE + 1):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(_line(base, direction, step)[name])
+        outcomes.append(driver.after_step(step))
+    driver.close()
+
+    assert [o.halted for o in outcomes] == [False] * (OBSERVE - 1) + [True] and driver.halted
+    trained = _line(base, direction, OBSERVE)
+    assert all(torch.equal(p.detach(), trained[n]) for n, p in model.named_parameters())  # files only
+    assert outcomes[-1].written == [str(tmp_path / f"relex-step{k}") for k in TARGETS]
+    for target in TARGETS:
+        directory = tmp_path / f"relex-step{target}"
+        written = load_file(str(directory / "model.safetensors"))
+        expected = _line(base, direction, target)
+        assert max(float((written[n] - expected[n]).abs().max()) for n in expected) < 1e-4, target
+        assert max(float((written[n] - trained[n]).abs().max()) for n in expected) > 1e-3  # moved past θ_N
+        probe_section = json.loads((directory / "relex_report.json").read_text())["probe"]
+        card = (directory / "README.md").read_text()
+        assert probe_section["chosen"] is (target == BEST) and probe_section["loaded_into_live_model"] is False
+        expected_line = ("The probe chose this model (the trainer's live weights were left as trained)."
+                         if target == BEST else "The probe did not choose this model.")
+        assert expected_line in card
+    assert outcomes[-1].metrics["relex/probe_step16"] > outcomes[-1].metrics["relex/probe_current"]
