@@ -46,6 +46,7 @@ __all__ = [
     "reconstruction_weights",
     "combine",
     "backtest_errors",
+    "squared_errors",
     "backtest",
     "select_power",
     "POWER_GRID",
@@ -139,6 +140,17 @@ class Subspace:
     def coefficients(self) -> torch.Tensor:
         """c_t,i = Δ_t · v_i = (U_r Σ_r)_t,i, ``[T, r]`` fp64."""
         return self.left * self.singular_values.unsqueeze(-2)
+
+    @property
+    def inverse_singular_values(self) -> torch.Tensor:
+        """1/σ_i, 0 for a dropped component."""
+        sigma = self.singular_values
+        return torch.where(sigma > 0, 1.0 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
+
+    def project(self, gram_cross: torch.Tensor) -> torch.Tensor:
+        """Coefficients Δ_h · v_i = (G[h, fit] u_i) / σ_i of other snapshots h, from their Gram rows against the
+        snapshots this subspace was fitted on (``[H, T]`` → ``[H, r]``)."""
+        return (gram_cross.to(torch.float64) @ self.left) * self.inverse_singular_values.unsqueeze(-2)
 
     def __getitem__(self, index: int) -> Subspace:
         """The subspace of one tensor of a batched result."""
@@ -269,9 +281,7 @@ def prediction_weights(subspace: Subspace, predicted_coefficients: torch.Tensor)
     c_hat = predicted_coefficients.to(torch.float64)
     if c_hat.dim() == 1:
         c_hat = c_hat[None, :]
-    sigma = subspace.singular_values
-    inverse = torch.where(sigma > 0, 1.0 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
-    return (c_hat * inverse.unsqueeze(-2)) @ subspace.left.transpose(-1, -2)
+    return (c_hat * subspace.inverse_singular_values.unsqueeze(-2)) @ subspace.left.transpose(-1, -2)
 
 
 def reconstruction_weights(subspace: Subspace) -> torch.Tensor:
@@ -318,11 +328,19 @@ def backtest_errors(
     trend = fit_trend(x[:num_fit], fit_sub.coefficients, kind=kind, power=power, origin=origin)
     c_hat = trend(x[num_fit:])  # [..., H, r]
     weights = prediction_weights(fit_sub, c_hat)  # [..., H, num_fit]: Δ̂_t = w_t M_fit
-    cross = (weights * g[..., num_fit:, :num_fit]).sum(-1)  # Δ̂_t · Δ_t
-    pred_norm = ((weights @ g[..., :num_fit, :num_fit]) * weights).sum(-1)
-    squared_norm = torch.diagonal(g, dim1=-2, dim2=-1)[..., num_fit:]
-    squared_error = (pred_norm - 2.0 * cross + squared_norm).clamp_min(0.0)
-    return squared_error, squared_norm
+    return squared_errors(g, weights, num_fit, range(num_fit, g.shape[-1]))
+
+
+def squared_errors(
+    gram: torch.Tensor, weights: torch.Tensor, num_fit: int, rows: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """||Σ_t w_t Δ_t − Δ_h||² and ||Δ_h||² for each snapshot h of ``rows``, from ``G`` alone: ``weights``
+    ``[..., len(rows), num_fit]`` weigh the first ``num_fit`` snapshots (one row of weights per h)."""
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    cross = (weights * gram[..., index, :num_fit]).sum(-1)  # Δ̂_h · Δ_h
+    predicted = ((weights @ gram[..., :num_fit, :num_fit]) * weights).sum(-1)  # ||Δ̂_h||²
+    norm = torch.diagonal(gram, dim1=-2, dim2=-1)[..., index]
+    return (predicted - 2.0 * cross + norm).clamp_min(0.0), norm
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from ..math.core import (
     prediction_weights,
     r_squared,
     reconstruction_weights,
+    squared_errors,
     subspace_from_gram,
 )
 from ..options import DEFAULT_BACKTEST_TOLERANCE, power_error, shrink_error
@@ -117,23 +118,6 @@ def _input_sections(plan: _Plan, checkpoints: int | None = None) -> dict[str, An
 
 
 # -- per-tensor math on G ---------------------------------------------------------------------------------
-
-
-def _project(gram_cross: torch.Tensor, subspace: Subspace) -> torch.Tensor:
-    """Coefficients Δ_h · v_i = (G[h, fit] u_i) / σ_i of snapshots outside the fit, ``[H, r]``."""
-    sigma = subspace.singular_values
-    inverse = torch.where(sigma > 0, 1.0 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
-    return (gram_cross.to(torch.float64) @ subspace.left) * inverse
-
-
-def _squared_errors(gram: torch.Tensor, weights: torch.Tensor, num_fit: int, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """||Σ_t w_t Δ_t − Δ_row||² and ||Δ_row||² from ``G`` (weights ``[n, num_fit]``, one row each)."""
-    g_fit = gram[:num_fit, :num_fit]
-    rows_t = torch.as_tensor(list(rows), dtype=torch.long)
-    cross = (weights * gram[rows_t, :num_fit]).sum(1)
-    predicted = torch.einsum("ni,ij,nj->n", weights, g_fit, weights)
-    norm = gram[rows_t, rows_t]
-    return (predicted - 2.0 * cross + norm).clamp_min(0.0), norm
 
 
 def _singular_values(subspace: Subspace) -> list[float]:
@@ -315,7 +299,7 @@ class _Projection:
             if row < num_fit:
                 rows.append(projector[row])
             else:
-                rows.append(prediction_weights(subspace, _project(gram[row : row + 1, :num_fit], subspace))[0])
+                rows.append(prediction_weights(subspace, subspace.project(gram[row : row + 1, :num_fit]))[0])
         sq_norm = torch.diagonal(gram)[self.target_rows]
         self.norms.add_(sq_norm)
         self.tensor_errors[name] = torch.zeros(len(self.target_rows), dtype=torch.float64)
@@ -469,14 +453,14 @@ class _Diagnostics:
             "r_squared_in_window": _floats(r_squared(self.x_window, coefficients[-used:], trend)),
             "r_squared_out_of_window": None,
         }
-        held = _project(gram[fit_count:, :fit_count], subspace) if held_rows else coefficients[:0]
+        held = subspace.project(gram[fit_count:, :fit_count]) if held_rows else coefficients[:0]
         if held_rows:
             if len(held_rows) >= 2:
                 spread = (held - held.mean(0)).pow(2).sum(0)
                 r2 = r_squared(self.x_held, held, trend)
                 stats["r_squared_out_of_window"] = [float(v) if s > 0 else None for v, s in zip(r2, spread)]
             weights = prediction_weights(subspace, trend(self.x_held))
-            sq_err, sq_norm = _squared_errors(gram, weights, fit_count, held_rows)
+            sq_err, sq_norm = squared_errors(gram, weights, fit_count, held_rows)
             self.errors.add_(sq_err)
             self.norms.add_(sq_norm)
             stats["relative_error_out_of_window"] = [float((e / n).sqrt()) if n > 0 else 0.0 for e, n in zip(sq_err, sq_norm)]
