@@ -34,7 +34,7 @@ class Preflight:
     snapshots: int  # T
     buffer_device: str
     memory_bytes: int  # host or GPU memory held by the buffer (disk store: θ_0, staging row, read block)
-    disk_bytes: int  # the disk store's files at the full window (0 for an in-memory buffer)
+    disk_bytes: int  # the disk store's files at the full window, twice its rows in jump mode (0 for an in-memory buffer)
     checkpoint_bytes: int  # what one checkpoint adds at the full window (the disk store: a reference only)
     write_bytes_per_snapshot: int  # appended to the store per recorded step (0 in memory)
     fit_seconds: float  # expected Gram + combine passes, one CPU core
@@ -61,7 +61,8 @@ def preflight(numels: Sequence[int], config: RelexConfig, world_size: int = 1) -
     itemsize = DeltaBuffer.bytes_needed([1], 1, config.buffer_dtype) - 4
     stored = elements * snapshots * itemsize
     if config.buffer_device == "disk":
-        memory, disk = store_footprint(numels, snapshots, config.buffer_dtype, FIT_READ_BYTES)
+        memory, disk = store_footprint(numels, snapshots, config.buffer_dtype, FIT_READ_BYTES,
+                                       drops_rows=config.mode == "jump")
         checkpoint, written = 16 * 1024 + 16 * snapshots, elements * itemsize
     else:
         memory, disk = DeltaBuffer.bytes_needed(numels, snapshots, config.buffer_dtype), 0

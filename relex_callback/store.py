@@ -9,7 +9,9 @@ A store directory holds, per process (rank ``r`` of ``w``):
   a 40-byte row header (magic, physical row index, step, payload length, CRC-32 of the payload) and the
   payload, the delta of every tracked tensor in ``buffer_dtype``, concatenated in tracking order. Every
   record has the same size, so row i starts at a known offset. Checkpoints name the rows they cover (row
-  indices and CRC-32s) instead of copying them, so the rows survive ``save_total_limit`` rotation.
+  indices and CRC-32s) instead of copying them, so the rows survive ``save_total_limit`` rotation. A row
+  that left the window (jump mode's thinning or rolling ``window``) is reused by a later snapshot unless the
+  last checkpoint covers it, so the file never holds more than twice the window's rows.
 
 Recording computes the delta synchronously into one staging row with the in-memory buffer's own kernel
 (:func:`~relex_callback.buffer.write_delta`, bit-identical), then a background thread appends it while the
@@ -65,14 +67,18 @@ def store_file_names(rank: int, world: int) -> tuple[str, str]:
     return f"base-{tag}.safetensors", f"deltas-{tag}.bin"
 
 
-def store_footprint(numels: Iterable[int], capacity: int, dtype: str, read_bytes: int = FIT_READ_BYTES) -> tuple[int, int]:
+def store_footprint(
+    numels: Iterable[int], capacity: int, dtype: str, read_bytes: int = FIT_READ_BYTES, drops_rows: bool = False,
+) -> tuple[int, int]:
     """``(memory bytes, disk bytes)`` of a disk store for one process: θ_0 (fp32) + one staging row + the fit's
-    read block in memory; the θ_0 file and ``capacity`` records on disk."""
+    read block in memory; the θ_0 file and ``capacity`` records on disk, twice as many when rows leave the window
+    (``drops_rows``: jump mode), since the last checkpoint's rows are kept until the next one."""
     numels = [int(n) for n in numels]
     total = sum(numels)
     itemsize = _DTYPES[dtype].itemsize
     memory = total * (4 + itemsize) + read_bytes
-    disk = total * 4 + capacity * (_ROW_HEADER.size + total * itemsize) + 8192 + 256 * len(numels)  # + file headers
+    records = 2 * capacity if drops_rows else capacity
+    disk = total * 4 + records * (_ROW_HEADER.size + total * itemsize) + 8192 + 256 * len(numels)  # + file headers
     return memory, disk
 
 
@@ -140,7 +146,8 @@ class DiskDeltaStore(DeltaBuffer):
 
     Args:
         tracked: the tracked tensors (slices) of this process.
-        capacity: snapshots the fit window holds (the file may hold more in jump mode: dropped rows stay on disk).
+        capacity: snapshots the fit window holds (the file holds at most twice as many rows: the window's and
+            those of the last checkpoint).
         dtype: stored delta dtype.
         directory: the store directory (created when θ_0 is captured).
         rank, world: this process and the world size (one file pair per process).
@@ -172,7 +179,8 @@ class DiskDeltaStore(DeltaBuffer):
         self.run_id: str | None = None
         self.base_sha256: str | None = None
         self.data_start = 0
-        self.next_row = 0
+        self.next_row = 0  # rows the file holds
+        self._checkpointed: set[int] = set()  # rows the last checkpoint references: never reused
         self._fd: int | None = None
         self._staging: torch.Tensor | None = None
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="relex-store")
@@ -234,6 +242,7 @@ class DiskDeltaStore(DeltaBuffer):
         """θ_0 ← the current weights; writes the θ_0 file and a new, empty deltas file (each tmp + rename)."""
         self.flush()
         self.steps, self.rows, self.row_crc32, self.next_row = [], [], {}, 0
+        self._checkpointed = set()
         self._stage_key = None
         pin = torch.cuda.is_available()
         for item in self.tracked:
@@ -280,11 +289,20 @@ class DiskDeltaStore(DeltaBuffer):
             if current.device != base.device:
                 current = current.to(base.device)
             write_delta(current, base, self._staging[self.offsets[index] : self.offsets[index + 1]], scratch)
-        row = self.next_row
+        row = self._free_row()
+        self._stage_key = None  # the row may be a reused one that the read stage holds
         self._pending = (row, self._writer.submit(self._append, row, float(step)))
-        self.next_row += 1
         self.rows.append(row)
         self.steps.append(float(step))
+
+    def _free_row(self) -> int:
+        """The lowest row that neither the window nor the last checkpoint uses, else a new row at the end."""
+        used = set(self.rows) | self._checkpointed
+        for row in range(self.next_row):
+            if row not in used:
+                return row
+        self.next_row += 1
+        return self.next_row - 1
 
     def _append(self, row: int, step: float) -> int:
         payload = _bytes_of(self._staging)
@@ -361,6 +379,7 @@ class DiskDeltaStore(DeltaBuffer):
         """What a checkpoint records instead of the deltas: the store's files, θ_0's SHA-256, and the rows it
         covers with their CRC-32s (the file is fsynced first)."""
         self.flush(durable=True)
+        self._checkpointed = set(self.rows)
         return {
             "format": STORE_FORMAT, "directory": str(self.directory.resolve()), "run_id": self.run_id,
             "base_file": self.base_path.name, "base_sha256": self.base_sha256, "deltas_file": self.deltas_path.name,
@@ -418,6 +437,7 @@ class DiskDeltaStore(DeltaBuffer):
         os.fsync(self._fd)
         self.rows, self.steps = list(rows), [float(s) for s in steps]
         self.row_crc32 = dict(zip(rows, crcs, strict=True))
+        self._checkpointed = set(rows)
         self._stage_key = None
         if self._staging is None:
             self._staging = torch.empty(self.row_elements, dtype=self.dtype, pin_memory=torch.cuda.is_available())
@@ -445,6 +465,11 @@ class DiskDeltaStore(DeltaBuffer):
         raw = bytearray(_ROW_HEADER.size)
         _read_into(self._fd, memoryview(raw), offset)
         magic, stored_row, stored_step, length, stored_crc = _ROW_HEADER.unpack(raw)
+        if magic == _ROW_MAGIC and stored_row == row and length == self.payload_bytes and stored_step != float(step):
+            raise StoreError(
+                f"{self.deltas_path} row {row} now holds step {stored_step:g}, not step {step:g}: that snapshot left the "
+                "window after this checkpoint was written and a later one reused its row (the store keeps the rows of "
+                "the window and of the last checkpoint only). Resume from the latest checkpoint.")
         if magic != _ROW_MAGIC or stored_row != row or length != self.payload_bytes or stored_step != float(step):
             raise StoreError(f"{self.deltas_path} row {row} has a damaged header (magic {magic!r}, row {stored_row}, "
                              f"step {stored_step}, {length} bytes). {fix}")

@@ -90,6 +90,51 @@ def test_store_file_layout_and_rolling_rows(tmp_path):
     assert os.path.getsize(tmp_path / "store" / deltas_name) == size  # logical drop: the file keeps the rows
 
 
+def test_rows_that_left_the_window_are_reused_except_the_last_checkpoints(tmp_path):
+    """Jump mode's rolling window: 3 rows live, a checkpoint after each 4 records; over 30 records the file never
+    holds more than 2 × 3 rows, every stack equals an in-memory rolling buffer's, the latest checkpoint resumes
+    bit for bit, and an older checkpoint whose row was reused is refused with that explanation."""
+    capacity, params = 3, _params((50, 7))
+    tracked = [TrackedTensor(f"p{i}", p) for i, p in enumerate(params)]
+    memory = DeltaBuffer(tracked, capacity, "float32", "cpu")
+    disk = DiskDeltaStore(tracked, capacity, "float32", tmp_path / "store", read_bytes=256)
+    memory.capture_base()
+    disk.capture_base()
+    generator = torch.Generator().manual_seed(3)
+    references, rows_on_disk = [], []
+    for step in range(1, 31):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=generator))
+        for buffer in (memory, disk):
+            if len(buffer) == capacity:
+                buffer.drop_oldest(capacity - 1)
+            buffer.record(float(step))
+        if step % 4 == 0:
+            references.append((dict(disk.reference()), [memory.stack(n).clone() for n in ("p0", "p1")]))
+        disk.flush()
+        rows_on_disk.append((os.path.getsize(disk.deltas_path) - disk.data_start) // disk.record_bytes)
+        assert disk.steps == memory.steps
+        for name in ("p0", "p1"):
+            assert torch.equal(disk.stack(name).to(torch.float32), memory.stack(name)), (step, name)
+    assert max(rows_on_disk) == 2 * capacity  # without reuse: 30
+    assert len(set(disk.rows)) == capacity and max(disk.rows) < 2 * capacity
+
+    def resume(reference):
+        fresh = DiskDeltaStore(tracked, capacity, "float32", tmp_path / "store", read_bytes=256)
+        fresh.load_reference(reference, keep=len(reference["rows"]), checkpoint=tmp_path / "checkpoint")
+        return fresh
+
+    latest, stacks = references[-1]
+    restored = resume(latest)
+    for name, expected in zip(("p0", "p1"), stacks):
+        assert torch.equal(restored.stack(name).to(torch.float32), expected)
+    restored.close()
+    oldest, _ = references[0]  # its rows were reused by later snapshots
+    with pytest.raises(StoreError, match=r"now holds step .* reused its row.*Resume from the latest checkpoint"):
+        resume(oldest)
+
+
 # -- end to end: Trainer, checkpoints that reference the store, resume, damage ---------------------------------------
 
 
@@ -257,6 +302,8 @@ def test_preflight_estimate_against_hand_arithmetic(caplog):
     disk = preflight(numels, RelexConfig(observe=10, extrapolate_to=20, buffer_device="disk", buffer_dtype="float16"))
     assert disk.memory_bytes == 1024 * (4 + 2) + FIT_READ_BYTES
     assert disk.disk_bytes == 1024 * 4 + 10 * (40 + 1024 * 2) + 8192 + 256 * 2
+    jump = preflight(numels, RelexConfig(mode="jump", observe=10, buffer_device="disk", buffer_dtype="float16"))
+    assert jump.disk_bytes == 1024 * 4 + 2 * 10 * (40 + 1024 * 2) + 8192 + 256 * 2  # the last checkpoint's rows too
     assert disk.write_bytes_per_snapshot == 2048 and disk.checkpoint_bytes < 20_000
     assert disk.fit_seconds == pytest.approx(FIT_SECONDS_PER_STORED_BYTE * 10 * 2048 + FIT_SECONDS_PER_GRAM_MAC * 100 * 1024)
     # attach logs it before any buffer is allocated, also when the budget then refuses the buffer

@@ -215,7 +215,7 @@ class RelexEngine:
         """The disk store: refuses before training when its memory exceeds the budget or its file the free disk."""
         cfg = self.config
         numels = [t.numel for t in tracked]
-        memory, disk = store_footprint(numels, cfg.buffer_capacity, cfg.buffer_dtype)
+        memory, disk = store_footprint(numels, cfg.buffer_capacity, cfg.buffer_dtype, drops_rows=cfg.mode == "jump")
         budget = cfg.buffer_max_bytes if cfg.buffer_max_bytes is not None else int(0.8 * host_available_bytes())
         if memory > budget:
             raise MemoryError(
