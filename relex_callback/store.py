@@ -1,11 +1,11 @@
-"""`DiskDeltaStore`: the deltas Δ_t = θ_t − θ_0 in an append-only file per process, streamed by the fit.
+"""`DiskDeltaStore`: the deltas Δ_t = θ_t − θ_0 in one file of fixed-size rows per process, streamed by the fit.
 
 A store directory holds, per process (rank ``r`` of ``w``):
 
 * ``base-rank{r:05d}-of-{w:05d}.safetensors``: θ_0 of every tracked tensor (slice) in float32, written
   once when θ_0 is captured. Checkpoints name it by its SHA-256 instead of copying it.
 * ``deltas-rank{r:05d}-of-{w:05d}.bin``: a header (magic, header length, JSON with the run id, tensor
-  names, element counts and dtype) followed by one record per snapshot, appended once when it is recorded:
+  names, element counts and dtype) followed by one record per snapshot, written once when it is recorded:
   a 40-byte row header (magic, physical row index, step, payload length, CRC-32 of the payload) and the
   payload, the delta of every tracked tensor in ``buffer_dtype``, concatenated in tracking order. Every
   record has the same size, so row i starts at a known offset. Checkpoints name the rows they cover (row
@@ -142,7 +142,7 @@ class StoredStack:
 
 
 class DiskDeltaStore(DeltaBuffer):
-    """θ_0 in memory (float32, exact) plus the delta rows in an append-only file (see the module docstring).
+    """θ_0 in memory (float32, exact) plus the delta rows in a file of fixed-size rows (see the module docstring).
 
     Args:
         tracked: the tracked tensors (slices) of this process.
