@@ -19,7 +19,7 @@ from transformers.training_args import TrainingArguments
 from ..config import RelexConfig
 from ..distributed import detect_layout, gather_state_dict, is_main_process, unwrap_model, world_info
 from ..engine.candidate import Candidate
-from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, state_file
+from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, find_state, state_file
 from ..engine.report import write_model_card
 from ..export import REPORT_NAME, atomic_directory, check_output_dir, check_output_location, write_json
 from ..math.core import TREND_KINDS, TrajectoryFit
@@ -164,7 +164,8 @@ class RelexCallback(TrainerCallback, ExportableState):
     # -- transformers' ExportableState ---------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        attributes: dict[str, Any] = {"_halted": self._halted, "_snapshot_seconds": self._snapshot_seconds}
+        attributes: dict[str, Any] = {"_halted": self._halted, "_snapshot_seconds": self._snapshot_seconds,
+                                      "_saved_steps": list(self.buffer.steps) if self.engine.ready else None}
         if self.jump is not None:
             attributes["_jump_state"] = self.jump.state_dict()
         return {"args": {**self.config.to_dict(), "_from_state": True}, "attributes": attributes}
@@ -313,15 +314,27 @@ class RelexCallback(TrainerCallback, ExportableState):
         if isinstance(args.resume_from_checkpoint, str):
             candidates.append(Path(args.resume_from_checkpoint))
         candidates.append(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        recorded = self._recorded_steps(state)
         for directory in candidates:
-            path = state_file(directory)
-            if path.is_file():
-                self._load_state_file(path, state.global_step)
+            path = find_state(directory)
+            if path is None:
+                continue
+            metadata = self.engine.read_state_metadata(path)
+            if recorded is None or json.loads(metadata["steps"]) == recorded:
+                self._load_state_file(path, metadata, state.global_step)
                 return
+        looked = ", ".join(str(state_file(d)) for d in candidates)
+        if recorded is not None:
+            raise ValueError(
+                f"the Trainer resumed at step {state.global_step} from a checkpoint whose trainer_state.json records a "
+                f"RELEX state of {len(recorded)} snapshots, but it is not in {looked} (transformers does not tell "
+                "callbacks which folder train(resume_from_checkpoint=...) loaded). Resume from a checkpoint inside "
+                "TrainingArguments.output_dir, or pass the same folder as TrainingArguments(resume_from_checkpoint=...) "
+                f"too; to restart the observation from this checkpoint's weights instead, set start_step="
+                f"{state.global_step}.")
         self.engine.capture_base(state.global_step)
         if self.jump is not None:
             self.jump.restart(replace(cfg, start_step=state.global_step))
-        looked = ", ".join(str(state_file(d)) for d in candidates)
         logger.warning(
             "RELEX: resuming at step %d but no saved delta buffer was found (looked for %s). θ_0 is lost, so the "
             "observation restarts from the current weights and the prediction will differ from an uninterrupted "
@@ -332,8 +345,14 @@ class RelexCallback(TrainerCallback, ExportableState):
         )
         self.config = replace(cfg, start_step=state.global_step, extrapolate_to=cfg.extrapolate_to)
 
-    def _load_state_file(self, path: Path, step: int) -> None:
-        metadata = self.engine.read_state_metadata(path)
+    def _recorded_steps(self, state: TrainerState) -> list[float] | None:
+        """The snapshot steps of the RELEX state saved with the resumed checkpoint, from its trainer_state.json (``None``
+        when it records none)."""
+        exported = state.stateful_callbacks.get(type(self).__name__)
+        exported = exported[0] if isinstance(exported, list) and exported else exported
+        return ((exported or {}).get("attributes") or {}).get("_saved_steps")
+
+    def _load_state_file(self, path: Path, metadata: dict[str, str], step: int) -> None:
         if self.jump is not None and "jump" in metadata:
             self.jump.load_state_dict(json.loads(metadata["jump"]), step)
         if self.jump is not None:
