@@ -1,7 +1,8 @@
 """Worker for ``tests/test_faults.py``: a tiny real ``Trainer`` run with a ``RelexCallback`` that is killed with
 SIGKILL at a chosen point, or run under torchrun to save and resume RELEX state with 2 processes.
 
-``python tests/_fault_worker.py OUT FAULT CONFIG_JSON`` (CONFIG_JSON: the ``RelexCallback`` arguments):
+``python tests/_fault_worker.py OUT FAULT CONFIG_JSON`` (CONFIG_JSON: the ``RelexCallback`` arguments; a checkpoint
+every 2 steps):
 
 * ``state:K``: while writing the RELEX state into ``checkpoint-K``: the temporary file gets half its bytes, then SIGKILL;
 * ``output``: while writing the extrapolated model folder: its ``relex_report.json`` gets half its bytes, then SIGKILL;

@@ -158,7 +158,7 @@ def test_damaged_saved_state_is_refused_with_the_file_and_the_fix(runs, tok, tmp
     assert not (tmp_path / "relex-step24").exists() and not (tmp_path / "checkpoint-6").exists()
 
 
-def test_resume_with_another_number_of_processes_is_refused(runs, tok, tmp_path):
+def test_resume_with_another_number_of_processes_is_refused(runs, tok):
     _finish(runs.ddp, 0)
     for rank in (0, 1):  # 1-process state resumed by 2 processes
         message = (runs.root / "ddp" / f"refusal-rank{rank}.txt").read_text()
@@ -168,7 +168,7 @@ def test_resume_with_another_number_of_processes_is_refused(runs, tok, tmp_path)
     assert sorted(p.name for p in checkpoint.glob("relex_state*")) == [
         "relex_state-rank00000-of-00002.safetensors", "relex_state-rank00001-of-00002.safetensors"]
     with pytest.raises(ValueError, match="saved by 2 process.*but this run has 1.*Resume with 2 process"):
-        lm_trainer(tmp_path, tok, [RelexCallback(**CONFIG)]).train(resume_from_checkpoint=str(checkpoint))
+        lm_trainer(runs.root / "ddp", tok, [RelexCallback(**CONFIG)]).train(resume_from_checkpoint=str(checkpoint))
 
 
 @pytest.fixture(scope="module")
