@@ -2,7 +2,7 @@
 SIGKILL at a chosen point, or run under torchrun to save and resume RELEX state with 2 processes.
 
 ``python tests/_fault_worker.py OUT FAULT CONFIG_JSON`` (CONFIG_JSON: the ``RelexCallback`` arguments; a checkpoint
-every 2 steps):
+every 2 steps, only the newest kept):
 
 * ``state:K``: while writing the RELEX state into ``checkpoint-K``: the temporary file gets half its bytes, then SIGKILL;
 * ``output``: while writing the extrapolated model folder: its ``relex_report.json`` gets half its bytes, then SIGKILL;
@@ -91,7 +91,8 @@ def main(out: Path, fault: str, config: dict) -> None:
         kill_in_fit()
     else:
         raise SystemExit(f"unknown fault {fault!r}")
-    lm_trainer(out, tiny_tokenizer(chat_template=False), [RelexCallback(**config)], save_steps=2).train()
+    lm_trainer(out, tiny_tokenizer(chat_template=False), [RelexCallback(**config)], save_steps=2,
+               save_total_limit=1).train()
     raise SystemExit("the fault was never reached")
 
 

@@ -56,8 +56,8 @@ STATE_FORMAT_VERSION = 2
 themselves (in-memory buffers, written as 1 so older versions still read them)."""
 _INLINE_STATE_FORMAT = 1
 _READABLE_STATE_FORMATS = (1, 2)
-_DAMAGED_STATE_FIX = ("Resume from an earlier checkpoint, or move the relex_state file(s) out of this checkpoint to restart "
-                      "the observation from its weights.")
+_DAMAGED_STATE_FIX = ("Resume from an earlier checkpoint, or set start_step to this checkpoint's step to restart the "
+                      "observation from its weights.")
 _RESUME_KEYS = ("start_step", "snapshot_every", "buffer_dtype", "include", "exclude")
 
 Probe = Callable[[torch.nn.Module], float]
@@ -132,7 +132,7 @@ def find_state(checkpoint_dir: Path) -> Path | None:
     if partial:
         raise ValueError(
             f"{partial[0]} is a half-written RELEX state: the run stopped while saving checkpoint {checkpoint_dir}, so "
-            "it cannot resume RELEX exactly. Resume from the checkpoint before it (or delete this checkpoint folder).")
+            f"it cannot resume RELEX exactly. {_DAMAGED_STATE_FIX}")
     if not saved:
         return None
     world = world_info()[1]
@@ -143,12 +143,11 @@ def find_state(checkpoint_dir: Path) -> Path | None:
     saved_world = int(found.group(1)) if found else 1
     if saved_world == world:
         raise ValueError(f"{checkpoint_dir} lacks the RELEX state of some processes (it holds {', '.join(saved[:4])}). "
-                         "Resume from a checkpoint with every process's relex_state file.")
+                         f"{_DAMAGED_STATE_FIX}")
     raise ValueError(
         f"{checkpoint_dir} holds RELEX state saved by {saved_world} process(es) ({', '.join(saved[:4])}), but this run "
         f"has {world}: the saved buffer is split per process and cannot be re-split. Resume with {saved_world} "
-        f"process(es), or move the {len(saved)} relex_state file(s) out of the checkpoint to restart the observation "
-        "from its weights.")
+        "process(es), or set start_step to this checkpoint's step to restart the observation from its weights.")
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         self._trainer: weakref.ref | None = None
         self._use_cache: bool | None = None  # the model's own config.use_cache (see on_init_end)
         self._halted = False
+        self._saved_step: int | None = None  # the step whose checkpoint got the RELEX state before the Trainer saved it
         self.probe: Probe | None = probe
         self.probe_scores: dict[str, float] = {}
         self.jump: JumpController | None = JumpController(config) if config.mode == "jump" else None
@@ -234,9 +235,18 @@ class RelexCallback(TrainerCallback, ExportableState):
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        self._step_end(state, control, model, **kwargs)
+        self._save_before_checkpoint(args, state, control)
+        return control
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._save_before_checkpoint(args, state, control)
+        return control
+
+    def _step_end(self, state: TrainerState, control: TrainerControl, model, **kwargs) -> None:
         cfg = self.config
         if self.buffer is None or self._halted:
-            return control
+            return
         step = state.global_step
         if step == cfg.start_step and not self.engine.ready:
             self.engine.capture_base(step)
@@ -245,15 +255,24 @@ class RelexCallback(TrainerCallback, ExportableState):
                 record = self.jump.on_step_end(self.engine, step, model, self.probe, kwargs.get("optimizer"))
                 if record is not None:
                     self._emit(self.jump.metrics(record), state, control)
-            return control
+            return
         if self.should_snapshot(step):
             self.engine.record(step)
         if self.should_halt(step):
             self._halt(state, control, model, kwargs.get("processing_class"))
-        return control
+
+    def _save_before_checkpoint(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """Write the RELEX state into ``checkpoint-N`` before the Trainer saves it there: the Trainer deletes older
+        checkpoints (``save_total_limit``) before ``on_save``, so a run killed while saving RELEX state in ``on_save``
+        would keep no checkpoint to resume RELEX from."""
+        if control.should_save and self.engine.ready:
+            checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            self.save_state(checkpoint_dir)
+            self._saved_step = state.global_step
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if not self.engine.ready:
+        if not self.engine.ready or self._saved_step == state.global_step:  # written before the checkpoint
             return control
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not checkpoint_dir.is_dir():
