@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from _distributed_checks import free_port
+from _oracle import max_diff
 from _tiny import lm_trainer, tiny_tokenizer
 from relex_callback import RelexCallback
 from relex_callback.cli import main
@@ -122,6 +123,28 @@ def test_resume_at_every_step_of_the_window_gives_the_uninterrupted_result(runs,
         lm_trainer(out, tok, [RelexCallback(**CONFIG)], save_steps=100, resume_from_checkpoint=checkpoint).train(
             resume_from_checkpoint=checkpoint)
         _assert_same(_extrapolated(out), runs.reference)
+
+
+def test_jump_mode_resume_at_every_step_gives_the_uninterrupted_weights(tmp_path):
+    from test_jump import linear_trainer
+
+    options = dict(mode="jump", observe=3, jump_every=3, jump_horizon=5, buffer_dtype="float32", max_snapshots=4)
+    straight = RelexCallback(**options)
+    full = linear_trainer(tmp_path / "reference", [straight], max_steps=9, save_strategy="steps", save_steps=1)
+    full.train()
+    assert [(r["step"], r["status"]) for r in straight.jump.history] == [(3, "accepted"), (6, "accepted"), (9, "accepted")]
+    expected = {n: p.detach().clone() for n, p in full.model.named_parameters()}
+
+    def resume(step, **extra):
+        checkpoint = str(tmp_path / "reference" / "out" / f"checkpoint-{step}")
+        trainer = linear_trainer(tmp_path / f"{step}{extra}", [RelexCallback(**options, **extra)], max_steps=9,
+                                 resume_from_checkpoint=checkpoint)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        return max_diff(dict(trainer.model.named_parameters()), expected)
+
+    for step in range(1, 9):  # before, at and between the jumps
+        assert resume(step) == 0.0, step
+    assert resume(4, start_step=4) > 1e-3  # negative control: a restart of the window at step 4 ends elsewhere
 
 
 def test_negative_control_a_resume_without_the_state_is_refused_and_a_restart_differs(runs, tok, tmp_path):

@@ -366,10 +366,9 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     def _recorded_steps(self, state: TrainerState) -> list[float] | None:
         """The snapshot steps of the RELEX state saved with the resumed checkpoint, from its trainer_state.json (``None``
-        when it records none)."""
+        when it records none, or records several callbacks of this class: which one was this is unknown)."""
         exported = state.stateful_callbacks.get(type(self).__name__)
-        exported = exported[0] if isinstance(exported, list) and exported else exported
-        return ((exported or {}).get("attributes") or {}).get("_saved_steps")
+        return (exported.get("attributes") or {}).get("_saved_steps") if isinstance(exported, dict) else None
 
     def _load_state_file(self, path: Path, metadata: dict[str, str], step: int) -> None:
         if self.jump is not None and "jump" in metadata:
