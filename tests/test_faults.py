@@ -1,9 +1,10 @@
-"""Faults: SIGKILL during a fit, an output write and a state save; damaged safetensors (CLI inputs and saved RELEX
-state); a resume at every step of the window; a resume with another number of processes.
+"""Faults: SIGKILL during a fit, an output write (callback and ``relex extrapolate``) and a state save; damaged
+safetensors (CLI inputs and saved RELEX state); a resume at every step of the window (halt and jump mode); a resume
+with another number of processes.
 
 Every run is a real ``Trainer`` on a tiny model writing real files; the kills are real SIGKILLs of a subprocess
 (``tests/_fault_worker.py``) at a chosen point. Resumed runs are compared bit for bit with one uninterrupted
-reference run, and a negative control shows that the comparison sees a run that lost its RELEX state.
+reference run, and negative controls show that the comparison sees a run that restarted its window.
 """
 
 from __future__ import annotations
@@ -215,3 +216,17 @@ def test_damaged_cli_input_is_refused_before_any_output(trajectory, tmp_path, ca
     assert code == 2, message
     assert str(shard) in message and "Re-save or re-copy this checkpoint" in message
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_kill_during_cli_output_write_leaves_no_output_and_a_rerun_cleans_up(trajectory, tmp_path):
+    base, run = trajectory
+    argv = ["extrapolate", "--base", str(base), "--checkpoints", str(run), "--target-step", "20", "--output",
+            str(tmp_path / "out"), "--no-progress"]
+    _finish(_worker(tmp_path, "cli", argv), -9)
+    staging = list(tmp_path.glob(".out.tmp-*"))
+    assert not (tmp_path / "out").exists() and len(staging) == 1
+    with pytest.raises(json.JSONDecodeError):  # the kill came in the middle of the report
+        json.loads((staging[0] / "relex_report.json").read_text())
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "out" / "relex_report.json").read_text())
+    assert not list(tmp_path.glob(".out.*"))
