@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
