@@ -198,22 +198,30 @@ def find_weights_dir(path: str | os.PathLike) -> Path | None:
     return None
 
 
+_DAMAGED_FILE_FIX = ("Re-save or re-copy this checkpoint from its source (a copy or a save may have been cut short), or "
+                     "leave it out of the checkpoints given.")
+
+
 def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """``(data_start, header)`` of a safetensors file (the format: u64 header length, JSON, data)."""
+    """``(data_start, header)`` of a safetensors file (the format: u64 header length, JSON, data).
+
+    Raises:
+        RelexInputError: the file is unreadable, truncated or corrupt (names the file and the fix).
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             prefix = handle.read(8)
             if len(prefix) != 8:
-                raise RelexInputError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+                raise RelexInputError(f"{path} is not a safetensors file (shorter than 8 bytes). {_DAMAGED_FILE_FIX}")
             (length,) = struct.unpack("<Q", prefix)
             if length > min(size - 8, 1 << 30):
-                raise RelexInputError(f"{path} is not a valid safetensors file (header length {length})")
+                raise RelexInputError(f"{path} is not a valid safetensors file (header length {length}). {_DAMAGED_FILE_FIX}")
             header = json.loads(handle.read(length))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RelexInputError(f"cannot read the safetensors header of {path}: {err}") from None
+        raise RelexInputError(f"cannot read the safetensors header of {path}: {err}. {_DAMAGED_FILE_FIX}") from None
     if not isinstance(header, dict):
-        raise RelexInputError(f"{path} is not a valid safetensors file (header is not a JSON object)")
+        raise RelexInputError(f"{path} is not a valid safetensors file (header is not a JSON object). {_DAMAGED_FILE_FIX}")
     data_start = 8 + length
     for name, info in header.items():
         if name == "__metadata__":
@@ -222,7 +230,7 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
         if info.get("dtype") not in _ST_DTYPES:
             raise RelexInputError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
         if not 0 <= begin <= end or data_start + end > size:
-            raise RelexInputError(f"{path} is truncated or corrupt: tensor {name!r} lies outside the file")
+            raise RelexInputError(f"{path} is truncated or corrupt: tensor {name!r} lies outside the file. {_DAMAGED_FILE_FIX}")
     return data_start, header
 
 

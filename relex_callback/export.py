@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -47,7 +48,8 @@ def check_output_location(path: str | os.PathLike, option: str = "output_dir") -
 def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to ``final``, on error delete it.
 
-    A crash never leaves a directory at ``final`` that looks complete.
+    A crash never leaves a directory at ``final`` that looks complete; the staging folders a killed writer left
+    beside ``final`` (``.NAME.tmp-*``, ``.NAME.old-*``) are removed once ``final`` is complete.
     """
     final = Path(final)
     check_output_dir(final, overwrite)
@@ -65,6 +67,8 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, final)
+        for stale in (*final.parent.glob(f".{glob.escape(final.name)}.tmp-*"), *final.parent.glob(f".{glob.escape(final.name)}.old-*")):
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

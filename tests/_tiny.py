@@ -11,7 +11,7 @@ import random
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
 PAD = "<pad>"
 EOS = "<|im_end|>"
@@ -106,3 +106,31 @@ def tiny_qwen2(
     model = Qwen2ForCausalLM(config).eval()
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     return model
+
+
+def lm_trainer(tmp_path, tok, callbacks, seed=0, **overrides):
+    """A transformers ``Trainer`` on ``tiny_llama`` (tied) fitting arithmetic lines: 20 steps, a checkpoint every 4
+    (``overrides`` replace ``TrainingArguments``)."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    texts = [f"{a} + {b} = {a + b}" for a in range(12) for b in range(6)]
+    enc = tok(texts, padding="max_length", max_length=12, truncation=True)
+    data = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": enc["input_ids"]})
+    model = tiny_llama(tie=True, tokenizer=tok, seed=seed)
+    model.train()
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=20, learning_rate=5e-3,
+                lr_scheduler_type="constant", save_strategy="steps", save_steps=4, use_cpu=True, report_to=[], seed=seed,
+                disable_tqdm=True, logging_steps=100)
+    return Trainer(model=model, args=TrainingArguments(**{**args, **overrides}), train_dataset=data, callbacks=callbacks)
+
+
+class StopAt(TrainerCallback):
+    """Stops training at the end of step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True

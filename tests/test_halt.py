@@ -9,16 +9,15 @@ import logging
 import os
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from _oracle import CaptureWeights, PoisonAt, max_diff, oracle
-from _tiny import tiny_llama, tiny_qwen2, tiny_tokenizer
+from _tiny import StopAt, lm_trainer, tiny_llama, tiny_qwen2, tiny_tokenizer
 from relex_callback import RelexCallback
 from relex_callback.callback import STATE_FILE_NAME
 
@@ -306,39 +305,7 @@ def test_crash_while_writing_leaves_no_complete_looking_directory(tmp_path, tok,
 # -- resume -------------------------------------------------------------------------------------------------
 
 
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
-def lm_trainer(tmp_path, tok, callbacks, seed=0):
-    texts = [f"{a} + {b} = {a + b}" for a in range(12) for b in range(6)]
-    enc = tok(texts, padding="max_length", max_length=12, truncation=True)
-    data = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": enc["input_ids"]})
-    model = tiny_llama(tie=True, tokenizer=tok, seed=seed)
-    model.train()
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        max_steps=20,
-        learning_rate=5e-3,
-        lr_scheduler_type="constant",
-        save_strategy="steps",
-        save_steps=4,
-        use_cpu=True,
-        report_to=[],
-        seed=seed,
-        disable_tqdm=True,
-        logging_steps=100,
-    )
-    return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
-
-
-def test_resume_inside_the_window_gives_the_uninterrupted_result(tmp_path, tok, caplog):
+def test_resume_inside_the_window_gives_the_uninterrupted_result(tmp_path, tok):
     config = dict(observe=10, extrapolate_to=40, save_model=False, buffer_dtype="float32")
     straight = lm_trainer(tmp_path / "a", tok, [RelexCallback(**config)])
     straight.train()
@@ -353,13 +320,13 @@ def test_resume_inside_the_window_gives_the_uninterrupted_result(tmp_path, tok, 
     for name, param in resumed.model.named_parameters():
         torch.testing.assert_close(param.detach(), reference[name], rtol=0, atol=1e-6)
 
-    # negative control: without the saved buffer θ_0 is lost; a clear warning, and a different model
+    # negative control: without the saved buffer θ_0 is lost; a clear refusal, and with start_step moved a different model
     first = lm_trainer(tmp_path / "c", tok, [RelexCallback(**config), StopAt(4)])
     first.train()
     os.remove(tmp_path / "c" / "checkpoint-4" / STATE_FILE_NAME)
-    lost = lm_trainer(tmp_path / "c", tok, [RelexCallback(**config)])
-    with caplog.at_level(logging.WARNING, logger="relex_callback"):
-        lost.train(resume_from_checkpoint=str(tmp_path / "c" / "checkpoint-4"))
-    assert "no saved delta buffer was found" in caplog.text
+    with pytest.raises(ValueError, match="records a RELEX state of 4 snapshots, but it is not in .*set start_step=4"):
+        lm_trainer(tmp_path / "c", tok, [RelexCallback(**config)]).train(resume_from_checkpoint=str(tmp_path / "c" / "checkpoint-4"))
+    lost = lm_trainer(tmp_path / "c", tok, [RelexCallback(**config, start_step=4)])
+    lost.train(resume_from_checkpoint=str(tmp_path / "c" / "checkpoint-4"))
     assert lost.state.global_step == 14
     assert any(not torch.allclose(p.detach(), reference[n], atol=1e-4) for n, p in lost.model.named_parameters())

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -40,11 +42,11 @@ from ..math.core import TrajectoryFit, combine, fit_trajectory, prediction_weigh
 from ..math.diagnostic import WindowDiagnostic, diagnose_window, trend_predictor
 from ..options import BUFFER_DTYPES, TREND_KINDS
 from ..preflight import Preflight, preflight
-from ..store import DiskDeltaStore, store_footprint
+from ..store import DiskDeltaStore, _bytes_of, store_footprint
 from .candidate import Candidate, TrendSpec
 from .report import backtest_section, horizon_warning, new_report
 
-__all__ = ["RelexEngine", "BufferPlan", "Probe", "STATE_FILE_NAME", "STATE_FORMAT_VERSION", "state_file", "register_candidate_kind"]
+__all__ = ["RelexEngine", "BufferPlan", "Probe", "STATE_FILE_NAME", "STATE_FORMAT_VERSION", "find_state", "state_file", "register_candidate_kind"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ STATE_FORMAT_VERSION = 2
 themselves (in-memory buffers, written as 1 so older versions still read them)."""
 _INLINE_STATE_FORMAT = 1
 _READABLE_STATE_FORMATS = (1, 2)
+_DAMAGED_STATE_FIX = ("Resume from an earlier checkpoint, or set start_step to this checkpoint's step to restart the "
+                      "observation from its weights.")
 _RESUME_KEYS = ("start_step", "snapshot_every", "buffer_dtype", "include", "exclude")
 
 Probe = Callable[[torch.nn.Module], float]
@@ -105,12 +109,45 @@ def _sqrt_candidate(engine: "RelexEngine", fit: TrajectoryFit, target: float) ->
                      weights={t.name: t.weights[0] for t in sqrt_fit.tensors}, shrink=cfg.shrink)
 
 
+def _state_name(rank: int, world: int) -> str:
+    return STATE_FILE_NAME if world == 1 else f"relex_state-rank{rank:05d}-of-{world:05d}.safetensors"
+
+
 def state_file(checkpoint_dir: Path) -> Path:
     """This process's saved-state file in ``checkpoint_dir`` (one per rank when distributed)."""
-    rank, world = world_info()
-    if world == 1:
-        return checkpoint_dir / STATE_FILE_NAME
-    return checkpoint_dir / f"relex_state-rank{rank:05d}-of-{world:05d}.safetensors"
+    return checkpoint_dir / _state_name(*world_info())
+
+
+def find_state(checkpoint_dir: Path) -> Path | None:
+    """This process's saved-state file in ``checkpoint_dir``, or ``None`` when the checkpoint has no RELEX state.
+
+    Every process reads the same files, so every process returns or raises alike.
+
+    Raises:
+        ValueError: a state file is half written (the run was killed while saving it) or missing for some process,
+            or the states were saved by another number of processes (names the files, both world sizes and the fix).
+    """
+    saved = sorted(p.name for p in checkpoint_dir.glob("relex_state*.safetensors"))
+    partial = [p for p in sorted(checkpoint_dir.glob("relex_state*.safetensors.tmp")) if p.name[:-4] not in saved]
+    if partial:
+        raise ValueError(
+            f"{partial[0]} is a half-written RELEX state: the run stopped while saving checkpoint {checkpoint_dir}, so "
+            f"it cannot resume RELEX exactly. {_DAMAGED_STATE_FIX}")
+    if not saved:
+        return None
+    world = world_info()[1]
+    expected = [_state_name(r, world) for r in range(world)]
+    if set(expected) <= set(saved):
+        return state_file(checkpoint_dir)
+    found = re.search(r"-of-(\d+)\.safetensors$", saved[0])
+    saved_world = int(found.group(1)) if found else 1
+    if saved_world == world:
+        raise ValueError(f"{checkpoint_dir} lacks the RELEX state of some processes (it holds {', '.join(saved[:4])}). "
+                         f"{_DAMAGED_STATE_FIX}")
+    raise ValueError(
+        f"{checkpoint_dir} holds RELEX state saved by {saved_world} process(es) ({', '.join(saved[:4])}), but this run "
+        f"has {world}: the saved buffer is split per process and cannot be re-split. Resume with {saved_world} "
+        "process(es), or set start_step to this checkpoint's step to restart the observation from its weights.")
 
 
 @dataclass(frozen=True)
@@ -301,6 +338,7 @@ class RelexEngine:
             tensors = {}
         else:
             tensors = self.buffer.state_tensors()
+            values["crc32"] = json.dumps({name: zlib.crc32(_bytes_of(t)) for name, t in tensors.items()})
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=values)
         tmp.replace(path)
@@ -308,8 +346,12 @@ class RelexEngine:
 
     @staticmethod
     def read_state_metadata(path: Path) -> dict[str, str]:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except Exception as err:  # safetensors raises its own error type for a bad header
+            raise ValueError(f"{path} is not a readable RELEX state ({err}): it is truncated or corrupted. "
+                             f"{_DAMAGED_STATE_FIX}") from None
         version = int(metadata.get("format_version", "0"))
         if version not in _READABLE_STATE_FORMATS:
             raise ValueError(f"{path} has RELEX state format {version}; this version reads {_READABLE_STATE_FORMATS}.")
@@ -337,7 +379,15 @@ class RelexEngine:
             logger.info("RELEX: restored θ_0 and %d snapshots from the delta store %s (checked against %s)", len(steps),
                         self.buffer.directory, path)
             return
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:  # a data section cut short: safetensors raises its own error type
+            raise ValueError(f"{path} is a truncated RELEX state ({err}). {_DAMAGED_STATE_FIX}") from None
+        crcs = json.loads(metadata.get("crc32", "{}"))  # absent in states written before checksums
+        bad = [name for name, crc in crcs.items() if name not in tensors or zlib.crc32(_bytes_of(tensors[name])) != crc]
+        if bad:
+            raise ValueError(f"{path} fails its CRC-32 check in {bad[:5]}: the RELEX state is corrupted. "
+                             f"{_DAMAGED_STATE_FIX}")
         tensors = {k: (v[: len(steps)] if k.startswith("deltas/") else v) for k, v in tensors.items()}
         self.buffer.load_state_tensors(tensors, steps)
         logger.info("RELEX: restored θ_0 and %d snapshots from %s", len(steps), path)

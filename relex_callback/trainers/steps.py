@@ -24,7 +24,7 @@ import torch
 from ..config import RelexConfig
 from ..distributed import gather_state_dict, is_main_process, unwrap_model
 from ..engine.candidate import Candidate, output_dir_name
-from ..engine.engine import STATE_FILE_NAME, Probe, RelexEngine, candidate_kinds, state_file
+from ..engine.engine import STATE_FILE_NAME, Probe, RelexEngine, candidate_kinds, find_state, state_file
 from ..engine.report import report_metrics, write_model_card
 from ..export import REPORT_NAME, atomic_directory, check_output_dir, write_json
 from ..math.core import TREND_KINDS
@@ -269,8 +269,8 @@ class StepDriver:
 
     def _resume(self, step: int, resume_dir: str | Path | None) -> None:
         cfg = self.config
-        path = state_file(Path(resume_dir)) if resume_dir is not None else None
-        if path is not None and path.is_file():
+        path = find_state(Path(resume_dir)) if resume_dir is not None else None
+        if path is not None:
             metadata = self.engine.read_state_metadata(path)
             self.halted = json.loads(metadata.get("halted", "false"))
             if self.jump is not None and "jump" in metadata:
@@ -285,7 +285,7 @@ class StepDriver:
         logger.warning(
             "RELEX: resuming at step %d without a saved delta buffer (looked for %s). θ_0 is lost, so the observation "
             "restarts from the current weights and the prediction will differ from an uninterrupted run. Keep %s "
-            "beside your checkpoints to resume exactly.", step, path, STATE_FILE_NAME,
+            "beside your checkpoints to resume exactly.", step, resume_dir and state_file(Path(resume_dir)), STATE_FILE_NAME,
         )
         self.engine.config = replace(cfg, start_step=step)
         if self.jump is not None:

@@ -19,7 +19,7 @@ from transformers.training_args import TrainingArguments
 from ..config import RelexConfig
 from ..distributed import detect_layout, gather_state_dict, is_main_process, unwrap_model, world_info
 from ..engine.candidate import Candidate, output_dir_name
-from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, state_file
+from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, find_state, state_file
 from ..export import check_output_dir, check_output_location
 from ..math.core import TREND_KINDS, TrajectoryFit
 from ..offline.plots import write_fit_plots
@@ -96,6 +96,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         self._trainer: weakref.ref | None = None
         self._use_cache: bool | None = None  # the model's own config.use_cache (see on_init_end)
         self._halted = False
+        self._saved_step: int | None = None  # the step whose checkpoint got the RELEX state before the Trainer saved it
         self.probe: Probe | None = probe
         self.probe_scores: dict[str, float] = {}
         self.jump: JumpController | None = JumpController(config) if config.mode == "jump" else None
@@ -163,7 +164,8 @@ class RelexCallback(TrainerCallback, ExportableState):
     # -- transformers' ExportableState ---------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        attributes: dict[str, Any] = {"_halted": self._halted, "_snapshot_seconds": self._snapshot_seconds}
+        attributes: dict[str, Any] = {"_halted": self._halted, "_snapshot_seconds": self._snapshot_seconds,
+                                      "_saved_steps": list(self.buffer.steps) if self.engine.ready else None}
         if self.jump is not None:
             attributes["_jump_state"] = self.jump.state_dict()
         return {"args": {**self.config.to_dict(), "_from_state": True}, "attributes": attributes}
@@ -232,9 +234,18 @@ class RelexCallback(TrainerCallback, ExportableState):
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        self._step_end(state, control, model, **kwargs)
+        self._save_before_checkpoint(args, state, control)
+        return control
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._save_before_checkpoint(args, state, control)
+        return control
+
+    def _step_end(self, state: TrainerState, control: TrainerControl, model, **kwargs) -> None:
         cfg = self.config
         if self.buffer is None or self._halted:
-            return control
+            return
         step = state.global_step
         if step == cfg.start_step and not self.engine.ready:
             self.engine.capture_base(step)
@@ -243,15 +254,24 @@ class RelexCallback(TrainerCallback, ExportableState):
                 record = self.jump.on_step_end(self.engine, step, model, self.probe, kwargs.get("optimizer"))
                 if record is not None:
                     self._emit(self.jump.metrics(record), state, control)
-            return control
+            return
         if self.should_snapshot(step):
             self.engine.record(step)
         if self.should_halt(step):
             self._halt(state, control, model, kwargs.get("processing_class"))
-        return control
+
+    def _save_before_checkpoint(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """Write the RELEX state into ``checkpoint-N`` before the Trainer saves it there: the Trainer deletes older
+        checkpoints (``save_total_limit``) before ``on_save``, so a run killed while saving RELEX state in ``on_save``
+        would keep no checkpoint to resume RELEX from."""
+        if control.should_save and self.engine.ready:
+            checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            self.save_state(checkpoint_dir)
+            self._saved_step = state.global_step
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if not self.engine.ready:
+        if not self.engine.ready or self._saved_step == state.global_step:  # written before the checkpoint
             return control
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not checkpoint_dir.is_dir():
@@ -310,15 +330,27 @@ class RelexCallback(TrainerCallback, ExportableState):
         if isinstance(args.resume_from_checkpoint, str):
             candidates.append(Path(args.resume_from_checkpoint))
         candidates.append(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        recorded = self._recorded_steps(state)
         for directory in candidates:
-            path = state_file(directory)
-            if path.is_file():
-                self._load_state_file(path, state.global_step)
+            path = find_state(directory)
+            if path is None:
+                continue
+            metadata = self.engine.read_state_metadata(path)
+            if recorded is None or json.loads(metadata["steps"]) == recorded:
+                self._load_state_file(path, metadata, state.global_step)
                 return
+        looked = ", ".join(str(state_file(d)) for d in candidates)
+        if recorded is not None:
+            raise ValueError(
+                f"the Trainer resumed at step {state.global_step} from a checkpoint whose trainer_state.json records a "
+                f"RELEX state of {len(recorded)} snapshots, but it is not in {looked} (transformers does not tell "
+                "callbacks which folder train(resume_from_checkpoint=...) loaded). Resume from a checkpoint inside "
+                "TrainingArguments.output_dir, or pass the same folder as TrainingArguments(resume_from_checkpoint=...) "
+                f"too; to restart the observation from this checkpoint's weights instead, set start_step="
+                f"{state.global_step}.")
         self.engine.capture_base(state.global_step)
         if self.jump is not None:
             self.jump.restart(replace(cfg, start_step=state.global_step))
-        looked = ", ".join(str(state_file(d)) for d in candidates)
         logger.warning(
             "RELEX: resuming at step %d but no saved delta buffer was found (looked for %s). θ_0 is lost, so the "
             "observation restarts from the current weights and the prediction will differ from an uninterrupted "
@@ -329,8 +361,13 @@ class RelexCallback(TrainerCallback, ExportableState):
         )
         self.config = replace(cfg, start_step=state.global_step, extrapolate_to=cfg.extrapolate_to)
 
-    def _load_state_file(self, path: Path, step: int) -> None:
-        metadata = self.engine.read_state_metadata(path)
+    def _recorded_steps(self, state: TrainerState) -> list[float] | None:
+        """The snapshot steps of the RELEX state saved with the resumed checkpoint, from its trainer_state.json (``None``
+        when it records none, or records several callbacks of this class: which one was this is unknown)."""
+        exported = state.stateful_callbacks.get(type(self).__name__)
+        return (exported.get("attributes") or {}).get("_saved_steps") if isinstance(exported, dict) else None
+
+    def _load_state_file(self, path: Path, metadata: dict[str, str], step: int) -> None:
         if self.jump is not None and "jump" in metadata:
             self.jump.load_state_dict(json.loads(metadata["jump"]), step)
         if self.jump is not None:
