@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import RelexConfig
-from ..distributed import gather_state_dict, is_main_process, unwrap_model
+from ..distributed import gather_state_dict, is_main_process, saving_gathered, unwrap_model
 from ..engine.candidate import Candidate
 from ..engine.engine import STATE_FILE_NAME, Probe, RelexEngine, candidate_kinds, state_file
 from ..engine.report import report_metrics, write_model_card
@@ -113,8 +113,9 @@ def write_candidate_model(
     if not is_main_process():
         return final
     report = candidate.report
-    with atomic_directory(final, overwrite=overwrite) as staging:
-        unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
+    to_save = unwrap_model(model)
+    with atomic_directory(final, overwrite=overwrite) as staging, saving_gathered(to_save):
+        to_save.save_pretrained(staging, state_dict=state_dict)
         if processing_class is not None and hasattr(processing_class, "save_pretrained"):
             processing_class.save_pretrained(staging)
         report["timings"]["write_seconds"] = time.perf_counter() - started

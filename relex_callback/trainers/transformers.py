@@ -17,7 +17,7 @@ from transformers.trainer_callback import ExportableState, TrainerControl, Train
 from transformers.training_args import TrainingArguments
 
 from ..config import RelexConfig
-from ..distributed import detect_layout, gather_state_dict, is_main_process, unwrap_model, world_info
+from ..distributed import detect_layout, gather_state_dict, is_main_process, saving_gathered, unwrap_model, world_info
 from ..engine.candidate import Candidate
 from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, state_file
 from ..engine.report import write_model_card
@@ -432,7 +432,8 @@ class RelexCallback(TrainerCallback, ExportableState):
         if not is_main_process():
             return final
         to_save = unwrap_model(model)
-        with atomic_directory(final, overwrite=self.config.overwrite) as staging, self._model_use_cache(to_save):
+        with (atomic_directory(final, overwrite=self.config.overwrite) as staging, self._model_use_cache(to_save),
+              saving_gathered(to_save)):
             to_save.save_pretrained(staging, state_dict=state_dict)  # a PeftModel writes its adapter only
             if processing_class is not None and hasattr(processing_class, "save_pretrained"):
                 processing_class.save_pretrained(staging)
@@ -441,7 +442,8 @@ class RelexCallback(TrainerCallback, ExportableState):
             write_model_card(staging, report)
         if self.config.merge_lora:
             merged = self._output_root / merged_dir_name(target)
-            with atomic_directory(merged, overwrite=self.config.overwrite) as staging, self._model_use_cache(to_save):
+            with (atomic_directory(merged, overwrite=self.config.overwrite) as staging, self._model_use_cache(to_save),
+                  saving_gathered(to_save.get_base_model())):
                 deltas = self._merged_lora_deltas(model, target) if self.config.merge_lora == "delta" else None
                 to_save.get_base_model().save_pretrained(staging, state_dict=merged_state_dict(model, state_dict, deltas))
                 if processing_class is not None and hasattr(processing_class, "save_pretrained"):
