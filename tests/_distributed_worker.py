@@ -12,7 +12,7 @@ Scenarios:
 * ``ddp``: the real ``transformers.Trainer`` (DDP over gloo, ``use_cpu=True``), tied embeddings, biases;
 * ``ddp_peft``: the real ``Trainer`` on a LoRA ``PeftModel`` (adapter directory + merged model);
 * ``fsdp2``: ``fully_shard`` per decoder layer + root, driven by a hand-written loop that calls the
-  callback's events (accelerate only enables FSDP on accelerators, so the Trainer cannot run FSDP on CPU);
+  callback's events (accelerate's FSDP plugin needs an accelerator; see ``fsdp2_trainer`` for the Trainer);
 * ``fsdp1``: FSDP1 with ``use_orig_params=True``, same loop;
 * ``unsupported``: FSDP1 without ``use_orig_params`` and a tensor-parallel DTensor (``Shard(1)``) must raise
   ``UnsupportedSetupError`` in ``on_train_begin``;

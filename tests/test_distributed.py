@@ -195,7 +195,7 @@ def test_the_fault_check_catches_a_process_whose_weights_changed(runs, tmp_path)
     """Negative control: one element of rank 1's final weights one ulp off fails the check."""
     directory = scenario(runs, "ddp_nonfinite") / "prediction"
     key = f"final/{POISONED}"
-    copy = tampered(directory, tmp_path, rank=1, edit=lambda t: {key: _nudged(t[key])})
+    copy = tampered(directory, tmp_path / "copy", rank=1, edit=lambda t: {key: _nudged(t[key])})
     with pytest.raises(AssertionError):
         check_nonfinite_stop(copy, WORLD, ["non-finite predictions"] * 2)
 
