@@ -52,6 +52,7 @@ __all__ = [
     "all_reduce_grams",
     "mean_over_processes",
     "shards_parameters",
+    "check_can_generate",
     "partition_range",
     "detect_layout",
     "track_parameters",
@@ -223,6 +224,22 @@ def shards_parameters(model: torch.nn.Module) -> bool:
         return False
     params = list(model.parameters())
     return bool(_fsdp1_modules(model)) or any(hasattr(p, "ds_id") or _is_dtensor(p) for p in params)
+
+
+def check_can_generate(model: torch.nn.Module) -> None:
+    """Refuse ``generate`` on an FSDP1 model on several processes: it runs the wrapped module without the root FSDP
+    unit's gather, so the root's own parameters stay flat shards (an error deep in the model, "'weight' must be
+    2-D").
+
+    Raises:
+        UnsupportedSetupError: with what to use instead.
+    """
+    if _active() and _fsdp1_modules(model):
+        raise UnsupportedSetupError(
+            "RewardProbe cannot generate on an FSDP1 (FullyShardedDataParallel) model: generate() bypasses the root "
+            "FSDP unit, whose parameters stay sharded. Use FSDP2 (fully_shard; accelerate fsdp_version: 2), DDP or "
+            "DeepSpeed ZeRO, or a probe of your own that gathers the weights (FSDP.summon_full_params)."
+        )
 
 
 # -- tracked-tensor kinds ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .distributed import all_reduce_max, shards_parameters
+from .distributed import all_reduce_max, check_can_generate, shards_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -450,6 +450,7 @@ class RewardProbe:
                 wrapper is unwrapped through ``.module``).
             trainer_state: passed to reward functions as ``trainer_state`` (e.g. a ``TrainerState``).
         """
+        check_can_generate(model)
         if not hasattr(model, "generate") and hasattr(model, "module"):
             model = model.module
         if not callable(getattr(model, "generate", None)):

@@ -14,8 +14,8 @@ Scenarios:
 * ``fsdp2``: ``fully_shard`` per decoder layer + root, driven by a hand-written loop that calls the
   callback's events (accelerate's FSDP plugin needs an accelerator; see ``fsdp2_trainer`` for the Trainer);
 * ``fsdp1``: FSDP1 with ``use_orig_params=True``, same loop;
-* ``unsupported``: FSDP1 without ``use_orig_params`` and a tensor-parallel DTensor (``Shard(1)``) must raise
-  ``UnsupportedSetupError`` in ``on_train_begin``;
+* ``unsupported``: FSDP1 without ``use_orig_params``, a tensor-parallel DTensor (``Shard(1)``), and a ``RewardProbe``
+  on FSDP1 must raise ``UnsupportedSetupError`` in ``on_train_begin``;
 * ``ddp_jump``, ``fsdp2_jump``, ``zero2_jump``: jump mode with a probe whose raw score differs by rank (the first
   jump is rejected, the later ones accepted; ``optimizer_policy="reset"`` except under ZeRO); a ``JumpRecorder``
   saves each process's tensors (its shard, the fp32 masters, the optimizer state) before and after every jump;
@@ -480,9 +480,13 @@ def scenario_unsupported(out: Path) -> None:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     proj = tp.model.layers[0].mlp.up_proj
     proj.weight = torch.nn.Parameter(distribute_tensor(proj.weight.data, mesh, [Shard(1)]))
-    for label, model in (("fsdp1_flat", flat), ("tensor_parallel", tp)):
+    generating = _fsdp1(tiny_qwen2(tokenizer=tok), use_orig_params=True)
+    probed = _jump_relex(out / "fsdp1_generate", probe=generation_probe(tok, dist.get_rank()))
+    cases = (("fsdp1_flat", flat, _relex(out / "fsdp1_flat")), ("tensor_parallel", tp, _relex(out / "tensor_parallel")),
+             ("fsdp1_generate", generating, probed))
+    for label, model, relex in cases:
         try:
-            _relex(out / label).on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+            relex.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
         except UnsupportedSetupError as err:
             messages[label] = str(err)
         else:

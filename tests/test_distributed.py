@@ -122,6 +122,7 @@ def test_unsupported_layouts_raise_at_train_begin(runs):
         assert errors["fsdp1_flat"] is not None and "use_orig_params=True" in errors["fsdp1_flat"]
         assert errors["tensor_parallel"] is not None and "Shard(dim=1)" in errors["tensor_parallel"]
         assert "up_proj" in errors["tensor_parallel"]
+        assert errors["fsdp1_generate"] is not None and errors["fsdp1_generate"].startswith("RewardProbe cannot generate on an FSDP1")
 
 
 @pytest.mark.distributed

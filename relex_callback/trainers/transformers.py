@@ -17,7 +17,15 @@ from transformers.trainer_callback import ExportableState, TrainerControl, Train
 from transformers.training_args import TrainingArguments
 
 from ..config import RelexConfig
-from ..distributed import detect_layout, gather_state_dict, is_main_process, saving_gathered, unwrap_model, world_info
+from ..distributed import (
+    check_can_generate,
+    detect_layout,
+    gather_state_dict,
+    is_main_process,
+    saving_gathered,
+    unwrap_model,
+    world_info,
+)
 from ..engine.candidate import Candidate
 from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, state_file
 from ..engine.report import write_model_card
@@ -25,6 +33,7 @@ from ..export import REPORT_NAME, atomic_directory, check_output_dir, check_outp
 from ..math.core import TREND_KINDS, TrajectoryFit
 from ..offline.plots import write_fit_plots
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
+from ..probe import RewardProbe
 from ..store import DiskDeltaStore
 from .jump import JumpController
 from .steps import choose_with_probe, halt_metrics
@@ -221,6 +230,8 @@ class RelexCallback(TrainerCallback, ExportableState):
                 "fp32 partitions, with one step counter per parameter group, so the state of the jumped parameters "
                 "cannot be reset on its own. Use optimizer_policy='keep'."
             )
+        if isinstance(self.probe, RewardProbe):
+            check_can_generate(model)
         self.engine.attach(model, store_dir=Path(args.output_dir) / "relex-store")
         if self.jump is not None and self._jump_state:
             self.jump.load_state_dict(self._jump_state, state.global_step)  # restored by transformers; the sidecar wins
