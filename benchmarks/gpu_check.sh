@@ -2,8 +2,8 @@
 # Prepared GPU check for the scale-out work (issue 5). Run it on a CUDA machine from the repo root, e.g. with the
 # device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540).
 # Before that, here: bash benchmarks/prepare_gpu_wheels.sh  (DeepSpeed + hjson + pydantic wheels into .whl/).
-# Writes $OUT (or ./gpu_check_out): versions.json, deepspeed_cuda.log, deepspeed_cpu.log, buffer_timing.jsonl,
-# summary.json. Budget: about 4-6 minutes on one H100.
+# Writes $OUT (or ./gpu_check_out): versions.json, gpu_tests.log, deepspeed_cuda.log, deepspeed_cpu.log,
+# buffer_timing.jsonl, summary.json. Budget: about 5-7 minutes on one H100.
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
@@ -26,6 +26,10 @@ for name in ("transformers", "accelerate", "peft", "deepspeed", "trl", "datasets
 print(json.dumps(v))
 PY
 cat "$OUT/versions.json"
+t0=$(date +%s)
+# 0. the CUDA branches of the delta buffer (tests/test_gpu.py: GPU buffer, fused delta, pinned host buffer, budget)
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1
+gpu_tests=$?
 start=$(date +%s)
 # 1. DeepSpeed ZeRO-1/2/3 (fp32 and bf16) with the real Trainer on CUDA, one process per GPU (at most 2)
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_deepspeed.py -x > "$OUT/deepspeed_cuda.log" 2>&1
@@ -40,12 +44,13 @@ t2=$(date +%s)
 timeout 150 python3 benchmarks/gpu_buffer_timing.py --params 1e9 --snapshots 8 --out "$OUT/buffer_timing.jsonl" > "$OUT/buffer_timing.log" 2>&1
 timing=$?
 t3=$(date +%s)
-tail -3 "$OUT/deepspeed_cuda.log" "$OUT/deepspeed_cpu.log"; cat "$OUT/buffer_timing.jsonl" 2>/dev/null
-python3 - "$OUT" "$ds_cuda" "$ds_cpu" "$timing" "$((t1 - start))" "$((t2 - t1))" "$((t3 - t2))" <<'PY'
+tail -3 "$OUT/gpu_tests.log" "$OUT/deepspeed_cuda.log" "$OUT/deepspeed_cpu.log"; cat "$OUT/buffer_timing.jsonl" 2>/dev/null
+python3 - "$OUT" "$gpu_tests" "$ds_cuda" "$ds_cpu" "$timing" "$((start - t0))" "$((t1 - start))" "$((t2 - t1))" "$((t3 - t2))" <<'PY'
 import json, sys
-out, ds_cuda, ds_cpu, timing, s1, s2, s3 = sys.argv[1:]
-summary = {"deepspeed_cuda_rc": int(ds_cuda), "deepspeed_cpu_rc": int(ds_cpu), "buffer_timing_rc": int(timing),
-           "seconds": {"deepspeed_cuda": int(s1), "deepspeed_cpu": int(s2), "buffer_timing": int(s3)}}
+out, gpu_tests, ds_cuda, ds_cpu, timing, s0, s1, s2, s3 = sys.argv[1:]
+summary = {"gpu_tests_rc": int(gpu_tests), "deepspeed_cuda_rc": int(ds_cuda), "deepspeed_cpu_rc": int(ds_cpu),
+           "buffer_timing_rc": int(timing),
+           "seconds": {"gpu_tests": int(s0), "deepspeed_cuda": int(s1), "deepspeed_cpu": int(s2), "buffer_timing": int(s3)}}
 open(f"{out}/summary.json", "w").write(json.dumps(summary) + "\n")
 print(json.dumps(summary))
 PY

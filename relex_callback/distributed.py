@@ -48,13 +48,18 @@ __all__ = [
     "world_info",
     "is_main_process",
     "all_reduce_sum",
+    "all_reduce_max",
     "all_reduce_grams",
+    "mean_over_processes",
+    "shards_parameters",
+    "check_can_generate",
     "partition_range",
     "detect_layout",
     "track_parameters",
     "write_prediction",
     "gather_state_dict",
     "unwrap_model",
+    "saving_gathered",
     "clean_name",
     "communication_bytes",
     "communication_report",
@@ -141,6 +146,41 @@ def all_reduce_sum(tensor: torch.Tensor, category: str = "scalar_all_reduce") ->
     return work.to(tensor.device)
 
 
+def all_reduce_max(value: int) -> int:
+    """The largest ``value`` over all processes."""
+    if not _active():
+        return int(value)
+    work = torch.tensor([int(value)], dtype=torch.int64, device=_reduce_device())
+    _count("scalar_all_reduce", work)
+    dist.all_reduce(work, op=dist.ReduceOp.MAX)
+    return int(work.item())
+
+
+def mean_over_processes(compute: Callable[[], float], what: str) -> float:
+    """The mean of ``compute()`` over all processes; collective, so every process takes the same decision.
+
+    When ``compute`` raises on any process, every process raises: the failing one its own error, the others a
+    ``RuntimeError`` naming ``what`` (no process is left waiting in a collective the failing one never joins).
+    """
+    try:
+        value, error = float(compute()), None
+    except Exception as err:  # noqa: BLE001 - re-raised below, after the other processes learned of it
+        value, error = 0.0, err
+    if not _active():
+        if error is not None:
+            raise error
+        return value
+    total, failed = all_reduce_sum(torch.tensor([value, float(error is not None)], dtype=torch.float64)).tolist()
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(
+            f"RELEX: {what} raised on {int(failed)} other process(es); this process stops with it (that process "
+            "logged the error)."
+        )
+    return total / dist.get_world_size()
+
+
 def all_reduce_grams(grams: list[torch.Tensor]) -> list[torch.Tensor]:
     """Sum many small symmetric Gram matrices over processes with a single collective.
 
@@ -177,6 +217,31 @@ def partition_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def shards_parameters(model: torch.nn.Module) -> bool:
+    """True when ``model``'s parameters are split between processes (FSDP1/FSDP2, ZeRO-3): then every forward pass,
+    ``generate`` included, is a collective that every process must run the same number of times."""
+    if not _active():
+        return False
+    params = list(model.parameters())
+    return bool(_fsdp1_modules(model)) or any(hasattr(p, "ds_id") or _is_dtensor(p) for p in params)
+
+
+def check_can_generate(model: torch.nn.Module) -> None:
+    """Refuse ``generate`` on an FSDP1 model on several processes: it runs the wrapped module without the root FSDP
+    unit's gather, so the root's own parameters stay flat shards (an error deep in the model, "'weight' must be
+    2-D").
+
+    Raises:
+        UnsupportedSetupError: with what to use instead.
+    """
+    if _active() and _fsdp1_modules(model):
+        raise UnsupportedSetupError(
+            "RewardProbe cannot generate on an FSDP1 (FullyShardedDataParallel) model: generate() bypasses the root "
+            "FSDP unit, whose parameters stay sharded. Use FSDP2 (fully_shard; accelerate fsdp_version: 2), DDP or "
+            "DeepSpeed ZeRO, or a probe of your own that gathers the weights (FSDP.summon_full_params)."
+        )
+
+
 # -- tracked-tensor kinds ---------------------------------------------------------------------------------
 
 
@@ -196,9 +261,15 @@ class ReplicatedSlice(TrackedTensor):
 
 @dataclass
 class LocalShard(TrackedTensor):
-    """The whole local shard of a sharded parameter (FSDP2 DTensor, FSDP1 ``use_orig_params`` view)."""
+    """The whole local shard of a sharded parameter (FSDP2 DTensor, FSDP1 ``use_orig_params`` view).
+
+    ``fsdp_modules``: the model's FSDP2 modules. After a forward pass outside training (a probe's ``generate``)
+    FSDP2 keeps the root module's parameters gathered, and the next forward uses that copy; they are resharded before
+    a shard is written, so the next forward gathers the written shards.
+    """
 
     full_shape: tuple[int, ...] | None = None
+    fsdp_modules: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -349,6 +420,21 @@ def _fsdp1_orig_params(model: torch.nn.Module) -> dict[int, tuple[int, ...]]:
     return managed
 
 
+def _fsdp2_modules(model: torch.nn.Module) -> tuple[Any, ...]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch < 2.6
+        return ()
+    return tuple(m for m in model.modules() if isinstance(m, FSDPModule))
+
+
+def _reshard_fsdp2(items: Sequence[TrackedTensor]) -> None:
+    """Free FSDP2's gathered copies of the items' parameters, so the next forward gathers the (written) shards."""
+    modules = {id(m): m for item in items if isinstance(item, LocalShard) for m in item.fsdp_modules}
+    for module in modules.values():
+        module.reshard()
+
+
 def _zero3_partition(name: str, param: torch.nn.Parameter) -> Zero3Partition:
     group = getattr(param, "ds_process_group", None)
     rank, world = world_info()
@@ -373,6 +459,7 @@ def track_parameters(model: torch.nn.Module, chosen: Sequence[tuple[str, torch.n
     layout = detect_layout(model)
     rank, world = world_info()
     fsdp1 = _fsdp1_orig_params(model) if layout == "fsdp1" else {}
+    fsdp2 = _fsdp2_modules(model) if layout == "fsdp2" else ()
     items: list[TrackedTensor] = []
     for name, param in chosen:
         if hasattr(param, "ds_id"):
@@ -387,7 +474,7 @@ def track_parameters(model: torch.nn.Module, chosen: Sequence[tuple[str, torch.n
             items.append(ZeroFragment(name, param))
         elif _is_dtensor(param):
             _check_dtensor(name, param)
-            items.append(LocalShard(name, param, full_shape=tuple(param.shape)))
+            items.append(LocalShard(name, param, full_shape=tuple(param.shape), fsdp_modules=fsdp2))
         elif id(param) in fsdp1:
             items.append(LocalShard(name, param, full_shape=fsdp1[id(param)]))
         elif world > 1:
@@ -475,6 +562,7 @@ def write_prediction(tracked: Sequence[TrackedTensor], prediction: dict[str, tor
     """
     replicated: dict[torch.dtype, list[ReplicatedSlice]] = defaultdict(list)
     zero3: list[Zero3Partition] = []
+    _reshard_fsdp2(tracked)
     for item in tracked:
         if item.name not in prediction:
             continue
@@ -504,7 +592,7 @@ def write_prediction(tracked: Sequence[TrackedTensor], prediction: dict[str, tor
 def _write_zero3(items: list[Zero3Partition], prediction: dict[str, torch.Tensor]) -> None:
     from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
-    persisted = []
+    written = []
     for item in items:
         value = prediction[item.name].reshape(-1)
         master = safe_get_local_fp32_param(item.param).detach().clone().reshape(-1)
@@ -512,19 +600,22 @@ def _write_zero3(items: list[Zero3Partition], prediction: dict[str, torch.Tensor
         safe_set_local_fp32_param(item.param, master)
         low = item.param.ds_tensor.data.reshape(-1)
         low[: item.numel].copy_(value.to(low.device, low.dtype))
-        persisted.append(item.param)
-    _regather_persistent(persisted)
+        written.append(item.param)
+    _regather_available(written)
 
 
-def _regather_persistent(params: list[torch.nn.Parameter]) -> None:
-    """ZeRO-3 keeps small ("persistent") parameters gathered between steps: rebuild them from the partitions.
+def _regather_available(params: list[torch.nn.Parameter]) -> None:
+    """Rebuild the gathered copies of ZeRO-3 parameters from their (written) partitions.
 
-    Collective over every process; only parameters with ``ds_persist`` are touched.
+    ZeRO-3 keeps small ("persistent") parameters gathered between steps, and after a forward pass outside training
+    (a probe's ``generate``) it leaves the others gathered too, so the next forward would use the old copies.
+    Collective over every process; only gathered (``AVAILABLE``) parameters are touched, the same ones on every
+    process since every process ran the same forward passes.
     """
-    persisted = [p for p in params if getattr(p, "ds_persist", False)]
-    if persisted:
-        persisted[0].partition(param_list=persisted, has_been_updated=False)
-        persisted[0].all_gather(param_list=persisted)
+    gathered = [p for p in params if getattr(getattr(p, "ds_status", None), "name", None) == "AVAILABLE"]
+    if gathered:
+        gathered[0].partition(param_list=gathered, has_been_updated=False)
+        gathered[0].all_gather(param_list=gathered)
 
 
 # -- gathering a full checkpoint -----------------------------------------------------------------------------
@@ -552,6 +643,24 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return seen
 
 
+@contextlib.contextmanager
+def saving_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """For the duration, ``model.config`` without the ``distributed_config`` of a model that transformers sharded
+    itself (``from_pretrained(distributed_config=...)``), so that ``model.save_pretrained(dir, state_dict=...)`` on
+    the main process writes the gathered ``state_dict`` it is given: with the setting, ``save_pretrained`` gathers
+    the live shards instead, a collective the other processes never join (a hang, or the wrong weights)."""
+    config = getattr(model, "config", None)
+    setting = getattr(config, "distributed_config", None)
+    if setting is None:
+        yield
+        return
+    config.distributed_config = None
+    try:
+        yield
+    finally:
+        config.distributed_config = setting
+
+
 def _aliases(model: torch.nn.Module) -> dict[int, list[str]]:
     """id(parameter) → every (cleaned) name it has, tied duplicates included."""
     names: dict[int, list[str]] = defaultdict(list)
@@ -565,6 +674,7 @@ def _swapped_into_shards(items: list[TrackedTensor], prediction: dict[str, torch
     """Temporarily put the predicted local shards into the live (16-bit for ZeRO-3) parameters."""
     saved = []
     zero3 = [item.param for item in items if isinstance(item, Zero3Partition)]
+    _reshard_fsdp2(items)
     try:
         for item in items:
             if isinstance(item, Zero3Partition):
@@ -573,12 +683,12 @@ def _swapped_into_shards(items: list[TrackedTensor], prediction: dict[str, torch
                 target = item.view()
             saved.append((target, target.clone()))
             target.copy_(prediction[item.name].to(target.device, target.dtype))
-        _regather_persistent(zero3)
+        _regather_available(zero3)
         yield
     finally:
         for target, original in saved:
             target.copy_(original)
-        _regather_persistent(zero3)
+        _regather_available(zero3)
 
 
 def _zero3_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .distributed import all_reduce_max, check_can_generate, shards_parameters
+
 logger = logging.getLogger(__name__)
 
 RewardFunc = Callable[..., Any]
@@ -130,6 +132,10 @@ class RewardProbe:
     The model is put in eval mode (each submodule's mode is restored afterwards), run under
     ``torch.no_grad()`` on whatever device it is on. Left padding is done by the probe itself, so the
     tokenizer (its ``padding_side`` included) is never modified.
+
+    On a model whose weights are sharded between processes (FSDP, DeepSpeed ZeRO-3) every process must call the
+    probe (RELEX does); each may have its own prompts, batch size and ``max_new_tokens``: the processes run the
+    same number of ``generate`` calls and steps (``synced_gpus``), and RELEX averages their scores.
     """
 
     def __init__(
@@ -324,8 +330,13 @@ class RewardProbe:
         eos_ids = self._eos_token_ids(model)
         gen_config = self._generation_config(eos_ids)
         completion_ids: list[list[int]] = []
-        for start in range(0, len(self.prompt_ids), self.batch_size):
-            batch = self.prompt_ids[start : start + self.batch_size]
+        batches = [self.prompt_ids[s : s + self.batch_size] for s in range(0, len(self.prompt_ids), self.batch_size)]
+        # on sharded weights every generation step is a collective: each process runs as many generate calls as
+        # the busiest one (repeating its last batch, discarded) and keeps stepping until every process is done
+        sharded = shards_parameters(model)
+        rounds = all_reduce_max(len(batches)) if sharded else len(batches)
+        for round_ in range(rounds):
+            batch = batches[min(round_, len(batches) - 1)]
             width = max(len(x) for x in batch)
             input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -337,7 +348,10 @@ class RewardProbe:
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=gen_config,
+                synced_gpus=sharded or None,
             )
+            if round_ >= len(batches):
+                continue
             for seq in out[:, width:].tolist():
                 cut = next((i + 1 for i, t in enumerate(seq) if t in eos_ids), len(seq))
                 completion_ids.append(seq[:cut])  # up to and including the first eos, as TRL keeps it
@@ -436,6 +450,7 @@ class RewardProbe:
                 wrapper is unwrapped through ``.module``).
             trainer_state: passed to reward functions as ``trainer_state`` (e.g. a ``TrainerState``).
         """
+        check_can_generate(model)
         if not hasattr(model, "generate") and hasattr(model, "module"):
             model = model.module
         if not callable(getattr(model, "generate", None)):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 OBSERVE, TARGETS = 4, [10, 20]  # as in the worker
+JUMP_STEPS = (4, 6, 8)  # observe=4, jump_every=2, max_steps=8
 
 
 def free_port() -> int:
@@ -178,3 +179,85 @@ def check_jump_run(directory: Path, world: int = 2, reset: bool = True, replicat
         if key.split("/", 2)[2].startswith(replicated) and "/optim/" not in key:
             assert all(torch.equal(tensors[0][key], other[key]) for other in tensors[1:]), f"processes differ on {key}"
     return infos_[0]
+
+
+# -- jump mode: generation on sharded weights and faults on one process ------------------------------------------
+
+POISONED = "model.layers.0.mlp.up_proj.weight"  # the tensor a fault scenario poisons on rank 1
+
+
+def token_reward(completion_ids, **kwargs) -> list[float]:
+    """A reward that changes with every generated token."""
+    return [float(sum(ids) % 101) + len(ids) / 8 for ids in completion_ids]
+
+
+def generation_probe(tok, rank: int):
+    """Process ``rank``'s probe: 3 + 2·rank prompts in batches of 2 and 3 + 3·rank new tokens (so the processes
+    run different numbers of ``generate`` calls and steps)."""
+    from relex_callback.probe import RewardProbe
+
+    prompts = [{"prompt": f"{a} + {b} ="} for a, b in ((3, 4), (12, 5), (7, 7), (40, 2), (9, 11))][: 3 + 2 * rank]
+    return RewardProbe(prompts, token_reward, tok, max_new_tokens=3 + 3 * rank, batch_size=2)
+
+
+def forward_loss(model, tok) -> float:
+    """The language-model loss of one fixed text: a continuous function of every weight."""
+    ids = tok("12 + 30 = 42", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def check_generation(directory: Path, world: int, prefix: str, tie: bool) -> None:
+    """Each process's generated reward and forward loss equal those of a single-process model holding the full
+    weights it scored: those before each jump (``pre/``) and after the accepted ones (``post/``; the rejected
+    candidate is not recorded)."""
+    sys.path.insert(0, str(WORKER.parent))
+    from _tiny import tiny_qwen2, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    for rank in range(world):
+        generated = json.loads((directory / f"jump-rank{rank}.json").read_text())["generated"]
+        tensors = load_file(str(directory / f"jump-rank{rank}.safetensors"))
+        assert len(generated) == 2 * len(JUMP_STEPS), generated
+        scored = {0: "pre/4", 2: "pre/6", 3: "post/6", 4: "pre/8", 5: "post/8"}  # call index -> weights
+        for call, when in scored.items():
+            model = tiny_qwen2(tie=tie, tokenizer=tok)
+            weights = {k[len(when) + 1 + len(prefix):]: v for k, v in tensors.items()
+                       if k.startswith(f"{when}/{prefix}") and "/optim/" not in k}
+            missing, _ = model.load_state_dict(weights, strict=False)
+            assert not [m for m in missing if "rotary" not in m and not (tie and m == "lm_head.weight")], missing
+            reward, loss = generated[call]
+            assert reward == generation_probe(tok, rank)(model), (rank, call, when)
+            assert abs(loss - forward_loss(model, tok)) <= 1e-5 * abs(loss), (rank, call, when)
+
+
+def check_nonfinite_stop(directory: Path, world: int, errors: list[str]) -> None:
+    """Every process stopped at the first jump (step 4) with ``errors[rank]`` in its message, no jump recorded, and
+    its live weights bit for bit those after step 4's optimizer step, the same on every process."""
+    finals = []
+    for rank in range(world):
+        info = json.loads((directory / f"jump-rank{rank}.json").read_text())
+        assert info["error"] is not None and errors[rank] in info["error"], (rank, info["error"])
+        assert info["step"] == 4 and info["history"] == [], (rank, info["step"], info["history"])
+        tensors = load_file(str(directory / f"jump-rank{rank}.safetensors"))
+        final = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("final/")}
+        assert final, rank
+        for name, value in final.items():
+            assert torch.equal(value, tensors[f"pre/4/{name}"]), (rank, name)
+        finals.append(final)
+    for name, value in finals[0].items():
+        assert all(torch.equal(value, other[name]) for other in finals[1:]), f"processes differ on {name}"
+
+
+def tampered(directory: Path, copy: Path, rank: int, edit) -> Path:
+    """A copy of a jump scenario's ``directory`` in which ``edit(tensors)`` replaced some of ``rank``'s tensors."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(directory, copy)
+    path = copy / f"jump-rank{rank}.safetensors"
+    tensors = load_file(str(path))
+    tensors.update({key: value.clone() for key, value in edit(tensors).items()})
+    save_file(tensors, str(path))
+    return copy

@@ -12,13 +12,18 @@ Scenarios:
 * ``ddp``: the real ``transformers.Trainer`` (DDP over gloo, ``use_cpu=True``), tied embeddings, biases;
 * ``ddp_peft``: the real ``Trainer`` on a LoRA ``PeftModel`` (adapter directory + merged model);
 * ``fsdp2``: ``fully_shard`` per decoder layer + root, driven by a hand-written loop that calls the
-  callback's events (accelerate only enables FSDP on accelerators, so the Trainer cannot run FSDP on CPU);
+  callback's events (accelerate's FSDP plugin needs an accelerator; see ``fsdp2_trainer`` for the Trainer);
 * ``fsdp1``: FSDP1 with ``use_orig_params=True``, same loop;
-* ``unsupported``: FSDP1 without ``use_orig_params`` and a tensor-parallel DTensor (``Shard(1)``) must raise
-  ``UnsupportedSetupError`` in ``on_train_begin``;
+* ``unsupported``: FSDP1 without ``use_orig_params``, a tensor-parallel DTensor (``Shard(1)``), and a ``RewardProbe``
+  on FSDP1 must raise ``UnsupportedSetupError`` in ``on_train_begin``;
 * ``ddp_jump``, ``fsdp2_jump``, ``zero2_jump``: jump mode with a probe whose raw score differs by rank (the first
   jump is rejected, the later ones accepted; ``optimizer_policy="reset"`` except under ZeRO); a ``JumpRecorder``
   saves each process's tensors (its shard, the fp32 masters, the optimizer state) before and after every jump;
+* ``fsdp2_trainer``, ``fsdp2_trainer_jump``: FSDP2 applied by transformers (``from_pretrained(distributed_config=
+  DistributedConfig(fsdp_size=2))``) and trained by the real ``Trainer``; the jump scenario's probe also generates
+  on the sharded model (``generating_probe``: different prompts and completion lengths per process);
+* ``zero3_jump``: jump mode under ZeRO-3 with every parameter partitioned and the generating probe;
+* ``ddp_nonfinite``: a NaN in one process's prediction or deltas, or a probe raising on one process, at a jump;
 * ``zero2_jump_reset``: ``optimizer_policy="reset"`` under ZeRO-2 must be refused in ``on_train_begin``;
 * ``zero1``, ``zero2``, ``zero3``, ``zero2_bf16``, ``zero3_bf16``: the real ``Trainer`` with DeepSpeed ZeRO-1/2/3 (fp32 or bf16
   weights; ``zero3`` partitions every tensor, ``zero3_bf16`` keeps the tiny tensors "persistent"). DeepSpeed
@@ -40,6 +45,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _distributed_checks import JUMP_STEPS, POISONED, forward_loss, generation_probe  # noqa: E402
 from _tiny import tiny_qwen2, tiny_tokenizer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
@@ -223,8 +229,6 @@ def scenario_fsdp2(out: Path) -> None:
 
 # -- jump mode under sharding ---------------------------------------------------------------------------------
 
-JUMP_STEPS = (4, 6, 8)  # observe=4, jump_every=2, max_steps=8
-
 
 def rank_probe():
     """Raw score 10 + rank before each jump; after it, rank + 0 (first jump: rejected) or rank + 20 (accepted).
@@ -241,9 +245,23 @@ def rank_probe():
     return probe
 
 
-def _jump_relex(out: Path, **extra) -> RelexCallback:
+def _jump_relex(out: Path, probe=None, **extra) -> RelexCallback:
     return RelexCallback(mode="jump", observe=OBSERVE, jump_every=2, jump_horizon=4, auto_horizon=False,
-                         buffer_dtype="float32", output_dir=str(out), probe=rank_probe(), **extra)
+                         buffer_dtype="float32", output_dir=str(out), probe=probe or rank_probe(), **extra)
+
+
+def generating_probe(tok):
+    """``rank_probe``'s decisions, each after a ``RewardProbe`` generation and a forward pass on the (sharded) model
+    whose reward and loss are kept in ``probe.scores``; the processes have different prompts, batch counts and
+    completion lengths."""
+    decide, reward, scores = rank_probe(), generation_probe(tok, dist.get_rank()), []
+
+    def probe(model) -> float:
+        scores.append((reward(model), forward_loss(model, tok)))
+        return decide(model)
+
+    probe.scores = scores
+    return probe
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
@@ -284,7 +302,7 @@ def _dump_jump(out: Path, relex: RelexCallback, recorder: JumpRecorder) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in recorder.tensors.items()}, str(out / f"jump-rank{rank}.safetensors"))
     info = {"history": relex.jump.history, "kinds": sorted({type(t).__name__ for t in relex.buffer.tracked}),
-            "tracked": sorted(t.name for t in relex.buffer.tracked)}
+            "tracked": sorted(t.name for t in relex.buffer.tracked), "generated": getattr(relex.probe, "scores", None)}
     (out / f"jump-rank{rank}.json").write_text(json.dumps(info))
 
 
@@ -309,6 +327,118 @@ def scenario_fsdp2_jump(out: Path) -> None:
     relex, recorder = _jump_relex(out, optimizer_policy="reset"), JumpRecorder(_local_params)
     _manual_loop(out, model, tok, relex, recorder, halts=False)
     _dump_jump(out, relex, recorder)
+
+
+def _native_fsdp2_model(out: Path, tok):
+    """FSDP2 applied by transformers itself (``from_pretrained(distributed_config=...)``): the one way the real
+    Trainer trains an FSDP model on CPU (accelerate's FSDP plugin needs an accelerator, see docs/distributed.md)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    path = out / "base"
+    if dist.get_rank() == 0:
+        tiny_qwen2(tokenizer=tok).save_pretrained(path)
+    dist.barrier()
+    return AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(fsdp_size=dist.get_world_size()),
+                                                dtype=torch.float32)
+
+
+def scenario_fsdp2_trainer(out: Path) -> None:
+    tok = tiny_tokenizer()
+    model = _native_fsdp2_model(out, tok)
+    relex, recorder = _relex(out), Recorder()
+    trainer = Trainer(model=model, args=_training_args(out), train_dataset=_dataset(tok), data_collator=_collate(tok),
+                      processing_class=tok, callbacks=[relex, recorder])
+    trainer.train()
+    assert trainer.state.global_step == OBSERVE, trainer.state.global_step
+    _dump(out, relex, recorder, {n: _full(p) for n, p in trainer.model.named_parameters() if p.requires_grad})
+
+
+def _sharded_and_full(model) -> dict[str, torch.Tensor]:
+    """Every local shard (read with the sharded parameters registered: after a forward outside training FSDP2 keeps
+    the root's gathered) and, under ``full/``, every full parameter (collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return {**_local_params(model), **{f"full/{n}": _full(p) for n, p in model.named_parameters()}}
+
+
+def scenario_fsdp2_trainer_jump(out: Path) -> None:
+    tok = tiny_tokenizer()
+    model = _native_fsdp2_model(out, tok)
+    relex = _jump_relex(out, probe=generating_probe(tok), optimizer_policy="reset")
+    recorder = JumpRecorder(_sharded_and_full)
+    trainer = Trainer(model=model, args=_training_args(out), train_dataset=_dataset(tok), data_collator=_collate(tok),
+                      processing_class=tok, callbacks=[relex, recorder])
+    trainer.train()
+    assert trainer.state.global_step == 8, trainer.state.global_step
+    _dump_jump(out, relex, recorder)
+
+
+class PoisonOneRank(TrainerCallback):
+    """On rank 1 only: a NaN in this process's prediction slice of ``POISONED`` (``"prediction"``), or in its delta
+    recorded at step 1, written at step 3 (``"deltas"``)."""
+
+    def __init__(self, relex: RelexCallback, case: str) -> None:
+        self.relex, self.case = relex, case
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.case != "prediction" or dist.get_rank() != 1:
+            return
+        engine = self.relex.engine
+        apply = engine._apply
+
+        def poisoned(cand, item, base, moved):
+            value = apply(cand, item, base, moved)
+            if item.name == POISONED:
+                value[0] = float("nan")
+            return value
+
+        engine._apply = poisoned
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.case == "deltas" and dist.get_rank() == 1 and state.global_step == 3:
+            self.relex.buffer.deltas[POISONED][0, 0] = float("nan")
+
+
+def one_rank_failing_probe():
+    """Scores 1.0, but raises on rank 1 when it scores the jumped weights."""
+    calls = []
+
+    def probe(model) -> float:
+        calls.append(1)
+        if len(calls) == 2 and dist.get_rank() == 1:
+            raise RuntimeError("reward server unreachable")
+        return 1.0
+
+    return probe
+
+
+def scenario_ddp_nonfinite(out: Path) -> None:
+    """Jump mode under DDP with a fault on rank 1 only at the first jump (step 4): a NaN in its prediction, a NaN in
+    its deltas, or a probe that raises. Every process must stop with an error, weights as before the jump."""
+    rank = dist.get_rank()
+    for case in ("prediction", "deltas", "probe"):
+        directory = out / case
+        tok = tiny_tokenizer()
+        model = tiny_qwen2(tie=True, tokenizer=tok)
+        relex = _jump_relex(directory, probe=one_rank_failing_probe() if case == "probe" else None)
+        recorder = JumpRecorder(_local_params)
+        trainer = Trainer(model=model, args=_training_args(directory), train_dataset=_dataset(tok),
+                          data_collator=_collate(tok), processing_class=tok,
+                          callbacks=[relex, PoisonOneRank(relex, case), recorder])
+        try:
+            trainer.train()
+            error = None
+        except (FloatingPointError, RuntimeError) as err:
+            error = f"{type(err).__name__}: {err}"
+        tensors = {**recorder.tensors, **{f"final/{n}": _local(p) for n, p in model.named_parameters()}}
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / f"jump-rank{rank}.safetensors"))
+        info = {"error": error, "step": trainer.state.global_step, "history": relex.jump.history}
+        (directory / f"jump-rank{rank}.json").write_text(json.dumps(info))
 
 
 def _fsdp1(model, use_orig_params: bool):
@@ -350,9 +480,13 @@ def scenario_unsupported(out: Path) -> None:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     proj = tp.model.layers[0].mlp.up_proj
     proj.weight = torch.nn.Parameter(distribute_tensor(proj.weight.data, mesh, [Shard(1)]))
-    for label, model in (("fsdp1_flat", flat), ("tensor_parallel", tp)):
+    generating = _fsdp1(tiny_qwen2(tokenizer=tok), use_orig_params=True)
+    probed = _jump_relex(out / "fsdp1_generate", probe=generation_probe(tok, dist.get_rank()))
+    cases = (("fsdp1_flat", flat, _relex(out / "fsdp1_flat")), ("tensor_parallel", tp, _relex(out / "tensor_parallel")),
+             ("fsdp1_generate", generating, probed))
+    for label, model, relex in cases:
         try:
-            _relex(out / label).on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+            relex.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
         except UnsupportedSetupError as err:
             messages[label] = str(err)
         else:
@@ -407,15 +541,30 @@ def _scenario_zero(out: Path, stage: int, bf16: bool, persistence_threshold: int
     _dump(out, relex, recorder, final)
 
 
-def _zero_trainer(out: Path, stage: int, callbacks: list) -> Trainer:
+def _zero_trainer(out: Path, stage: int, callbacks: list, persistence_threshold: int | None = None) -> Trainer:
     tok = tiny_tokenizer()
+    model = tiny_qwen2(tie=True, tokenizer=tok)  # built before the ZeRO-3 arguments exist: no zero.Init
     args = TrainingArguments(
         output_dir=str(out / "trainer"), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-2,
         report_to=[], save_strategy="no", logging_steps=100, remove_unused_columns=False, disable_tqdm=True, seed=0,
-        deepspeed=_zero_config(stage, False),
+        deepspeed=_zero_config(stage, False, persistence_threshold),
     )
-    return Trainer(model=tiny_qwen2(tie=True, tokenizer=tok), args=args, data_collator=_collate(tok), processing_class=tok,
+    return Trainer(model=model, args=args, data_collator=_collate(tok), processing_class=tok,
                    train_dataset=[{"input_ids": tok(t)["input_ids"]} for t in _texts()], callbacks=callbacks)
+
+
+def scenario_zero3_jump(out: Path) -> None:
+    """Every parameter partitioned (no persistent ones), a probe that generates on the partitioned model."""
+    def grab(model):  # the full fp32 masters and the full 16-bit weights (both collective)
+        return {**{f"fp32/{k}": v for k, v in _zero_full_fp32(model).items()},
+                **{f"16bit/{k}": v for k, v in _zero_full_16bit(model).items()}}
+
+    relex = _jump_relex(out, probe=generating_probe(tiny_tokenizer()))
+    recorder = JumpRecorder(grab)
+    trainer = _zero_trainer(out, 3, [relex, recorder], persistence_threshold=0)
+    trainer.train()
+    assert trainer.state.global_step == 8, trainer.state.global_step
+    _dump_jump(out, relex, recorder)
 
 
 def scenario_zero2_jump(out: Path) -> None:

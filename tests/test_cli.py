@@ -20,8 +20,9 @@ from relex_callback.cli import build_parser, main
 transformers = pytest.importorskip("transformers")
 
 
-def _trajectory(root: Path, steps=(1, 2, 3, 4, 5), tied: bool = True) -> tuple[Path, Path]:
-    """A tiny Llama (tied) or Qwen2 (untied, biases) base and one checkpoint-N per step, θ_t = θ_0 + c_t·v + noise."""
+def _trajectory(root: Path, steps=(1, 2, 3, 4, 5), tied: bool = True, shard: str | None = None) -> tuple[Path, Path]:
+    """A tiny Llama (tied) or Qwen2 (untied, biases) base and one checkpoint-N per step, θ_t = θ_0 + c_t·v + noise;
+    ``shard`` is the ``max_shard_size`` of every save."""
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
     if tied:
@@ -30,14 +31,15 @@ def _trajectory(root: Path, steps=(1, 2, 3, 4, 5), tied: bool = True) -> tuple[P
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=False, **common))
     torch.manual_seed(0)
     model = model.to(torch.bfloat16)
-    model.save_pretrained(root / "base")
+    saved = {} if shard is None else {"max_shard_size": shard}
+    model.save_pretrained(root / "base", **saved)
     theta0 = {n: p.detach().clone().float() for n, p in model.named_parameters()}
     direction = {n: torch.randn(p.shape) for n, p in theta0.items()}
     for t in steps:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.copy_(theta0[name] + (0.005 * t + 0.01) * direction[name] + 1e-4 * torch.randn(param.shape))
-        model.save_pretrained(root / "run" / f"checkpoint-{t}")
+        model.save_pretrained(root / "run" / f"checkpoint-{t}", **saved)
     return root / "base", root / "run"
 
 
@@ -279,3 +281,31 @@ def test_cli_choices_come_from_the_shared_vocabulary():
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     choices = {a.dest: tuple(a.choices) for a in sub.choices["extrapolate"]._actions if a.choices}
     assert choices["fit"] == TREND_KINDS and "power" in choices["fit"] and choices["dtype"] == OUTPUT_DTYPES
+
+
+def test_command_on_checkpoints_of_several_shards_matches_the_oracle(tmp_path):
+    """Base and every checkpoint in 3+ safetensors shards: ``python -m relex_callback extrapolate``, run as its own
+    process, writes θ_0 + ĉ(20)·v of the independent oracle (SVD + least squares) for every tensor of every shard."""
+    from _oracle import oracle
+
+    steps = [1, 2, 3, 4, 5]
+    base, run = _trajectory(tmp_path, steps=steps, tied=False, shard="20KB")
+    for directory in [base, *(run / f"checkpoint-{t}" for t in steps)]:
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) >= 3, directory
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "relex_callback", "extrapolate", "--base", str(base), "--checkpoints", str(run),
+         "--target-step", "20", "--dtype", "float32", "--output", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = _load(out)
+    weights = {0: {n: v.float() for n, v in _load(base).items()}}
+    weights.update({t: {n: v.float() for n, v in _load(run / f"checkpoint-{t}").items()} for t in steps})
+    expected, elsewhere = oracle(weights, 0, steps, 20), oracle(weights, 0, steps, 19)
+    assert set(ours) == set(expected) and len(ours) == len(index["weight_map"])
+    for name, want in expected.items():
+        assert float((ours[name].double() - want).abs().max()) < 1e-5, name
+    # the comparison can fail: the oracle one step earlier differs by far more than the tolerance
+    assert max(float((ours[n].double() - elsewhere[n]).abs().max()) for n in expected) > 1e-3

@@ -22,16 +22,16 @@ import torch
 from safetensors.torch import load_file
 
 try:
-    from tests._distributed_checks import check_jump_run, check_sharded_run, infos, run_scenarios, scenario
+    from tests._distributed_checks import check_generation, check_jump_run, check_sharded_run, infos, run_scenarios, scenario, tampered
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from _distributed_checks import check_jump_run, check_sharded_run, infos, run_scenarios, scenario
+    from _distributed_checks import check_generation, check_jump_run, check_sharded_run, infos, run_scenarios, scenario, tampered
 
 pytestmark = [
     pytest.mark.distributed,
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (pip install deepspeed)"),
 ]
 
-SCENARIOS = ["zero1", "zero2", "zero3", "zero2_bf16", "zero3_bf16", "zero2_jump", "zero2_jump_reset"]
+SCENARIOS = ["zero1", "zero2", "zero3", "zero2_bf16", "zero3_bf16", "zero2_jump", "zero2_jump_reset", "zero3_jump"]
 
 
 def _world() -> int:
@@ -83,6 +83,39 @@ def test_zero2_jump_mode_probe_and_bit_exact_restore_of_masters_and_weights(runs
     for name in info["tracked"]:  # an accepted jump reached the fp32 master (else the next step undoes it) and the weights
         for step in (6, 8):
             assert torch.equal(values[f"post/{step}/16bit/{name}"], values[f"post/{step}/fp32/{name}"]), (step, name)
+
+
+def test_zero3_jump_mode_probe_generates_on_partitions_and_restores_masters_and_weights_bit_exactly(runs):
+    """ZeRO-3 with every parameter partitioned: a rejected jump leaves the full fp32 masters and the full 16-bit
+    weights bit for bit as they were on every process, accepted ones reach both; the probe's ``generate`` runs on the
+    partitioned model with different prompts, batch counts and completion lengths per process, and its reward and
+    loss equal a single-process computation on the gathered weights."""
+    directory = scenario(runs, "zero3_jump")
+    info = check_jump_run(directory, _world(), reset=False, replicated=("fp32/", "16bit/"))
+    assert info["kinds"] == ["Zero3Partition"]
+    values = load_file(str(directory / "jump-rank0.safetensors"))
+    for name in info["tracked"]:
+        for step in (6, 8):
+            assert torch.equal(values[f"post/{step}/16bit/{name}"], values[f"post/{step}/fp32/{name}"]), (step, name)
+    check_generation(directory, _world(), prefix="16bit/", tie=True)
+
+
+@pytest.mark.parametrize("copy", ["fp32/", "16bit/"])
+def test_zero3_jump_checks_catch_a_copy_left_jumped_on_one_process(runs, tmp_path, copy):
+    """Negative control: rank 1's fp32 masters (or 16-bit weights) one ulp off after the rejected jump, or left at
+    their pre-jump values after an accepted one, fail the checks."""
+    directory = scenario(runs, "zero3_jump")
+    key = f"{copy}model.layers.0.mlp.up_proj.weight"
+
+    def nudged(tensors):
+        value = tensors[f"post/4/{key}"].clone().reshape(-1)
+        value[0] = torch.nextafter(value[0], value[0] + 1)
+        return {f"post/4/{key}": value.view_as(tensors[f"post/4/{key}"])}
+
+    for label, edit in (("not restored", nudged), ("not jumped", lambda t: {f"post/6/{key}": t[f"pre/6/{key}"]})):
+        with pytest.raises(AssertionError):
+            check_jump_run(tampered(directory, tmp_path / label, rank=1, edit=edit), _world(), reset=False,
+                           replicated=("fp32/", "16bit/"))
 
 
 def test_zero_refuses_optimizer_reset_at_train_begin(runs):

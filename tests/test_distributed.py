@@ -28,15 +28,18 @@ from relex_callback.distributed import (
 )
 
 try:
-    from tests._distributed_checks import TARGETS, assert_close, check_jump_run, check_sharded_run, oracle, run_scenarios, scenario
+    from tests._distributed_checks import (POISONED, TARGETS, assert_close, check_generation, check_jump_run, check_nonfinite_stop,
+                                          check_sharded_run, oracle, run_scenarios, scenario, tampered)
     from tests._tiny import tiny_qwen2
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from _distributed_checks import TARGETS, assert_close, check_jump_run, check_sharded_run, oracle, run_scenarios, scenario
+    from _distributed_checks import (POISONED, TARGETS, assert_close, check_generation, check_jump_run, check_nonfinite_stop,
+                                     check_sharded_run, oracle, run_scenarios, scenario, tampered)
     from _tiny import tiny_qwen2
 
 WORLD = 2
 
-SCENARIOS = ["ddp", "ddp_disk", "fsdp2", "fsdp1", "ddp_peft", "unsupported", "ddp_jump", "fsdp2_jump"]
+SCENARIOS = ["ddp", "ddp_disk", "fsdp2", "fsdp1", "ddp_peft", "unsupported", "ddp_jump", "fsdp2_jump", "fsdp2_trainer",
+             "fsdp2_trainer_jump", "ddp_nonfinite"]
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +122,7 @@ def test_unsupported_layouts_raise_at_train_begin(runs):
         assert errors["fsdp1_flat"] is not None and "use_orig_params=True" in errors["fsdp1_flat"]
         assert errors["tensor_parallel"] is not None and "Shard(dim=1)" in errors["tensor_parallel"]
         assert "up_proj" in errors["tensor_parallel"]
+        assert errors["fsdp1_generate"] is not None and errors["fsdp1_generate"].startswith("RewardProbe cannot generate on an FSDP1")
 
 
 @pytest.mark.distributed
@@ -135,6 +139,66 @@ def test_fsdp2_jump_mode_probe_restore_and_optimizer_reset_on_every_shard(runs):
     shards = [load_file(str(directory / f"jump-rank{r}.safetensors")) for r in range(WORLD)]
     key = "post/6/model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(shards[0][key], shards[1][key])  # really sharded: each process holds its own rows
+
+
+@pytest.mark.distributed
+def test_fsdp2_jump_checks_catch_a_process_that_did_not_restore_or_did_not_jump(runs, tmp_path):
+    """Negative controls: the checks above fail when one process's shard is one ulp off after the rejected jump,
+    or one process kept its shard at an accepted jump."""
+    directory = scenario(runs, "fsdp2_jump")
+    key = "model.layers.0.mlp.up_proj.weight"
+    for label, edit in (("not restored", lambda t: {f"post/4/{key}": _nudged(t[f"post/4/{key}"])}),
+                        ("not jumped", lambda t: {f"post/6/{key}": t[f"pre/6/{key}"]})):
+        with pytest.raises(AssertionError):
+            check_jump_run(tampered(directory, tmp_path / label, rank=1, edit=edit), WORLD, reset=True)
+
+
+def _nudged(value: torch.Tensor) -> torch.Tensor:
+    """``value`` with its first element moved to the next representable number."""
+    flat = value.clone().reshape(-1)
+    flat[0] = torch.nextafter(flat[0], flat[0] + 1)
+    return flat.view_as(value)
+
+
+@pytest.mark.distributed
+def test_fsdp2_through_the_real_trainer_matches_single_process(runs):
+    """FSDP2 applied by transformers (``from_pretrained(distributed_config=DistributedConfig(fsdp_size=2))``) and
+    trained by the real ``Trainer`` (accelerate's FSDP plugin needs an accelerator; see docs/distributed.md)."""
+    check_sharded_run(scenario(runs, "fsdp2_trainer"), {"LocalShard"}, exact_halves=True)
+
+
+@pytest.mark.distributed
+def test_fsdp2_trainer_jump_with_a_probe_that_generates_on_the_shards(runs):
+    """The probe's ``generate`` runs on the sharded model with different prompts, batch counts and completion lengths
+    on the two processes (no hang), and each process's reward equals one computed on one process from the full
+    weights; the jumps are restored / kept on every shard as with the hand-written loop."""
+    directory = scenario(runs, "fsdp2_trainer_jump")
+    info = check_jump_run(directory, WORLD, reset=True, replicated=("full/",))
+    assert info["kinds"] == ["LocalShard"]
+    check_generation(directory, WORLD, prefix="full/", tie=False)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case, errors", [
+    ("prediction", ["non-finite predictions in (another process)", f"non-finite predictions in ['{POISONED}']"]),
+    ("deltas", [f"non-finite deltas in ['{POISONED}']"] * 2),
+    ("probe", ["RuntimeError: RELEX: the probe raised on 1 other process(es)", "RuntimeError: reward server unreachable"]),
+])
+def test_a_fault_on_one_process_stops_every_process_with_the_weights_as_before_the_jump(runs, case, errors):
+    """Rank 1 alone has a NaN in its prediction slice or in one recorded delta, or its probe raises on the jumped
+    weights: both processes stop at step 4 with the single-process message (the other one names "another process"),
+    and every process's live weights are bit for bit those before the jump."""
+    check_nonfinite_stop(scenario(runs, "ddp_nonfinite") / case, WORLD, errors)
+
+
+@pytest.mark.distributed
+def test_the_fault_check_catches_a_process_whose_weights_changed(runs, tmp_path):
+    """Negative control: one element of rank 1's final weights one ulp off fails the check."""
+    directory = scenario(runs, "ddp_nonfinite") / "prediction"
+    key = f"final/{POISONED}"
+    copy = tampered(directory, tmp_path / "copy", rank=1, edit=lambda t: {key: _nudged(t[key])})
+    with pytest.raises(AssertionError):
+        check_nonfinite_stop(copy, WORLD, ["non-finite predictions"] * 2)
 
 
 # -- single-process behaviour of the distributed helpers (no processes spawned) -------------------------------

@@ -346,3 +346,30 @@ def test_choose_candidate_rule(current, scores, targets, allow_worse, expected):
 def test_choose_candidate_length_mismatch_raises():
     with pytest.raises(ValueError, match="2 scores for 3 targets"):
         choose_candidate(0.5, [0.1, 0.2], [1, 2, 3])
+
+
+@pytest.mark.parametrize("busiest", [3, 5])
+def test_on_sharded_weights_every_process_runs_the_busiest_ones_generate_calls(monkeypatch, busiest):
+    """On sharded weights (stubbed here: one process, another one said to need ``busiest`` batches) the probe runs
+    as many ``generate`` calls as the busiest process, repeating its last batch, with ``synced_gpus=True``; the
+    extra calls do not change its score. Unsharded, it runs its own batches only (the control)."""
+    import relex_callback.probe as probe_module
+
+    tok = tiny_tokenizer()
+    model = tiny_qwen2(tokenizer=tok)
+    probe = RewardProbe([{"prompt": p} for p in PLAIN[:3]], length_reward, tok, max_new_tokens=4, batch_size=2)
+    calls = []
+    generate = model.generate
+
+    def counted(**kwargs):
+        calls.append((kwargs["input_ids"].shape[0], kwargs.get("synced_gpus")))
+        return generate(**{k: v for k, v in kwargs.items() if k != "synced_gpus"})
+
+    monkeypatch.setattr(model, "generate", counted)
+    alone = probe(model)
+    assert calls == [(2, None), (1, None)]
+    calls.clear()
+    monkeypatch.setattr(probe_module, "shards_parameters", lambda m: True)
+    monkeypatch.setattr(probe_module, "all_reduce_max", lambda n: max(n, busiest))
+    assert probe(model) == alone
+    assert calls == [(2, True), (1, True)] + [(1, True)] * (busiest - 2)

@@ -33,6 +33,7 @@ from ..distributed import (
     all_reduce_sum,
     communication_report,
     is_main_process,
+    mean_over_processes,
     track_parameters,
     world_info,
     write_prediction,
@@ -612,12 +613,9 @@ class RelexEngine:
 
     @staticmethod
     def score(probe: Probe, model: torch.nn.Module) -> float:
-        """``probe(model)`` averaged over processes, so every process takes the same decision."""
-        value = float(probe(model))
-        _, world = world_info()
-        if world == 1:
-            return value
-        return float(all_reduce_sum(torch.tensor([value], dtype=torch.float64))) / world
+        """``probe(model)`` averaged over processes, so every process takes the same decision; a probe that raises on
+        one process makes every process raise (:func:`~relex_callback.distributed.mean_over_processes`)."""
+        return mean_over_processes(lambda: probe(model), "the probe")
 
     @torch.no_grad()
     def trial(

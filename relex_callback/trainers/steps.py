@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import RelexConfig
-from ..distributed import gather_state_dict, is_main_process, unwrap_model
+from ..distributed import gather_state_dict, is_main_process, saving_gathered, unwrap_model
 from ..engine.candidate import Candidate, output_dir_name
 from ..engine.engine import STATE_FILE_NAME, Probe, RelexEngine, candidate_kinds, find_state, state_file
 from ..engine.report import report_metrics, write_model_card
@@ -110,7 +110,7 @@ def write_model_dir(
 ) -> None:
     """Write ``to_save.save_pretrained(state_dict=...)``, the processing class, ``relex_report.json`` and a model
     card as the directory ``final``, atomically; ``started``: record the write time in ``report`` since then."""
-    with atomic_directory(final, overwrite=overwrite) as staging:
+    with atomic_directory(final, overwrite=overwrite) as staging, saving_gathered(to_save):
         to_save.save_pretrained(staging, state_dict=state_dict)
         if processing_class is not None and hasattr(processing_class, "save_pretrained"):
             processing_class.save_pretrained(staging)

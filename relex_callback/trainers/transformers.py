@@ -17,13 +17,14 @@ from transformers.trainer_callback import ExportableState, TrainerControl, Train
 from transformers.training_args import TrainingArguments
 
 from ..config import RelexConfig
-from ..distributed import detect_layout, gather_state_dict, is_main_process, unwrap_model, world_info
+from ..distributed import check_can_generate, detect_layout, gather_state_dict, is_main_process, unwrap_model, world_info
 from ..engine.candidate import Candidate, output_dir_name
 from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, find_state, state_file
 from ..export import check_output_dir, check_output_location
 from ..math.core import TREND_KINDS, TrajectoryFit
 from ..offline.plots import write_fit_plots
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
+from ..probe import RewardProbe
 from ..store import DiskDeltaStore
 from .jump import JumpController
 from .steps import choose_with_probe, halt_metrics, write_model_dir
@@ -222,6 +223,8 @@ class RelexCallback(TrainerCallback, ExportableState):
                 "fp32 partitions, with one step counter per parameter group, so the state of the jumped parameters "
                 "cannot be reset on its own. Use optimizer_policy='keep'."
             )
+        if isinstance(self.probe, RewardProbe):
+            check_can_generate(model)
         self.engine.attach(model, store_dir=Path(args.output_dir) / "relex-store")
         if self.jump is not None and self._jump_state:
             self.jump.load_state_dict(self._jump_state, state.global_step)  # restored by transformers; the sidecar wins
