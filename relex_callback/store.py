@@ -110,7 +110,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (for writes and CRC-32s)."""
     return memoryview(tensor.view(torch.uint8).numpy())
 
 
@@ -305,7 +306,7 @@ class DiskDeltaStore(DeltaBuffer):
         return self.next_row - 1
 
     def _append(self, row: int, step: float) -> int:
-        payload = _bytes_of(self._staging)
+        payload = byte_view(self._staging)
         crc = zlib.crc32(payload)
         offset = self._row_offset(row)
         _write_all(self._fd, memoryview(_ROW_HEADER.pack(_ROW_MAGIC, row, step, self.payload_bytes, crc)), offset)
@@ -365,7 +366,7 @@ class DiskDeltaStore(DeltaBuffer):
             self._stage = torch.empty(needed, dtype=self.dtype)
         stage = self._stage[:needed].view(len(rows), per_row)
         for i, row in enumerate(rows):
-            target = _bytes_of(stage[i])
+            target = byte_view(stage[i])
             offset = self._row_offset(row) + _ROW_HEADER.size + first * itemsize
             if _read_into(self._fd, target, offset) != len(target):
                 raise StoreError(

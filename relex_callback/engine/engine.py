@@ -43,7 +43,7 @@ from ..math.core import TrajectoryFit, combine, fit_trajectory, prediction_weigh
 from ..math.diagnostic import WindowDiagnostic, diagnose_window, trend_predictor
 from ..options import BUFFER_DTYPES, TREND_KINDS
 from ..preflight import Preflight, preflight
-from ..store import DiskDeltaStore, _bytes_of, store_footprint
+from ..store import DiskDeltaStore, byte_view, store_footprint
 from .candidate import Candidate, TrendSpec
 from .report import backtest_section, horizon_warning, new_report
 
@@ -339,7 +339,7 @@ class RelexEngine:
             tensors = {}
         else:
             tensors = self.buffer.state_tensors()
-            values["crc32"] = json.dumps({name: zlib.crc32(_bytes_of(t)) for name, t in tensors.items()})
+            values["crc32"] = json.dumps({name: zlib.crc32(byte_view(t)) for name, t in tensors.items()})
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=values)
         tmp.replace(path)
@@ -385,7 +385,7 @@ class RelexEngine:
         except Exception as err:  # a data section cut short: safetensors raises its own error type
             raise ValueError(f"{path} is a truncated RELEX state ({err}). {_DAMAGED_STATE_FIX}") from None
         crcs = json.loads(metadata.get("crc32", "{}"))  # absent in states written before checksums
-        bad = [name for name, crc in crcs.items() if name not in tensors or zlib.crc32(_bytes_of(tensors[name])) != crc]
+        bad = [name for name, crc in crcs.items() if name not in tensors or zlib.crc32(byte_view(tensors[name])) != crc]
         if bad:
             raise ValueError(f"{path} fails its CRC-32 check in {bad[:5]}: the RELEX state is corrupted. "
                              f"{_DAMAGED_STATE_FIX}")
