@@ -63,3 +63,32 @@ def test_halt_writes_every_target_on_the_line_and_reports_the_probe_pick_without
                          if target == BEST else "The probe did not choose this model.")
         assert expected_line in card
     assert outcomes[-1].metrics["relex/probe_step16"] > outcomes[-1].metrics["relex/probe_current"]
+
+
+def test_resume_without_saved_state_restarts_the_window_from_the_current_weights(tmp_path, caplog):
+    model = tiny_qwen2()
+    generator = torch.Generator().manual_seed(2)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    direction = {n: 1e-3 * torch.randn(p.shape, generator=generator) for n, p in base.items()}
+
+    def move_to(step):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(_line(base, direction, step)[name])
+
+    move_to(2)  # the run resumes at step 2 from a checkpoint folder without RELEX state
+    (tmp_path / "checkpoint-2").mkdir()
+    driver = StepDriver(RelexConfig(observe=OBSERVE, extrapolate_to=[16], buffer_dtype="float32"))
+    with caplog.at_level("WARNING", logger="relex_callback"):
+        driver.begin(model, 2, tmp_path, resume_dir=tmp_path / "checkpoint-2")
+    assert "θ_0 is lost" in caplog.text and driver.config.start_step == 2
+    at_two = _line(base, direction, 2)
+    assert all(torch.equal(driver.engine.buffer.theta0[n].view_as(at_two[n]), at_two[n]) for n in at_two)
+    for step in range(3, 2 + OBSERVE + 1):
+        move_to(step)
+        outcome = driver.after_step(step)
+    driver.close()
+    assert outcome.halted and driver.engine.buffer.steps == [3.0, 4.0, 5.0, 6.0]  # the window moved with start_step
+    written = load_file(str(tmp_path / "relex-step16" / "model.safetensors"))
+    expected = _line(base, direction, 16)  # still on the line: a straight path from any origin
+    assert max(float((written[n] - expected[n]).abs().max()) for n in expected) < 1e-4

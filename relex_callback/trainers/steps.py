@@ -32,7 +32,8 @@ from ..probe import choose_candidate
 from ..store import DiskDeltaStore
 from .jump import JumpController
 
-__all__ = ["StepDriver", "StepOutcome", "choose_with_probe", "halt_metrics", "write_candidate_model", "write_model_dir"]
+__all__ = ["StepDriver", "StepOutcome", "choose_with_probe", "halt_metrics", "restart_window", "restore_window",
+           "write_candidate_model", "write_model_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,29 @@ def write_candidate_model(
         write_model_dir(final, unwrap_model(model), state_dict, processing_class, candidate.report, overwrite, started)
         logger.info("RELEX: wrote the extrapolated model for step %d to %s", int(candidate.target), final)
     return final
+
+
+def restore_window(engine: RelexEngine, jump: JumpController | None, path: Path, metadata: dict[str, str],
+                   step: int) -> None:
+    """Resume at trainer step ``step`` from the saved state ``path``: θ_0, the recorded deltas and, in jump mode,
+    the jump bookkeeping (snapshots are then at virtual steps)."""
+    if jump is not None and "jump" in metadata:
+        jump.load_state_dict(json.loads(metadata["jump"]), step)
+    engine.load_state(path, metadata, jump.virtual_step(step) if jump is not None else step)
+
+
+def restart_window(engine: RelexEngine, jump: JumpController | None, step: int, looked: str) -> None:
+    """Resume at ``step`` without saved state: θ_0 ← the current weights and the window starts again at ``step``
+    (``start_step = step``), with a warning that the prediction will differ from an uninterrupted run."""
+    logger.warning(
+        "RELEX: resuming at step %d but no saved delta buffer was found (looked for %s). θ_0 is lost, so the "
+        "observation restarts from the current weights and the prediction will differ from an uninterrupted run. "
+        "Keep %s in your checkpoints to resume exactly.", step, looked, STATE_FILE_NAME,
+    )
+    engine.config = replace(engine.config, start_step=step)
+    if jump is not None:
+        jump.restart(engine.config)
+    engine.capture_base(step)
 
 
 class StepDriver:
@@ -273,21 +297,10 @@ class StepDriver:
         if path is not None:
             metadata = self.engine.read_state_metadata(path)
             self.halted = json.loads(metadata.get("halted", "false"))
-            if self.jump is not None and "jump" in metadata:
-                self.jump.load_state_dict(json.loads(metadata["jump"]), step)
-            virtual = self.jump.virtual_step(step) if self.jump is not None else step
-            self.engine.load_state(path, metadata, virtual)
+            restore_window(self.engine, self.jump, path, metadata, step)
             return
         if cfg.mode == "halt" and step >= cfg.last_observed_step:
             self.halted = True
             logger.info("RELEX: resumed after the observation window (step %d); nothing to do", step)
             return
-        logger.warning(
-            "RELEX: resuming at step %d without a saved delta buffer (looked for %s). θ_0 is lost, so the observation "
-            "restarts from the current weights and the prediction will differ from an uninterrupted run. Keep %s "
-            "beside your checkpoints to resume exactly.", step, resume_dir and state_file(Path(resume_dir)), STATE_FILE_NAME,
-        )
-        self.engine.config = replace(cfg, start_step=step)
-        if self.jump is not None:
-            self.jump.restart(self.engine.config)
-        self.engine.capture_base(step)
+        restart_window(self.engine, self.jump, step, str(resume_dir and state_file(Path(resume_dir))))

@@ -27,7 +27,7 @@ from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions
 from ..probe import RewardProbe
 from ..store import DiskDeltaStore
 from .jump import JumpController
-from .steps import choose_with_probe, halt_metrics, write_model_dir
+from .steps import choose_with_probe, halt_metrics, restart_window, restore_window, write_model_dir
 
 __all__ = ["RelexCallback", "STATE_FILE_NAME", "STATE_FORMAT_VERSION"]
 
@@ -340,7 +340,7 @@ class RelexCallback(TrainerCallback, ExportableState):
                 continue
             metadata = self.engine.read_state_metadata(path)
             if recorded is None or json.loads(metadata["steps"]) == recorded:
-                self._load_state_file(path, metadata, state.global_step)
+                restore_window(self.engine, self.jump, path, metadata, state.global_step)
                 return
         looked = ", ".join(str(state_file(d)) for d in candidates)
         if recorded is not None:
@@ -351,31 +351,13 @@ class RelexCallback(TrainerCallback, ExportableState):
                 "TrainingArguments.output_dir, or pass the same folder as TrainingArguments(resume_from_checkpoint=...) "
                 f"too; to restart the observation from this checkpoint's weights instead, set start_step="
                 f"{state.global_step}.")
-        self.engine.capture_base(state.global_step)
-        if self.jump is not None:
-            self.jump.restart(replace(cfg, start_step=state.global_step))
-        logger.warning(
-            "RELEX: resuming at step %d but no saved delta buffer was found (looked for %s). θ_0 is lost, so the "
-            "observation restarts from the current weights and the prediction will differ from an uninterrupted "
-            "run. Keep %s in your checkpoints to resume exactly.",
-            state.global_step,
-            looked,
-            STATE_FILE_NAME,
-        )
-        self.config = replace(cfg, start_step=state.global_step, extrapolate_to=cfg.extrapolate_to)
+        restart_window(self.engine, self.jump, state.global_step, looked)
 
     def _recorded_steps(self, state: TrainerState) -> list[float] | None:
         """The snapshot steps of the RELEX state saved with the resumed checkpoint, from its trainer_state.json (``None``
         when it records none, or records several callbacks of this class: which one was this is unknown)."""
         exported = state.stateful_callbacks.get(type(self).__name__)
         return (exported.get("attributes") or {}).get("_saved_steps") if isinstance(exported, dict) else None
-
-    def _load_state_file(self, path: Path, metadata: dict[str, str], step: int) -> None:
-        if self.jump is not None and "jump" in metadata:
-            self.jump.load_state_dict(json.loads(metadata["jump"]), step)
-        if self.jump is not None:
-            step = self.jump.virtual_step(step)  # jump mode records snapshots at virtual steps
-        self.engine.load_state(path, metadata, step)
 
     # -- halt mode ------------------------------------------------------------------------------------------
 
