@@ -34,6 +34,11 @@ __all__ = ["RelexCallback", "STATE_FILE_NAME", "STATE_FORMAT_VERSION"]
 logger = logging.getLogger(__name__)
 
 
+def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> Path:
+    """The folder the Trainer saves this step's checkpoint into."""
+    return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+
 class RelexCallback(TrainerCallback, ExportableState):
     """Observe the first steps of training, fit RELEX's rank-1 trajectory and extrapolate.
 
@@ -268,7 +273,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         checkpoints (``save_total_limit``) before ``on_save``, so a run killed while saving RELEX state in ``on_save``
         would keep no checkpoint to resume RELEX from."""
         if control.should_save and self.engine.ready:
-            checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            checkpoint_dir = _checkpoint_dir(args, state)
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             self.save_state(checkpoint_dir)
             self._saved_step = state.global_step
@@ -276,7 +281,7 @@ class RelexCallback(TrainerCallback, ExportableState):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if not self.engine.ready or self._saved_step == state.global_step:  # written before the checkpoint
             return control
-        checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint_dir = _checkpoint_dir(args, state)
         if not checkpoint_dir.is_dir():
             logger.warning("RELEX: checkpoint folder %s not found; the delta buffer was not saved", checkpoint_dir)
             return control
@@ -332,7 +337,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         candidates = []
         if isinstance(args.resume_from_checkpoint, str):
             candidates.append(Path(args.resume_from_checkpoint))
-        candidates.append(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        candidates.append(_checkpoint_dir(args, state))
         recorded = self._recorded_steps(state)
         for directory in candidates:
             path = find_state(directory)
