@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -118,6 +119,14 @@ class RelexConfig:
             (rank r with c = a + b·√(t − start_step)) and ``"scale"`` (θ_0 + √(K/N)·(θ_N − θ_0), magnitude scaling
             with no direction fit). Default ``["trend"]``; ``["trend", "sqrt", "scale"]`` when
             ``extrapolate_to="auto"`` and a probe is given.
+        max_horizon (`int`, *optional*): the farthest global step a probe may choose (default ``start_step +
+            10·observe``). Halt mode with ``extrapolate_to="auto"`` and a probe: the reward-guided search climbs a
+            ladder of targets up to it for every candidate family (``docs/choosing-a-horizon.md``); without a probe
+            it is unused (the target is K_max). Jump mode with a probe: accepted jumps grow the horizon up to
+            ``max_horizon − start_step`` steps ahead.
+        probe_margin (`float`, *optional*): the horizon search stops a family once its probe score falls below the
+            best so far by more than this; default one standard error of the probe's per-prompt scores
+            (``RewardProbe`` has them; 0 for a probe that returns only a number).
     """
 
     observe: int = _help("Observation window N in optimizer steps.", 50)
@@ -151,6 +160,8 @@ class RelexConfig:
     jump_anchor: str = _help("Jump mode: 'fit' (θ_0 + ĉ(v+H)·v, the paper) or 'current' (θ + (ĉ(v+H) − ĉ(v))·v).", "fit")
     allow_worse: bool = _help("Halt mode with a probe: load the best candidate even if below the current weights.", False)
     candidates: list[str] | None = _help("Halt mode: prediction families 'trend', 'sqrt', 'scale' (default ['trend']).", None)
+    max_horizon: int | None = _help("Farthest global step a probe may choose (default start_step + 10·observe).", None)
+    probe_margin: float | None = _help("Score drop below the best so far that stops the horizon search (default: 1 SE).", None)
 
     def __post_init__(self) -> None:
         self._check_int("observe", minimum=1)
@@ -212,6 +223,26 @@ class RelexConfig:
         self._check_jump_options()
         self.extrapolate_to = self._check_targets()
         self.candidates = self._check_candidates()
+        self._check_search_options()
+
+    def _check_search_options(self) -> None:
+        if self.max_horizon is not None:
+            self._check_int("max_horizon", minimum=0)
+            if self.max_horizon <= self.last_observed_step:
+                raise ValueError(
+                    f"max_horizon={self.max_horizon} is not beyond the observation window, which ends at step "
+                    f"{self.last_observed_step}: it is the farthest global step the probe may choose. Pass e.g. "
+                    f"max_horizon={self.start_step + 10 * self.observe} (10x the window), or leave it unset.")
+            if self.mode == "halt" and not self.auto_target:
+                raise ValueError(
+                    f"max_horizon={self.max_horizon} caps the reward-guided search of extrapolate_to='auto', but "
+                    f"extrapolate_to={self.extrapolate_to!r} names its targets. Drop max_horizon, or pass "
+                    "extrapolate_to='auto' with a probe.")
+        margin = self.probe_margin
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                   or not math.isfinite(margin) or margin < 0):
+            raise ValueError(f"probe_margin={margin!r} must be a number >= 0 (or None: one standard error of the "
+                             "probe's per-prompt scores).")
 
     def _check_jump_options(self) -> None:
         jump_only = ("jump_every", "jump_horizon", "max_snapshots")
@@ -345,6 +376,11 @@ class RelexConfig:
     def last_observed_step(self) -> int:
         """Global step of the last snapshot of the first window (start_step + observe)."""
         return self.start_step + self.observe
+
+    @property
+    def max_horizon_step(self) -> int:
+        """The farthest global step a probe may choose: ``max_horizon``, default ``start_step + 10·observe``."""
+        return self.max_horizon if self.max_horizon is not None else self.start_step + 10 * self.observe
 
     @property
     def num_snapshots(self) -> int:

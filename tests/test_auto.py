@@ -104,7 +104,7 @@ def test_model_cards_show_the_probe_scores_and_every_warning(tmp_path, tok, pref
         assert all(f"{t}: {v:.4f}" in card for t, v in report["probe"]["scores_by_target"].items())
         assert report["warnings"] and all(f"**Warning:** {w}" in card for w in report["warnings"])
         assert ("beyond the supported horizon" in card) is (target == 120)
-        assert f"K_max = step {report['diagnostic']['supported_step']:.0f}" in card
+        assert f"K_max = step {report['diagnostic']['k_max']} " in card
         lost = score < current
         assert lost is (prefer == "theta0")  # the probes were built to give these outcomes
         assert ("it lost" in card) is lost
@@ -114,46 +114,88 @@ def test_model_cards_show_the_probe_scores_and_every_warning(tmp_path, tok, pref
     assert relex.loaded_target == (None if prefer == "theta0" else 120)
 
 
-def test_auto_with_a_probe_chooses_among_families_and_never_below_the_trained_weights(tmp_path, tok):
+def distance_probe(goal):
+    """A probe with a known best: minus the squared distance to ``goal()`` (a dict of weights)."""
+    def probe(model):
+        return -sum(float((p.detach().float() - goal()[n]).pow(2).sum()) for n, p in model.named_parameters())
+    return probe
+
+
+class SetGoal(TrainerCallback):
+    """At step ``step``, sets ``self.goal`` to the oracle line prediction of ``target`` from the captured window."""
+
+    def __init__(self, capture, step, target):
+        self.capture, self.step, self.target, self.goal = capture, step, target, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.goal = {n: w.detach().clone() for n, w in
+                         oracle(self.capture.weights, 0, list(range(1, self.step + 1)), self.target).items()}
+
+
+def test_auto_with_a_probe_climbs_past_k_max_to_the_probe_best(tmp_path, tok):
+    """The reward-guided horizon: the probe prefers the line at 6N; K_max is below it; the search finds it, loads
+    it and keeps the trained step-N weights in checkpoint-N."""
     capture = CaptureWeights()
-    seen = []
-
-    def probe(model):  # prefers weights close to the step-12 line prediction: a probe with a known best
-        score = -sum(float((p.detach() - target[n]).pow(2).sum()) for n, p in model.named_parameters())
-        seen.append(score)
-        return score
-
-    relex = RelexCallback(observe=8, extrapolate_to="auto", buffer_dtype="float32", probe=probe)
-    trainer = lm_trainer(tmp_path, tok, [capture, relex])
-    target = None
-
-    class SetTarget(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            nonlocal target
-            if state.global_step == 8:
-                target = {n: w.detach().clone() for n, w in oracle(capture.weights, 0, list(range(1, 9)), 12).items()}
-
-    trainer.add_callback(SetTarget())
-    trainer.pop_callback(relex)
-    trainer.add_callback(relex)  # after SetTarget, so the probe's target exists when RELEX fits
+    goal = SetGoal(capture, 6, 36)
+    relex = RelexCallback(observe=6, extrapolate_to="auto", buffer_dtype="float32", probe=distance_probe(lambda: goal.goal))
+    trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [capture, goal, relex])
     trainer.train()
 
-    families = {c.spec.kind for c in relex.candidates}
-    assert families == {"linear", "sqrt", "scale"}
-    k_max = math.floor(relex.diagnostic.supported_step + 1e-9)
-    assert max(c.target for c in relex.candidates) == k_max
-    scores = {c.label: c.score for c in relex.candidates}
-    best = max(relex.candidates, key=lambda c: c.score)
-    current = relex.probe_scores["current"]
-    assert best.score >= current  # the step-8 weights are farther from the step-12 line than the best candidate
-    assert relex.loaded_target == int(best.target), scores
-    # the magnitude-scaling family is θ_0 + √(K/N)(θ_N − θ_0), computed here from the captured weights
-    scale = [c for c in relex.candidates if c.spec.kind == "scale"][0]
-    alpha = math.sqrt(scale.target / 8)
-    expected = {n: capture.weights[0][n] + alpha * (capture.weights[8][n] - capture.weights[0][n]) for n in capture.weights[0]}
-    assert_close_state(loaded_state(relex.written_dirs[f"relex-step{int(scale.target)}-scale"]), expected, atol=2e-5)
-    for candidate in relex.candidates:
-        assert candidate.report["probe"]["current_weights_score"] == current
+    k_max = relex.diagnostic.k_max
+    assert 6 < k_max < 36, relex.diagnostic.as_dict()  # the search must go beyond K_max to find the best
+    assert relex.loaded_target == 36 and list(relex.written_dirs) == [36]
+    expected = oracle(capture.weights, 0, list(range(1, 7)), 36)
+    assert_close_state(loaded_state(relex.written_dirs[36]), expected, atol=2e-5)
+    assert_close_state(dict(trainer.model.named_parameters()), expected, atol=2e-5)
+    search = json.loads((relex.written_dirs[36] / "relex_report.json").read_text())["search"]
+    assert search == relex.search and search["ladder"][-1] == 60  # max_horizon defaults to 10N
+    trend = [c["target_step"] for c in search["calls"] if c["family"] == "trend"]
+    assert trend[: trend.index(36) + 2] == trend and trend[-1] > 36  # climbed to 36, stopped at the next rung
+    assert search["chosen"]["family"] == "trend" and search["probe_calls"] == len(search["calls"]) + 1
+    assert all(c["step_equivalents"] is not None and c["seconds"] >= 0 for c in search["calls"])
+    card = (relex.written_dirs[36] / "README.md").read_text()
+    assert "Horizon search" in card and "chose trend at step 36" in card and f"K_max = step {k_max} " in card
+    # the trained weights of step 6 are kept as the Trainer's own checkpoint-6 (save_strategy="no" here)
+    kept = loaded_state(tmp_path / "out" / "checkpoint-6")
+    assert_close_state(kept, capture.weights[6], atol=0.0)
+    assert "checkpoint-6" in card
+
+
+def test_auto_search_respects_max_horizon_and_a_margin(tmp_path, tok):
+    capture = CaptureWeights()
+    goal = SetGoal(capture, 6, 36)
+    relex = RelexCallback(observe=6, extrapolate_to="auto", buffer_dtype="float32", max_horizon=24, probe_margin=0.0,
+                          candidates=["trend"], probe=distance_probe(lambda: goal.goal))
+    grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [capture, goal, relex]).train()
+    assert relex.loaded_target == 24  # the cap, nearest to the probe's best at 36
+    assert [c["target_step"] for c in relex.search["calls"]][-1] == 24 and relex.search["margin"] == 0.0
+    assert {c["family"] for c in relex.search["calls"]} == {"trend"}
+
+
+@pytest.mark.parametrize("bad", ["raise", "nan"])
+def test_a_probe_failing_during_the_search_keeps_the_trained_weights(tmp_path, tok, bad):
+    capture = CaptureWeights()
+    calls = []
+
+    def probe(model):
+        calls.append(1)
+        if len(calls) == 3:
+            if bad == "raise":
+                raise RuntimeError("reward server down")
+            return math.nan
+        return float(len(calls))  # each call better than the last: the search would climb on
+
+    relex = RelexCallback(observe=6, extrapolate_to="auto", buffer_dtype="float32", probe=probe)
+    trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [capture, relex])
+    trainer.train()
+    assert relex.loaded_target is None and list(relex.written_dirs) == [6]
+    assert_close_state(dict(trainer.model.named_parameters()), capture.weights[6], atol=0.0)  # bit for bit
+    report = json.loads((relex.written_dirs[6] / "relex_report.json").read_text())
+    assert report["candidate"]["trend"]["kind"] == "observed"
+    assert ("reward server down" if bad == "raise" else "nan") in report["search"]["failure"]
+    card = (relex.written_dirs[6] / "README.md").read_text()
+    assert "the horizon search stopped because" in card and "These are the trained weights of step 6" in card
 
 
 def test_relex_lines_are_visible_without_logging_configuration_and_not_doubled_with_it():

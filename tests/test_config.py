@@ -38,6 +38,13 @@ from relex_callback import RelexCallback, RelexConfig
         (dict(observe=10, extrapolate_to=50, window=1), ValueError, r"^window=1 must be >= 2\.$"),
         (dict(observe=10, extrapolate_to=50, buffer_max_bytes=0), ValueError, r"^buffer_max_bytes=0 must be >= 1\.$"),
         (dict(observe=10, extrapolate_to=50, backtest_tolerance=-1), ValueError, r"^backtest_tolerance=-1 must be a number > 0\.$"),
+        (dict(observe=10, extrapolate_to="auto", max_horizon=10), ValueError, r"^max_horizon=10 is not beyond the observation window, which ends at step 10: .* max_horizon=100"),
+        (dict(observe=10, start_step=5, extrapolate_to="auto", max_horizon=12), ValueError, r"^max_horizon=12 is not beyond the observation window, which ends at step 15.*max_horizon=105"),
+        (dict(observe=10, extrapolate_to="auto", max_horizon=80.0), TypeError, r"^max_horizon must be an int, got float \(80\.0\)\.$"),
+        (dict(observe=10, extrapolate_to="auto", max_horizon="far"), TypeError, r"^max_horizon must be an int, got str"),
+        (dict(observe=10, extrapolate_to=50, max_horizon=80), ValueError, r"^max_horizon=80 caps the reward-guided search of extrapolate_to='auto'"),
+        (dict(observe=10, extrapolate_to="auto", probe_margin=-0.1), ValueError, r"^probe_margin=-0\.1 must be a number >= 0"),
+        (dict(observe=10, extrapolate_to="auto", probe_margin=float("nan")), ValueError, r"^probe_margin=nan must be a number >= 0"),
     ],
 )
 def test_invalid_settings_raise(kwargs, error, message):

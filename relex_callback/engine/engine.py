@@ -45,6 +45,7 @@ from ..options import BUFFER_DTYPES, TREND_KINDS
 from ..preflight import Preflight, preflight
 from ..store import DiskDeltaStore, byte_view, store_footprint
 from .candidate import Candidate, TrendSpec
+from .horizon import HorizonSearch, ProbeFailed, search_horizon, standard_error
 from .report import backtest_section, horizon_warning, new_report
 
 __all__ = ["RelexEngine", "BufferPlan", "Probe", "STATE_FILE_NAME", "STATE_FORMAT_VERSION", "find_state", "state_file", "register_candidate_kind"]
@@ -456,7 +457,7 @@ class RelexEngine:
         supported."""
         _, _, steps, origin = self.fit_inputs
         last, span = float(steps[-1]), float(steps[-1]) - float(origin)
-        k_max = float(math.floor(diagnostic.supported_step + 1e-9))
+        k_max = float(diagnostic.k_max)
         if k_max <= last:
             return []
         ladder = [float(math.floor(origin + r * span)) for r in (1.5, 2, 3, 5, 8, 12, 20)] if with_probe else []
@@ -504,6 +505,21 @@ class RelexEngine:
                     raise ValueError(f"unknown candidate kind {kind!r}; registered: {['svd', *_CANDIDATE_KINDS]}")
         return out
 
+    def fit_window(self, window: int | None = None, zero_std_fraction: float | None = None,
+                   targets: Sequence[float] | None = None) -> TrajectoryFit:
+        """Fit the recorded ``window`` (at ``targets``, default the last recorded step) and diagnose it
+        (:meth:`diagnose`); the diagnostic's summary and warnings are logged."""
+        fit = self.fit(list(targets or [float(self.buffer.window_steps(window)[-1])]), window=window)
+        diagnostic = self.diagnose(fit, zero_std_fraction)
+        logger.info("RELEX: %s", diagnostic.summary_line())
+        for text in diagnostic.warnings:
+            logger.warning("RELEX: %s", text)
+        return fit
+
+    def observed_candidate(self, fit: TrajectoryFit) -> Candidate:
+        """The last observed weights θ_N as a candidate (what halt mode writes when nothing is extrapolated)."""
+        return _CANDIDATE_KINDS["observed"](self, fit, float(fit.steps[-1]))
+
     def extrapolate(
         self,
         targets: Sequence[float] | Callable[[TrajectoryFit], Sequence[float]] | str,
@@ -529,12 +545,9 @@ class RelexEngine:
         if auto and targets != "auto":
             raise ValueError(f"targets={targets!r}: pass step numbers, a function of the fit, or 'auto'")
         chosen = None if auto or callable(targets) else [float(t) for t in targets]
-        fit = self.fit(chosen or [float(self.buffer.window_steps(window)[-1])], window=window)
-        diagnostic = self.diagnose(fit, zero_std_fraction)
-        logger.info("RELEX: %s", diagnostic.summary_line())
-        for text in diagnostic.warnings:
-            logger.warning("RELEX: %s", text)
-        k_max = float(math.floor(diagnostic.supported_step + 1e-9))
+        fit = self.fit_window(window, zero_std_fraction, chosen)
+        diagnostic = self.diagnostic
+        k_max = float(diagnostic.k_max)
         if auto:
             chosen = self.auto_targets(diagnostic, with_probe)
         elif chosen is None:
@@ -544,7 +557,7 @@ class RelexEngine:
         else:
             logger.warning("RELEX: the window supports no extrapolation (K_max = the last observed step %g); writing the "
                            "last observed weights instead of a prediction", fit.steps[-1])
-            candidates = [_CANDIDATE_KINDS["observed"](self, fit, float(fit.steps[-1]))]
+            candidates = [self.observed_candidate(fit)]
         if not auto and any(t > k_max for t in chosen) and k_max > fit.steps[-1] and k_max not in chosen:
             candidates.insert(0, self.candidate(fit, k_max, window=window))
         predictions = self.predict(candidates)
@@ -653,6 +666,62 @@ class RelexEngine:
                 self.load(predictions[chosen])
         return before, chosen
 
+    @torch.no_grad()
+    def search(
+        self, model: torch.nn.Module, probe: Probe, fit: TrajectoryFit, families: Sequence[str], ladder: Sequence[float],
+        *, window: int | None = None, margin: float | None = None, allow_worse: bool = False,
+        window_seconds: float | None = None,
+    ) -> tuple[HorizonSearch, Candidate | None]:
+        """The reward-guided horizon (:func:`~relex_callback.engine.horizon.search_horizon`): score the live weights,
+        then each family's prediction up the ``ladder``, one at a time (one extra copy of the weights at a time).
+
+        Afterwards the live weights are the original ones, restored bit for bit, whatever happened; a probe that
+        fails ends the search (``search.failure``) instead of raising. Returns the search and the chosen candidate
+        (``None``: keep the trained weights). ``window_seconds``: the window's training time, for the warning when
+        the ladder's probe cost could exceed it."""
+        def probe_once() -> tuple[float, float | None]:
+            try:
+                value = self.score(probe, model)
+            except Exception as err:
+                raise ProbeFailed(f"the probe raised {type(err).__name__}: {err}") from err
+            return value, standard_error(getattr(probe, "last_scores", None))
+
+        saved = self.live_copy()
+        started = time.perf_counter()
+        try:
+            current, current_se = probe_once()
+        except ProbeFailed as err:
+            search = HorizonSearch(current=math.nan, current_standard_error=None, margin=0.0, margin_source="",
+                                   ladder=list(ladder), failure=str(err) + " (scoring the trained weights)")
+            return search, None
+        one_call = time.perf_counter() - started
+        worst = one_call * len(ladder) * len(families)
+        if window_seconds and worst > window_seconds:
+            logger.warning(
+                "RELEX: the horizon search may make up to %d probe calls of about %.1fs each (%.0fs), more than the "
+                "window's own training time (%.0fs); lower max_horizon, use fewer candidates or a cheaper probe.",
+                len(ladder) * len(families), one_call, worst, window_seconds)
+
+        def evaluate(family: str, target: float) -> tuple[float, float | None]:
+            candidate = self.candidates(fit, [target], window=window, kinds=[FAMILY_KINDS[family]])[0]
+            self.load(self.predict([candidate])[0])
+            return probe_once()
+
+        try:
+            search = search_horizon(families, ladder, evaluate, current, current_se, margin, allow_worse)
+        finally:
+            self.load(saved)  # bit-exact: the copies have the parameters' dtype
+        for call in search.calls:
+            logger.info("RELEX: horizon search %s@%g: probe %.4f (%.1fs)", call.family, call.target, call.score, call.seconds)
+        if search.failure:
+            logger.warning("RELEX: the horizon search stopped: %s; the trained weights are kept", search.failure)
+        chosen = None
+        if search.chosen is not None:
+            pick = search.chosen
+            chosen = self.candidates(fit, [pick.target], window=window, kinds=[FAMILY_KINDS[pick.family]])[0]
+            chosen.score = pick.score
+        return search, chosen
+
     # -- reports --------------------------------------------------------------------------------------------
 
     def horizon_ratio(self, target: float) -> float:
@@ -667,11 +736,11 @@ class RelexEngine:
         diagnostic = getattr(self, "diagnostic", None)
         if diagnostic is not None:
             warnings = list(diagnostic.warnings)
-            beyond = candidate.target > diagnostic.supported_step + 1e-9
+            beyond = candidate.target > diagnostic.k_max
             if beyond:
                 warnings.append(
                     f"target step {candidate.target:g} is beyond the supported horizon K_max = step "
-                    f"{diagnostic.supported_step:.0f} ({diagnostic.supported_ratio:.2f}x the window) at "
+                    f"{diagnostic.k_max} ({diagnostic.k_max_ratio:.2f}x the window) at "
                     f"backtest_tolerance={cfg.backtest_tolerance}: the window diagnostic expects the prediction to be "
                     "farther from real training than that. Use extrapolate_to='auto', a nearer target or a probe.")
                 logger.warning("RELEX: %s", warnings[-1])

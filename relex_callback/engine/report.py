@@ -205,22 +205,46 @@ def _probe_lines(probe: dict[str, Any] | None, observed: list[Any]) -> list[str]
     return lines
 
 
+def _search_lines(search: dict[str, Any] | None) -> list[str]:
+    """The card's lines on the reward-guided horizon search: its cost, margin, why each family stopped, the pick."""
+    if not search:
+        return []
+    cost = f"{search['probe_calls']} probe calls, {search['probe_seconds']:.1f} s"
+    if search.get("step_equivalents") is not None:
+        cost += f" (about {search['step_equivalents']:.1f} training steps)"
+    chosen = search.get("chosen")
+    pick = (f"chose {chosen['family']} at step {_step(chosen['target_step'])} (score {_score(chosen['score'])})"
+            if chosen else "kept the trained weights")
+    lines = [f"- Horizon search (extrapolate_to='auto' with a probe, up to step {_step((search.get('ladder') or [None])[-1])}): "
+             f"{cost}; margin {_score(search['margin'])} ({search['margin_source']}); {pick}."]
+    lines += [f"  - {family}: {reason}." for family, reason in (search.get("stopped") or {}).items()]
+    if search.get("failure"):
+        lines.append(f"- **Warning:** the horizon search stopped because {search['failure']}; the trained weights were kept.")
+    return lines
+
+
 def write_model_card(directory: str | os.PathLike, report: dict[str, Any]) -> None:
     """A short README.md that says how the weights were made and how far to trust them (any report format)."""
     report = upgrade_report(report)
     settings = report.get("settings", {})
     ev = report.get("explained_variance", {})
     bt = report.get("backtest") or {}
+    observed = report.get("observed_steps") or [None]
+    span = f"{len(report.get('observed_steps', []))} snapshots of steps {_step(observed[0])}–{_step(observed[-1])}"
+    if ((report.get("candidate") or {}).get("trend") or {}).get("kind") == "observed":
+        intro = (f"These are the trained weights of step {_step(observed[-1])}, the window's last step: no extrapolation "
+                 f"beyond the window was supported or chosen, so RELEX (arXiv 2605.21468) wrote them as observed ({span}).")
+    else:
+        intro = (f"These weights were not trained to this step: they were predicted by RELEX (arXiv 2605.21468) from "
+                 f"{span} with relex-callback, as θ_0 + ĉ(K)·v per tensor (rank {settings.get('rank')}, "
+                 f"{settings.get('fit')} trend, shrink {settings.get('shrink')}).")
     lines = [
         "---",
         "tags: [relex, rlvr, extrapolated]",
         "---",
         f"# RELEX extrapolation to step {report.get('target_step')}",
         "",
-        "These weights were not trained to this step: they were predicted by RELEX (arXiv 2605.21468) from "
-        f"{len(report.get('observed_steps', []))} snapshots of steps {_step(report.get('observed_steps', [None])[0])}"
-        f"–{_step(report.get('observed_steps', [None])[-1])} with relex-callback, as θ_0 + ĉ(K)·v per tensor "
-        f"(rank {settings.get('rank')}, {settings.get('fit')} trend, shrink {settings.get('shrink')}).",
+        intro,
         "",
         f"- Horizon: {report.get('horizon_ratio', float('nan')):.2f}× the observed window.",
         f"- Rank-{settings.get('rank')} explained variance: mean {ev.get('mean', float('nan')):.3f}, "
@@ -229,16 +253,23 @@ def write_model_card(directory: str | os.PathLike, report: dict[str, Any]) -> No
     if bt:
         lines.append(
             f"- Backtest: fitting the first {bt.get('num_fit')} snapshots and predicting the last one "
-            f"({bt.get('ratio', float('nan')):.2f}× out) missed by a relative distance of {bt.get('distance', float('nan')):.3f}; "
-            f"horizon supported at tolerance {settings.get('backtest_tolerance')}: {bt.get('supported_ratio', float('nan')):.2f}×."
+            f"({bt.get('ratio', float('nan')):.2f}× out) missed by a relative distance of {bt.get('distance', float('nan')):.3f}"
+            + ("." if (report.get("diagnostic") or {}).get("supported_step") is not None else
+               f"; horizon supported at tolerance {settings.get('backtest_tolerance')}: {bt.get('supported_ratio', float('nan')):.2f}×.")
         )
     diagnostic = report.get("diagnostic") or {}
     if diagnostic.get("supported_step") is not None:
+        k_max = diagnostic.get("k_max", math.floor(diagnostic["supported_step"] + 1e-9))
         lines.append(
-            f"- Window diagnostic: supported horizon K_max = step {diagnostic['supported_step']:.0f} "
-            f"({diagnostic.get('supported_ratio', float('nan')):.2f}× the window) at tolerance {diagnostic.get('tolerance')}."
+            f"- Window diagnostic: supported horizon K_max = step {k_max} "
+            f"({diagnostic.get('k_max_ratio', diagnostic.get('supported_ratio', float('nan'))):.2f}× the window) at "
+            f"tolerance {diagnostic.get('tolerance')}: the farthest step whose prediction the window expects within that "
+            "relative distance of real training."
         )
     lines += _probe_lines(report.get("probe"), report.get("observed_steps") or [None])
+    lines += _search_lines(report.get("search"))
+    if report.get("trained_weights"):
+        lines.append(f"- The trained weights of step {_step(observed[-1])} (not extrapolated): `{report['trained_weights']}`.")
     for warning in report.get("warnings", []):
         lines.append(f"- **Warning:** {warning}")
     lines += [

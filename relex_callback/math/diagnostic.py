@@ -56,6 +56,7 @@ __all__ = [
     "model_cross_gram",
     "predicted_distances",
     "ratio_grid",
+    "supported_target",
 ]
 
 DEFAULT_TOLERANCE = 0.75
@@ -71,6 +72,11 @@ NEAR_BEST = 0.0
 """Shapes whose fit residual is within this fraction of the best one count as equally good fits."""
 _STILL_RTOL = 1e-10
 _FIT_ROWS = 24  # snapshots the model is fitted on (evenly spaced): 300 Gram entries per tensor
+
+
+def supported_target(supported_step: float) -> int:
+    """The whole step K_max of a supported horizon: rounded down (a horizon of step 8.7 supports step 8)."""
+    return int(math.floor(supported_step + 1e-9))
 
 
 def ratio_grid(max_ratio: float = MAX_RATIO, per_octave: int = 8) -> list[float]:
@@ -309,6 +315,7 @@ class WindowDiagnostic:
     distance_curve: dict[float, float]
     zero_std_fraction: float | None = None
     warnings: list[str] = field(default_factory=list)
+    origin: float = 0.0
 
     def as_dict(self) -> dict:
         return {
@@ -323,15 +330,30 @@ class WindowDiagnostic:
             "tolerance": self.tolerance,
             "supported_ratio": self.supported_ratio,
             "supported_step": self.supported_step,
+            "k_max": self.k_max,
+            "k_max_ratio": self.k_max_ratio,
+            "origin": self.origin,
             "distance_curve": {f"{r:.4g}": d for r, d in self.distance_curve.items()},
             "zero_std_fraction": self.zero_std_fraction,
             "warnings": list(self.warnings),
         }
 
+    @property
+    def k_max(self) -> int:
+        """K_max as a whole step: ``supported_step`` rounded down, the one rounding rule of every log, report, card
+        and target (``extrapolate_to="auto"`` writes this step)."""
+        return supported_target(self.supported_step)
+
+    @property
+    def k_max_ratio(self) -> float:
+        """(k_max − x_0) / (x_N − x_0): the horizon of the whole step :attr:`k_max` as a multiple of the window."""
+        span = (self.supported_step - self.origin) / self.supported_ratio if self.supported_ratio > 0 else 0.0
+        return (self.k_max - self.origin) / span if span > 0 else 1.0
+
     def summary_line(self) -> str:
         alpha = "n/a" if self.growth_exponent is None else f"{self.growth_exponent:.2f}"
         stab = "n/a" if self.direction_stability is None else f"{self.direction_stability:.2f}"
-        return (f"supported horizon K_max = step {self.supported_step:g} ({self.supported_ratio:.2f}x the window, "
+        return (f"supported horizon K_max = step {self.k_max} ({self.k_max_ratio:.2f}x the window, "
                 f"distance ≤ {self.tolerance:g}); growth exponent {alpha}, direction stability {stab}, "
                 f"drift share {self.model.get('drift_share', float('nan')):.2f}")
 
@@ -446,5 +468,5 @@ def diagnose_window(
         num_snapshots=num, distinct_snapshots=distinct, still_steps=still, growth_exponent=growth,
         direction_stability=stability, noise_share=noise_share, backtests=backtests, model=model_summary,
         tolerance=float(tolerance), supported_ratio=float(supported), supported_step=float(origin) + supported * span,
-        distance_curve=curve, zero_std_fraction=zero_std_fraction, warnings=warnings,
+        distance_curve=curve, zero_std_fraction=zero_std_fraction, warnings=warnings, origin=float(origin),
     )

@@ -138,10 +138,10 @@ def _diagnose(grams: Sequence[torch.Tensor], steps: Sequence[float], numels: Seq
 
 
 def _beyond_horizon(target: float, diagnostic: WindowDiagnostic) -> str | None:
-    if target <= diagnostic.supported_step + 1e-9:
+    if target <= diagnostic.k_max:
         return None
-    return (f"target step {target:g} is beyond the supported horizon K_max = step {diagnostic.supported_step:.0f} "
-            f"({diagnostic.supported_ratio:.2f}x the window) at backtest_tolerance={diagnostic.tolerance:g}: expect the "
+    return (f"target step {target:g} is beyond the supported horizon K_max = step {diagnostic.k_max} "
+            f"({diagnostic.k_max_ratio:.2f}x the window) at backtest_tolerance={diagnostic.tolerance:g}: expect the "
             "prediction to drift from real training; use a nearer target")
 
 

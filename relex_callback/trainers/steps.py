@@ -25,14 +25,16 @@ from ..config import RelexConfig
 from ..distributed import gather_state_dict, is_main_process, saving_gathered, unwrap_model
 from ..engine.candidate import Candidate, output_dir_name
 from ..engine.engine import STATE_FILE_NAME, Probe, RelexEngine, candidate_kinds, find_state, state_file
+from ..engine.horizon import horizon_ladder
 from ..engine.report import report_metrics, write_model_card
 from ..export import REPORT_NAME, atomic_directory, check_output_dir, write_json
-from ..math.core import TREND_KINDS
+from ..math.core import TREND_KINDS, TrajectoryFit
+from ..options import CANDIDATE_FAMILIES
 from ..probe import choose_candidate
 from ..store import DiskDeltaStore
 from .jump import JumpController
 
-__all__ = ["StepDriver", "StepOutcome", "choose_with_probe", "halt_metrics", "restart_window", "restore_window",
+__all__ = ["StepClock", "StepDriver", "StepOutcome", "choose_with_probe", "fit_and_choose", "halt_metrics", "restart_window", "restore_window",
            "write_candidate_model", "write_model_dir"]
 
 logger = logging.getLogger(__name__)
@@ -62,8 +64,17 @@ def halt_metrics(report: dict[str, Any], diagnostic: Any, probe_scores: dict[str
                 metrics[f"relex/{key}"] = value
     for key, value in probe_scores.items():
         if math.isfinite(value):
-            metrics["relex/probe_current" if key == "current" else f"relex/probe_step{key}"] = value
+            metrics[probe_metric_name(key)] = value
     return metrics
+
+
+def probe_metric_name(label: str) -> str:
+    """``relex/probe_current``, ``relex/probe_step{K}`` (the configured trend) or ``relex/probe_{family}_step{K}``
+    for a probe-score label ``"current"``, ``"K"`` or ``"family@K"``."""
+    if label == "current":
+        return "relex/probe_current"
+    family, _, target = label.rpartition("@")
+    return f"relex/probe_{family}_step{target}" if family else f"relex/probe_step{target}"
 
 
 def choose_with_probe(
@@ -103,6 +114,79 @@ def choose_with_probe(
     else:
         logger.info("RELEX: probe scores %s (current weights %.4f); loading step %d", rounded, current, targets[chosen])
     return chosen, {"current": current, **by_target}
+
+
+class StepClock:
+    """Wall time per training step since :meth:`start` (the window's cost, and the probe's in step equivalents)."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.first_step = 0
+
+    def start(self, step: int) -> None:
+        self.started, self.first_step = time.perf_counter(), step
+
+    def elapsed(self) -> float | None:
+        return None if self.started is None else time.perf_counter() - self.started
+
+    def seconds_per_step(self, step: int) -> float | None:
+        elapsed = self.elapsed()
+        return elapsed / (step - self.first_step) if elapsed is not None and step > self.first_step else None
+
+
+def fit_and_choose(
+    engine: RelexEngine, model: torch.nn.Module, probe: Probe | None, *, zero_std_fraction: float | None,
+    loads_chosen: bool, clock: StepClock | None = None,
+) -> tuple[TrajectoryFit, list[Candidate], list[dict[str, torch.Tensor]], int | None, dict[str, float]]:
+    """Halt mode up to the choice, for every adapter: fit and diagnose the window, then either the reward-guided
+    horizon search (``extrapolate_to="auto"`` with a probe: :meth:`RelexEngine.search` up to ``max_horizon``) or
+    the candidates of the targets with :func:`choose_with_probe`. Returns the fit, the candidates to write, their
+    predictions, the index of the one to load (``None``: keep the trained weights) and the probe scores."""
+    cfg = engine.config
+    if not (cfg.auto_target and probe is not None):
+        fit, candidates, predictions = engine.extrapolate(
+            cfg.extrapolate_to, "halt", window=cfg.window, kinds=candidate_kinds(cfg, probe is not None),
+            with_probe=probe is not None, zero_std_fraction=zero_std_fraction)
+        chosen, scores = choose_with_probe(engine, model, probe, candidates, predictions, cfg.allow_worse, loads_chosen)
+        return fit, candidates, predictions, chosen, scores
+    started = time.perf_counter()
+    fit = engine.fit_window(cfg.window, zero_std_fraction)
+    diagnostic = engine.diagnostic
+    last, origin = float(fit.steps[-1]), float(engine.fit_inputs[3])
+    k_max = diagnostic.k_max
+    ladder = horizon_ladder(origin, last, cfg.max_horizon_step, extra=[k_max] if k_max > last else [])
+    families = cfg.candidates or list(CANDIDATE_FAMILIES)
+    elapsed = clock.elapsed() if clock is not None else None
+    step_seconds = clock.seconds_per_step(int(last)) if clock is not None else None
+    search, pick = engine.search(model, probe, fit, families, ladder, window=cfg.window, margin=cfg.probe_margin,
+                                 allow_worse=cfg.allow_worse, window_seconds=elapsed)
+    candidate = pick if pick is not None else engine.observed_candidate(fit)
+    predictions = engine.predict([candidate])
+    fit_seconds = time.perf_counter() - started
+    timings = {"snapshot_seconds_total": engine.snapshot_seconds,
+               "snapshot_seconds_mean": engine.snapshot_seconds / max(len(fit.steps), 1), "fit_seconds": fit_seconds,
+               "probe_seconds": search.seconds}
+    section = search.as_dict(step_seconds)
+    engine.report(fit, candidate, "halt", timings=timings, search=section)
+    by_label = {(f"{c.target:g}" if c.family == "trend" else f"{c.family}@{c.target:g}"): c.score for c in search.calls}
+    candidate.report["candidate"]["probe_score"] = candidate.score
+    candidate.report["probe"] = {
+        "score": candidate.score if pick is not None else search.current,
+        "current_weights_score": search.current,
+        "scores_by_target": by_label,
+        "chosen": pick is not None,
+        "loaded_into_live_model": loads_chosen and pick is not None,
+        "allow_worse": cfg.allow_worse,
+    }
+    if pick is None:
+        logger.info("RELEX: horizon search: no candidate beat the trained weights (%.4f)%s; keeping them", search.current,
+                    f" ({search.failure})" if search.failure else "")
+    else:
+        logger.info("RELEX: horizon search chose %s at step %d (probe %.4f vs trained weights %.4f; %d probe calls, "
+                    "%.0fs%s)", search.chosen.family, int(pick.target), pick.score, search.current, len(search.calls) + 1,
+                    search.seconds, f", {section['step_equivalents']:.1f} training steps" if step_seconds else "")
+    scores = {"current": search.current, **by_label}
+    return fit, [candidate], predictions, (0 if pick is not None else None), scores
 
 
 def write_model_dir(
@@ -181,6 +265,7 @@ class StepDriver:
         self.output_root = Path(".")
         self.zero_std_fraction: Callable[[], float | None] = lambda: None
         self.optimizer_steps = 0  # counted by a post-step hook since the last after_step
+        self.clock = StepClock()  # the window's training time, for the horizon search's cost
         self._hook = None
 
     @property
@@ -206,6 +291,7 @@ class StepDriver:
         self.model, self.processing_class, self.optimizer = model, processing_class, optimizer
         self.output_root = Path(output_root)
         self.check_outputs(self.output_root, step)
+        self.clock.start(step)
         self.engine.attach(model, store_dir=self.output_root / "relex-store")  # used by buffer_device="disk"
         if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
             self._hook = optimizer.register_step_post_hook(self._count_optimizer_step)
@@ -262,13 +348,9 @@ class StepDriver:
 
     def _halt(self, outcome: StepOutcome) -> None:
         cfg = self.config
-        fit, candidates, predictions = self.engine.extrapolate(
-            cfg.extrapolate_to, "halt", window=cfg.window, kinds=candidate_kinds(cfg, self.probe is not None),
-            with_probe=self.probe is not None,
-            zero_std_fraction=self.zero_std_fraction(),
-        )
-        chosen, probe_scores = choose_with_probe(self.engine, self.model, self.probe, candidates, predictions,
-                                                 cfg.allow_worse, loads_chosen=False)  # the trainer stops; files only
+        fit, candidates, predictions, chosen, probe_scores = fit_and_choose(  # the trainer stops; files only
+            self.engine, self.model, self.probe, zero_std_fraction=self.zero_std_fraction(), loads_chosen=False,
+            clock=self.clock)
         if cfg.save_model:
             for candidate, prediction in zip(candidates, predictions, strict=True):
                 candidate.report["timings"]["write_seconds"] = None

@@ -19,7 +19,7 @@ from transformers.training_args import TrainingArguments
 from ..config import RelexConfig
 from ..distributed import check_can_generate, detect_layout, gather_state_dict, is_main_process, unwrap_model, world_info
 from ..engine.candidate import Candidate, output_dir_name
-from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, candidate_kinds, find_state, state_file
+from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, find_state, state_file
 from ..export import check_output_dir, check_output_location
 from ..math.core import TREND_KINDS, TrajectoryFit
 from ..offline.plots import write_fit_plots
@@ -27,7 +27,7 @@ from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions
 from ..probe import RewardProbe
 from ..store import DiskDeltaStore
 from .jump import JumpController
-from .steps import choose_with_probe, halt_metrics, restart_window, restore_window, write_model_dir
+from .steps import StepClock, fit_and_choose, halt_metrics, restart_window, restore_window, write_model_dir
 
 __all__ = ["RelexCallback", "STATE_FILE_NAME", "STATE_FORMAT_VERSION"]
 
@@ -105,6 +105,9 @@ class RelexCallback(TrainerCallback, ExportableState):
         self._saved_step: int | None = None  # the step whose checkpoint got the RELEX state before the Trainer saved it
         self.probe: Probe | None = probe
         self.probe_scores: dict[str, float] = {}
+        self.search: dict[str, Any] | None = None  # the reward-guided horizon search of the halt (report section)
+        self._clock = StepClock()
+        self._args: TrainingArguments | None = None  # the Trainer's arguments (where checkpoint-N goes)
         self.jump: JumpController | None = JumpController(config) if config.mode == "jump" else None
         self._jump_state: dict[str, Any] | None = None
         if probe is None and _from_state:
@@ -231,6 +234,8 @@ class RelexCallback(TrainerCallback, ExportableState):
         if isinstance(self.probe, RewardProbe):
             check_can_generate(model)
         self.engine.attach(model, store_dir=Path(args.output_dir) / "relex-store")
+        self._clock.start(state.global_step)
+        self._args = args
         if self.jump is not None and self._jump_state:
             self.jump.load_state_dict(self._jump_state, state.global_step)  # restored by transformers; the sidecar wins
         if state.global_step > cfg.start_step:
@@ -368,17 +373,19 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     def _halt(self, state: TrainerState, control: TrainerControl, model, processing_class) -> None:
         cfg = self.config
-        fit, candidates, predictions = self.engine.extrapolate(
-            cfg.extrapolate_to, "halt", window=cfg.window, kinds=candidate_kinds(cfg, self.probe is not None),
-            with_probe=self.probe is not None,
-            zero_std_fraction=self._window_zero_std(state, cfg.start_step, cfg.last_observed_step),
-        )
+        fit, candidates, predictions, chosen, scores = fit_and_choose(
+            self.engine, model, self.probe, loads_chosen=True, clock=self._clock,
+            zero_std_fraction=self._window_zero_std(state, cfg.start_step, cfg.last_observed_step))
         self.last_fit, self.candidates, self.diagnostic = fit, candidates, self.engine.diagnostic
-        chosen = self._choose_with_probe(model, candidates, predictions)
+        if scores:
+            self.probe_scores = scores
+        self.search = (candidates[0].report or {}).get("search")
+        trained = _checkpoint_dir(self._args, state) if self._args is not None else None
         if cfg.save_model:
             started = time.perf_counter()
             for candidate, prediction in zip(candidates, predictions, strict=True):
                 candidate.report["timings"]["write_seconds"] = None
+                candidate.report["trained_weights"] = None if trained is None else str(trained)
                 path = self._write_model_dir(model, processing_class, candidate, prediction)
                 plain = candidate.spec.kind in TREND_KINDS or candidate.spec.kind == "observed"
                 self.written_dirs[int(candidate.target) if plain else path.name] = path
@@ -390,16 +397,11 @@ class RelexCallback(TrainerCallback, ExportableState):
         self._final_weights = None if chosen is None else predictions[chosen]
         self._halted = True
         control.should_training_stop = True
+        # The Trainer saves checkpoint-N now, before on_train_end loads the extrapolation: the trained weights of
+        # the window's end (and the optimizer state, to continue training from them) are kept under their step.
+        control.should_save = True
         report = candidates[-1 if chosen is None else chosen].report
         self._emit(halt_metrics(report, self.engine.diagnostic, self.probe_scores), state, control)
-
-    def _choose_with_probe(self, model, candidates: list[Candidate], predictions: list[dict[str, torch.Tensor]]) -> int | None:
-        """Index of the prediction to load (:func:`~relex_callback.trainers.steps.choose_with_probe`)."""
-        chosen, scores = choose_with_probe(self.engine, model, self.probe, candidates, predictions, self.config.allow_worse,
-                                           loads_chosen=True)
-        if scores:
-            self.probe_scores = scores
-        return chosen
 
     # -- metrics --------------------------------------------------------------------------------------------
 
