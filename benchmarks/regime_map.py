@@ -410,6 +410,10 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
         log.info("  warning: %s", warning)
     if diagnostic_only:
         return
+    _, heldout, selection = prompt_sets(regime)
+    selector = RewardProbe(selection, reward, tokenizer, max_new_tokens=16, batch_size=SELECTION)
+    probe = RewardProbe(heldout, reward, tokenizer, max_new_tokens=16, batch_size=50)
+    search_auto(regime, paths, model, names, theta0, selector, probe, records)
     stacks = load_window(paths, names, observe)
 
     k_auto = int(math.floor(diagnostic.supported_step))
@@ -426,9 +430,6 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
                 if d is not None:
                     append_record(results, {"kind": "distance", "candidate": c, "step": step, **d})
 
-    _, heldout, selection = prompt_sets(regime)
-    selector = RewardProbe(selection, reward, tokenizer, max_new_tokens=16, batch_size=SELECTION)
-    probe = RewardProbe(heldout, reward, tokenizer, max_new_tokens=16, batch_size=50)
 
     def score(kind: str, candidate: str, scorer) -> float:
         previous = [r for r in read_records(results) if r.get("kind") == kind and r.get("candidate") == candidate]
@@ -464,6 +465,56 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
     for c in dict.fromkeys(order):
         if c != "theta_N":
             score("eval", c, probe)
+
+
+SEARCH = "search-auto"
+"""The name of the reward-guided auto's delivered model in the results (``extrapolate_to="auto"`` with a probe)."""
+
+
+@torch.no_grad()
+def search_auto(regime: dict[str, Any], paths, model, names, theta0, selector, probe, records) -> None:
+    """``extrapolate_to="auto"`` with a probe, through the package's own halt path: a :class:`RelexEngine` whose
+    buffer is filled with the saved window (Δ_t loaded as θ_0 + Δ_t and recorded, as the callback records it),
+    then :func:`relex_callback.trainers.steps.fit_and_choose` with the selection prompts as the probe. Records the
+    search (every probe call and its seconds) and the chosen model's held-out accuracy. Skipped when recorded."""
+    from relex_callback import RelexConfig
+    from relex_callback.engine import RelexEngine
+    from relex_callback.trainers.steps import fit_and_choose
+
+    results = paths["results"]
+    if any(r.get("kind") == "eval" and r.get("candidate") == SEARCH for r in read_records(results)):
+        return
+    observe = regime["observe"]
+    params = dict(model.named_parameters())
+    engine = RelexEngine(RelexConfig(observe=observe, extrapolate_to="auto", buffer_device="cpu", buffer_dtype="bfloat16"))
+    for name in names:
+        params[name].copy_(theta0[name].view_as(params[name]))
+    engine.attach(model)
+    engine.capture_base(0)
+    from safetensors import safe_open
+
+    for t in range(1, observe + 1):
+        with safe_open(str(delta_path(paths, t)), framework="pt") as handle:
+            for name in names:
+                params[name].copy_(theta0[name] + handle.get_tensor(name).float().view_as(params[name]))
+        engine.record(t)
+    train_log = latest_by_step(records, "train")
+    zero_std = [train_log[t]["frac_reward_zero_std"] for t in range(1, observe + 1) if t in train_log]
+    started = time.perf_counter()
+    _, candidates, predictions, chosen, _ = fit_and_choose(
+        engine, model, selector, zero_std_fraction=sum(zero_std) / len(zero_std) if zero_std else None, loads_chosen=False)
+    search = candidates[0].report["search"]
+    picked = search["chosen"]
+    append_record(results, {"kind": "search", "step": observe, **{k: v for k, v in search.items() if k != "step_seconds"},
+                            "k_max": engine.diagnostic.k_max, "seconds": time.perf_counter() - started})
+    log.info("  search: %d probe calls, %.0fs; chose %s", search["probe_calls"], search["probe_seconds"],
+             "theta_N" if picked is None else f"{picked['family']}@{picked['target_step']:g}")
+    engine.load(predictions[0])  # the chosen prediction, or θ_N when the search kept the trained weights
+    t0 = time.perf_counter()
+    accuracy = probe(model)
+    append_record(results, {"kind": "eval", "candidate": SEARCH, "accuracy": accuracy, "seconds": time.perf_counter() - t0,
+                            "picked": None if picked is None else f"{picked['family']}@{picked['target_step']:g}"})
+    log.info("  eval %-10s %.3f", SEARCH, accuracy)
 
 
 def diagnose_from_grams(regime: dict[str, Any], records: list[dict[str, Any]], grams: torch.Tensor, names: list[str],
@@ -505,6 +556,7 @@ METHOD_LABELS = {
     "probe-all": "halt + probe (line ≤ K_max, √t, α-scaling)",
     "probe-scale": "α-scaling, α chosen on the probe set",
     "probe-line": "halt + probe over the line ≤ K_max",
+    "search-auto": "halt + auto + probe: reward-guided search to 10N (the package's default)",
 }
 
 
@@ -595,6 +647,16 @@ def run_summary(records: list[dict[str, Any]], regime: dict[str, Any], earlier: 
     if selection is not None:
         for label, candidate in selection["picks"].items():
             deliver(label, candidate, True)
+    search = next((r for r in reversed(records) if r.get("kind") == "search"), None)
+    if search is not None and SEARCH in evals:
+        reach, lower = steps_to_reach(curve, evals[SEARCH])
+        spent = observe + (search["probe_seconds"] / mean_step if math.isfinite(mean_step) else 0.0)
+        picked = search["chosen"]
+        out["methods"]["search-auto"] = {
+            "candidate": "theta_N" if picked is None else f"{picked['family']}@{picked['target_step']:g}",
+            "accuracy": evals[SEARCH], "se": binomial_se(evals[SEARCH], n), "steps_to_reach": reach,
+            "lower_bound": lower, "steps_spent": spent, "steps_saved": reach / spent,
+            "at_least_floor": evals[SEARCH] >= floor, "probe_calls": search["probe_calls"]}
     return out
 
 

@@ -127,7 +127,17 @@ def test_evaluate_scores_every_candidate_once_and_measures_distances(tmp_path, s
     evals = {r["candidate"] for r in records if r["kind"] == "eval"}
     assert {"line@8", "line@12", "line@20", "scale@2"} <= evals
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in records if r["kind"] == "eval")
+    # the reward-guided auto ran through the package's halt path (RelexEngine + fit_and_choose) on the saved window
+    search = [r for r in records if r["kind"] == "search"]
+    assert len(search) == 1 and search[0]["ladder"][-1] == 40  # max_horizon defaults to 10N
+    calls = search[0]["calls"]
+    assert calls and search[0]["probe_calls"] == len(calls) + 1
+    chosen = search[0]["chosen"]
+    assert chosen is None or chosen["score"] >= search[0]["current_weights_score"]
+    assert [r["candidate"] for r in records if r["kind"] == "eval"].count(regime_map.SEARCH) == 1
+    summary = regime_map.run_summary(records, regime)
+    assert summary["methods"]["search-auto"]["probe_calls"] == len(calls) + 1
     # a second call reuses every score (resumable, nothing evaluated twice)
     regime_map.evaluate_run("tiny", regime, 0, paths, loader, reward=digit_reward)
     again = regime_map.read_records(paths["results"])
-    assert sum(r["kind"] in ("eval", "probe") for r in again) == sum(r["kind"] in ("eval", "probe") for r in records)
+    assert sum(r["kind"] in ("eval", "probe", "search") for r in again) == sum(r["kind"] in ("eval", "probe", "search") for r in records)
