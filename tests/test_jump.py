@@ -347,7 +347,9 @@ def test_virtual_steps_and_history_survive_checkpoint_resume_and_the_probe_is_ke
     straight = RelexCallback(probe=probe, **options)
     full = linear_trainer(tmp_path / "a", [straight], max_steps=12)
     full.train()
-    assert straight.jump.offset == 20 and len(probe_calls) == 8
+    # with a probe every accepted jump doubles the next horizon (1 / probe_shrink_on_reject), up to max_horizon = 10N
+    assert [r["horizon"] for r in straight.jump.history] == [5, 10, 20, 30]
+    assert straight.jump.offset == 65 and len(probe_calls) == 8
 
     first = RelexCallback(probe=probe, **options)
     linear_trainer(tmp_path / "b", [first], max_steps=12, save_strategy="steps", save_steps=7).train()
@@ -645,3 +647,16 @@ def test_jumps_and_risky_settings_are_visible_without_logging_configuration(tmp_
     assert jumps[0] == "[relex] INFO RELEX: jump 0 at step 4 accepted: virtual step 4 -> 7 (H=3, cap None, probe 0.0000 -> 0.0000)"
     assert jumps[1] == ("[relex] WARNING RELEX: jump 1 at step 7 rejected: probe score fell from 0.0000 to -1.0000 "
                         "(probe_tolerance=0.0)")
+
+
+@pytest.mark.parametrize("max_horizon, rejected, expected", [(12, False, [5, 10, 12, 12]), (30, True, [5, 2, 1, 1])])
+def test_a_probe_grows_the_horizon_up_to_max_horizon_and_shrinks_it_on_rejection(tmp_path, max_horizon, rejected, expected):
+    """Accepted jumps double the next horizon up to max_horizon − start_step; rejected ones halve it (never below 1)."""
+    scores = iter(range(100, 0, -1) if rejected else range(100))  # falling scores: every jump is rejected
+
+    relex = RelexCallback(mode="jump", observe=3, jump_every=3, jump_horizon=5, buffer_dtype="float32", max_snapshots=4,
+                          max_horizon=max_horizon, probe=lambda model: float(next(scores)))
+    linear_trainer(tmp_path, [relex], max_steps=12).train()
+    assert [r["horizon"] for r in relex.jump.history] == expected
+    assert {r["status"] for r in relex.jump.history} == {"rejected" if rejected else "accepted"}
+    assert relex.jump.offset == (0 if rejected else sum(expected))

@@ -15,7 +15,8 @@ At a jump at real step s (virtual v) the controller
 4. writes θ ← θ + λ(θ̂(v + H) − θ) (``jump_anchor="fit"``, the paper's θ̂ = θ_0 + ĉ·v) or
    θ ← θ + λ(ĉ(v + H) − ĉ(v))·v (``jump_anchor="current"``), a :class:`Candidate` of the engine;
 5. scores again (:meth:`RelexEngine.trial`); a score below the pre-jump score minus ``probe_tolerance`` restores the copy and
-   shrinks the next horizon by ``probe_shrink_on_reject``;
+   shrinks the next horizon by ``probe_shrink_on_reject``; an accepted one grows it by the inverse factor, up to
+   ``jump_horizon`` without a probe and up to ``max_horizon − start_step`` with one (the probe decides how far);
 6. on acceptance adds H to A and applies ``optimizer_policy`` (``keep`` or ``reset``);
 7. logs the attempt to the trainer log and to ``relex_jumps.jsonl``.
 
@@ -291,6 +292,13 @@ class JumpController:
             return None
         return max(0, math.floor((supported - 1.0) * (virtual - cfg.start_step) + 1e-9))
 
+    def horizon_ceiling(self, with_probe: bool) -> int:
+        """Largest horizon an accepted jump grows the next one to: ``jump_horizon`` without a probe; with one, the
+        probe decides how far (each accepted jump multiplies H by 1 / ``probe_shrink_on_reject``) up to
+        ``max_horizon − start_step`` steps ahead (default 10·observe)."""
+        cfg = self.config
+        return max(cfg.horizon, cfg.max_horizon_step - cfg.start_step) if with_probe else cfg.horizon
+
     def accepts(self, before: float, after: float) -> bool:
         """The probe guard: reject a NaN score, or one below the pre-jump score minus ``probe_tolerance``."""
         return not (math.isnan(after) or (not math.isnan(before) and after < before - self.config.probe_tolerance))
@@ -381,7 +389,7 @@ class JumpController:
             record["virtual_step_after"] = virtual + horizon
             if cfg.optimizer_policy == "reset" and optimizer is not None:
                 record["optimizer_params_reset"] = reset_optimizer_state(optimizer, [t.param for t in engine.tracked])
-            self.next_horizon = min(cfg.horizon, max(1, math.ceil(self.next_horizon / factor - 1e-9)))
+            self.next_horizon = min(self.horizon_ceiling(probe is not None), max(1, math.ceil(self.next_horizon / factor - 1e-9)))
         else:
             record["status"] = "rejected"
             self.next_horizon = max(1, math.floor(self.next_horizon * factor))
