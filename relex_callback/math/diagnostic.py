@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "DriftShape",
     "SHAPES",
+    "TURNING_SHAPES",
     "MAX_RATIO",
     "MIN_SNAPSHOTS",
     "TrajectoryModel",
@@ -132,6 +133,9 @@ class DriftShape:
 
 SHAPES = tuple(DriftShape(b, math.inf, "exp") for b in _DECAY_GRID) + tuple(
     DriftShape(b, t, k) for b in _DECAY_GRID for k in ("exp", "gauss") for t in _TAU_GRID)
+TURNING_SHAPES = SHAPES + tuple(DriftShape(b, t, "cos") for b in _DECAY_GRID for t in _TAU_GRID)
+""":data:`SHAPES` and drifts turning in a fixed plane (the ``"cos"`` kernel): for the comparison in
+``benchmarks/diagnostic_synthetic.py --turning-margin``, not the default (see :class:`DriftShape`)."""
 
 
 @dataclass(frozen=True)
@@ -199,10 +203,13 @@ def _weighted_median(values: torch.Tensor, weights: torch.Tensor) -> float:
     return float(values[order][index])
 
 
-def fit_trajectory_model(grams: torch.Tensor, elapsed: torch.Tensor, shapes: Sequence[DriftShape] = SHAPES) -> TrajectoryModel:
+def fit_trajectory_model(grams: torch.Tensor, elapsed: torch.Tensor, shapes: Sequence[DriftShape] = SHAPES,
+                         near_best: float | None = None) -> TrajectoryModel:
     """Fit a², s² and the drift shape of every tensor to its Gram ``[n, T, T]`` at ``elapsed`` optimizer steps
     (x_t − x_0): for each shape, non-negative least squares of the normalised entries G_ab / √(G_aa G_bb); each
-    tensor keeps the shape with the smallest residual."""
+    tensor keeps the most pessimistic shape whose residual is within ``near_best`` (default :data:`NEAR_BEST`)
+    of the smallest."""
+    near_best = NEAR_BEST if near_best is None else near_best
     g = grams.detach().to(device="cpu", dtype=torch.float64)
     span = float(elapsed.max())
     unit = max(1, int(math.ceil(span / _MODEL_STEPS)))
@@ -229,7 +236,7 @@ def fit_trajectory_model(grams: torch.Tensor, elapsed: torch.Tensor, shapes: Seq
     # those within NEAR_BEST of the best residual, take the most pessimistic (shortest coherence, turning before
     # wandering, fastest slowdown), so the horizon is not decided by noise in favour of optimism.
     best_res = res.min(1).values
-    near = res <= best_res[:, None] * (1.0 + NEAR_BEST) + 1e-300
+    near = res <= best_res[:, None] * (1.0 + near_best) + 1e-300
     pessimism = torch.empty(len(shapes), dtype=torch.float64)
     for rank, index in enumerate(sorted(range(len(shapes)), key=lambda i: _pessimism(shapes[i]))):
         pessimism[index] = rank
@@ -398,12 +405,16 @@ def diagnose_window(
     zero_std_fraction: float | None = None,
     backtest_kind: str = "linear",
     backtest_power: float = 1.0,
+    shapes: Sequence[DriftShape] = SHAPES,
+    near_best: float | None = None,
 ) -> WindowDiagnostic:
     """Diagnose a window from the per-tensor Grams ``[n, T, T]`` at global ``steps`` with θ_0 at ``origin``.
 
     ``predictor(targets)`` returns the weights ``[n, len(targets), T]`` of the predictor whose horizon is
     estimated (for the paper's method: the rank-1 line fitted on this window). ``zero_std_fraction`` is
     the trainer's mean share of prompt groups with zero reward variance over the window (GRPO), if known.
+    ``shapes`` and ``near_best``: the drift shapes the model may take and the residual margin within which the
+    most pessimistic one is kept (:func:`fit_trajectory_model`).
     """
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
@@ -450,7 +461,7 @@ def diagnose_window(
         warnings.append(f"only {distinct} distinct snapshot(s); at least {MIN_SNAPSHOTS} are needed to estimate a "
                         "horizon, so none is supported beyond the window (K_max = N)")
     else:
-        model = fit_trajectory_model(g, elapsed)
+        model = fit_trajectory_model(g, elapsed, shapes, near_best)
         energy = torch.diagonal(g, dim1=-2, dim2=-1)[:, -1]
         model_summary = {**model.summary(energy), "fit_residual": float((model.residual * energy).sum() / energy.sum())}
         targets = [float(origin) + r * span for r in ratios]

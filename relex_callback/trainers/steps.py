@@ -34,8 +34,8 @@ from ..probe import choose_candidate
 from ..store import DiskDeltaStore
 from .jump import JumpController
 
-__all__ = ["StepClock", "StepDriver", "StepOutcome", "choose_with_probe", "fit_and_choose", "halt_metrics", "restart_window", "restore_window",
-           "write_candidate_model", "write_model_dir"]
+__all__ = ["StepClock", "StepDriver", "StepOutcome", "choose_with_probe", "fit_and_choose", "halt_metrics",
+           "probe_metric_name", "restart_window", "restore_window", "write_candidate_model", "write_model_dir"]
 
 logger = logging.getLogger(__name__)
 
