@@ -25,7 +25,7 @@ from ..math.core import TREND_KINDS, TrajectoryFit
 from ..offline.plots import write_fit_plots
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
 from ..probe import RewardProbe
-from ..store import DiskDeltaStore
+from ..store import ROWS_DIR_NAME, DiskDeltaStore
 from .jump import JumpController
 from .steps import StepClock, fit_and_choose, halt_metrics, restart_window, restore_window, write_model_dir
 
@@ -328,10 +328,11 @@ class RelexCallback(TrainerCallback, ExportableState):
         return sum(values) / len(values) if values else None
 
     def save_state(self, checkpoint_dir: str | Path) -> Path:
-        """Write this process's RELEX state into ``checkpoint_dir`` (the deltas, or with ``buffer_device="disk"`` a
-        reference to the store's rows)."""
+        """Write this process's RELEX state into ``checkpoint_dir``: a reference to rows written once per run (an
+        in-memory buffer's into ``{output_dir}/relex-rows``; with ``buffer_device="disk"`` the store's)."""
         extra = {"jump": json.dumps(self.jump.state_dict())} if self.jump is not None else {}
-        return self.engine.save_state(checkpoint_dir, extra)
+        rows_dir = Path(self._args.output_dir) / ROWS_DIR_NAME if self._args is not None else None
+        return self.engine.save_state(checkpoint_dir, extra, rows_dir=rows_dir)
 
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
         cfg = self.config
