@@ -610,7 +610,7 @@ class CheckpointRows:
         rows = cls(buffer, beside, rank, world)
         store = rows.file
         store.load_reference(reference, keep, state_path, truncate=False, fix=_ROWS_FIX,
-                             relocate="resume from a checkpoint of a run whose relex-rows folder is intact")
+                             relocate="set start_step to this checkpoint's step to restart the observation from its weights")
         tensors = {}
         for item in buffer.tracked:
             tensors[f"theta0/{item.name}"] = store.theta0[item.name]
