@@ -194,7 +194,7 @@ def test_format_1_inline_state_of_older_versions_still_resumes_bit_exact(tmp_pat
     dict(fit="poly2", observe=4, extrapolate_to=40),  # snapshot_every=2 leaves T = 2 < 3, which the config refuses
     dict(fit="poly2", rank=2, observe=6, extrapolate_to=40),
     dict(observe=10, rank=4, extrapolate_to=40),
-    dict(mode="jump", observe=4, max_snapshots=16),  # the buffer holds max_snapshots rows, not observe // every
+    dict(mode="jump", observe=4, max_snapshots=16),
 ])
 def test_every_setting_the_budget_error_suggests_is_accepted_and_fits(options):
     from relex_callback.buffer import DeltaBuffer
@@ -211,3 +211,16 @@ def test_every_setting_the_budget_error_suggests_is_accepted_and_fits(options):
     for dtype, every in suggested:
         accepted = RelexConfig(**{**options, "buffer_dtype": dtype, "snapshot_every": int(every)})  # no refusal
         assert DeltaBuffer.bytes_needed(numels, accepted.buffer_capacity, dtype) <= budget, (dtype, every)
+
+
+def test_budget_error_sizes_jump_mode_by_its_buffer_capacity():
+    from relex_callback.buffer import DeltaBuffer
+
+    model = torch.nn.Linear(64, 64)
+    numels = [p.numel() for p in model.parameters()]
+    options = dict(mode="jump", observe=4, max_snapshots=16)  # the buffer holds 16 rows, not observe // every = 4
+    budget = DeltaBuffer.bytes_needed(numels, 8, "bfloat16")  # not even 16 bf16 rows fit
+    engine = RelexEngine(RelexConfig(buffer_dtype="float32", buffer_max_bytes=budget, **options))
+    with pytest.raises(MemoryError, match="fewer tracked tensors") as info:
+        engine.attach(model)
+    assert "settings that fit" not in str(info.value)
