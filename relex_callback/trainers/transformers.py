@@ -71,9 +71,9 @@ class RelexCallback(TrainerCallback, ExportableState):
     ```
 
     Resuming: the callback writes ``relex_state.safetensors`` into every ``checkpoint-N/`` and reloads it on
-    ``trainer.train(resume_from_checkpoint=...)``; its JSON state also goes into ``trainer_state.json``. With an
-    in-memory buffer that file holds θ_0 and every recorded delta; with ``buffer_device="disk"`` it only names
-    the rows of the delta store (``store_dir``) it covers, so checkpoints stay a few KB.
+    ``trainer.train(resume_from_checkpoint=...)``; its JSON state also goes into ``trainer_state.json``. That file
+    only names θ_0's SHA-256 and the rows Δ_t it covers (CRC-32s), so checkpoints stay a few KB: an in-memory
+    buffer writes each row once per run into ``{output_dir}/relex-rows``, the disk store keeps them in ``store_dir``.
     """
 
     _instances: list[weakref.ref] = []
