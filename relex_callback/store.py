@@ -582,7 +582,10 @@ class CheckpointRows:
         name = str(Path(state_path).resolve())
         self.checkpoints = [c for c in self.checkpoints if c != name] + [name]
         tmp = self.index_path.with_name(self.index_path.name + ".tmp")
-        tmp.write_text(json.dumps({"run_id": store.run_id, "checkpoints": self.checkpoints}))
+        with open(tmp, "w") as handle:  # before the state that it lists: a crash leaves a harmless extra entry
+            handle.write(json.dumps({"run_id": store.run_id, "checkpoints": self.checkpoints}))
+            handle.flush()
+            os.fsync(handle.fileno())
         tmp.replace(self.index_path)
         return {
             "format": ROWS_FORMAT, "directory": str(store.directory), "relative_directory":
