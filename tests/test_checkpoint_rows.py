@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from _damage import damage_rows
 from _tiny import StopAt, lm_trainer, tiny_tokenizer
 from relex_callback import RelexCallback
 from relex_callback.config import RelexConfig
@@ -106,32 +107,10 @@ def test_jump_mode_rows_are_reused_once_rotated_and_resume_is_bit_exact(tmp_path
     assert_equal(weights(resumed), expected)
 
 
-def _damage(rows: Path, how: str) -> tuple[str, Path]:
-    deltas = rows / "deltas-rank00000-of-00001.bin"
-    if how == "deleted":
-        shutil.rmtree(rows)
-        return "which does not exist", rows
-    if how == "truncated":
-        os.truncate(deltas, os.path.getsize(deltas) - 100)
-        return "only half written", deltas
-    if how == "flipped":
-        with open(deltas, "r+b") as handle:
-            handle.seek(os.path.getsize(deltas) - 5000)
-            byte = handle.read(1)
-            handle.seek(-1, os.SEEK_CUR)
-            handle.write(bytes([byte[0] ^ 0x40]))
-        return "CRC-32", deltas
-    base = rows / "base-rank00000-of-00001.safetensors"
-    with open(base, "r+b") as handle:
-        handle.seek(-8, os.SEEK_END)
-        handle.write(b"\x00" * 8)
-    return "SHA-256", base
-
-
 @pytest.mark.parametrize("how", ["deleted", "truncated", "flipped", "base"])
 def test_missing_or_damaged_rows_are_refused_with_the_file_and_the_fix(tmp_path, tok, how):
     lm_trainer(tmp_path, tok, [RelexCallback(**HALT), StopAt(4)], save_steps=2).train()
-    expected, named = _damage(tmp_path / ROWS, how)
+    expected, named = damage_rows(tmp_path / ROWS, how)
     with pytest.raises(StoreError, match=expected) as info:
         lm_trainer(tmp_path, tok, [RelexCallback(**HALT)], save_steps=2).train(
             resume_from_checkpoint=str(tmp_path / "checkpoint-4"))

@@ -208,29 +208,14 @@ def test_disk_store_resume_is_bit_exact_after_rotation(tmp_path, tok):
         assert torch.equal(param.detach(), reference[name]), name
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "base"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "base"])
 def test_damaged_store_is_refused_with_the_file_and_the_fix(tmp_path, tok, damage):
+    from _damage import damage_rows
     from test_halt import StopAt
 
     first = _lm_trainer(tmp_path, tok, [RelexCallback(**DISK), StopAt(8)])
     first.train()
-    store = tmp_path / "relex-store"
-    deltas, base = store / "deltas-rank00000-of-00001.bin", store / "base-rank00000-of-00001.safetensors"
-    if damage == "truncate":  # the last referenced row only half written
-        os.truncate(deltas, os.path.getsize(deltas) - 100)
-        expected, named = "only half written", deltas
-    elif damage == "flip":
-        with open(deltas, "r+b") as handle:
-            handle.seek(os.path.getsize(deltas) - 5000)
-            byte = handle.read(1)
-            handle.seek(-1, os.SEEK_CUR)
-            handle.write(bytes([byte[0] ^ 0x40]))
-        expected, named = "CRC-32", deltas
-    else:
-        with open(base, "r+b") as handle:
-            handle.seek(-8, os.SEEK_END)
-            handle.write(b"\x00" * 8)
-        expected, named = "SHA-256", base
+    expected, named = damage_rows(tmp_path / "relex-store", damage)
     resumed = _lm_trainer(tmp_path, tok, [RelexCallback(**DISK)])
     with pytest.raises(StoreError, match=expected) as info:
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
