@@ -534,14 +534,8 @@ class CheckpointRows:
     def directory(self) -> Path:
         return self.file.directory
 
-    @property
-    def disk_nbytes(self) -> int:
-        return self.file.disk_nbytes
-
     def _referenced(self) -> set[int]:
         """Slots that a checkpoint state of this run on disk references (rotated-away checkpoints drop out)."""
-        from safetensors import safe_open
-
         used, alive = set(), []
         for name in self.checkpoints:
             try:
