@@ -604,6 +604,10 @@ class CheckpointRows:
         """
         state_path = Path(state_path)
         beside = (state_path.resolve().parent / reference.get("relative_directory", ROWS_DIR_NAME)).resolve()
+        index_name = f"index-rank{rank:05d}-of-{world:05d}.json"
+        if _read_json(beside / index_name, {}).get("run_id") != reference["run_id"] and \
+                _read_json(Path(reference["directory"]) / index_name, {}).get("run_id") == reference["run_id"]:
+            beside = Path(reference["directory"])  # a checkpoint copied next to another run's rows
         rows = cls(buffer, beside, rank, world)
         store = rows.file
         store.load_reference(reference, keep, state_path, truncate=False, fix=_ROWS_FIX,

@@ -203,3 +203,15 @@ def test_budget_error_sizes_jump_mode_by_its_buffer_capacity():
     with pytest.raises(MemoryError, match="fewer tracked tensors") as info:
         engine.attach(model)
     assert "settings that fit" not in str(info.value)
+
+
+def test_checkpoint_copied_beside_another_runs_rows_uses_its_own(tmp_path, tok):
+    straight = lm_trainer(tmp_path / "a", tok, [RelexCallback(**HALT)], save_steps=2)
+    straight.train()
+    lm_trainer(tmp_path / "b", tok, [RelexCallback(**HALT), StopAt(4)], save_steps=2).train()
+    lm_trainer(tmp_path / "c", tok, [RelexCallback(**HALT), StopAt(2)], save_steps=2, seed=1).train()  # other rows
+    shutil.copytree(tmp_path / "b" / "checkpoint-4", tmp_path / "c" / "checkpoint-4")
+    resumed_cb = RelexCallback(**HALT)
+    resumed = lm_trainer(tmp_path / "c", tok, [resumed_cb], save_steps=100)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "c" / "checkpoint-4"))
+    assert_equal(weights(resumed), weights(straight))
