@@ -34,9 +34,9 @@ class Preflight:
     snapshots: int  # T
     buffer_device: str
     memory_bytes: int  # host or GPU memory held by the buffer (disk store: θ_0, staging row, read block)
-    disk_bytes: int  # the disk store's files at the full window, twice its rows in jump mode (0 for an in-memory buffer)
-    checkpoint_bytes: int  # what one checkpoint adds at the full window (the disk store: a reference only)
-    write_bytes_per_snapshot: int  # appended to the store per recorded step (0 in memory)
+    disk_bytes: int  # the store's files (in memory: the run's row file, relex-rows) at the full window, twice its rows in jump mode
+    checkpoint_bytes: int  # what one checkpoint adds at the full window: a reference to rows written once per run
+    write_bytes_per_snapshot: int  # written once per recorded step (in memory: at the next checkpoint save)
     fit_seconds: float  # expected Gram + combine passes, one CPU core
 
     def summary_line(self) -> str:
@@ -60,13 +60,10 @@ def preflight(numels: Sequence[int], config: RelexConfig, world_size: int = 1) -
     snapshots = config.buffer_capacity
     itemsize = DeltaBuffer.bytes_needed([1], 1, config.buffer_dtype) - 4
     stored = elements * snapshots * itemsize
-    if config.buffer_device == "disk":
-        memory, disk = store_footprint(numels, snapshots, config.buffer_dtype, FIT_READ_BYTES,
-                                       drops_rows=config.mode == "jump")
-        checkpoint, written = 16 * 1024 + 16 * snapshots, elements * itemsize
-    else:
-        memory, disk = DeltaBuffer.bytes_needed(numels, snapshots, config.buffer_dtype), 0
-        checkpoint, written = memory, 0
+    memory, disk = store_footprint(numels, snapshots, config.buffer_dtype, FIT_READ_BYTES, drops_rows=config.mode == "jump")
+    checkpoint, written = 16 * 1024 + 16 * snapshots, elements * itemsize
+    if config.buffer_device != "disk":  # the row file that checkpoints reference has the store's layout
+        memory = DeltaBuffer.bytes_needed(numels, snapshots, config.buffer_dtype)
     fit = FIT_SECONDS_PER_STORED_BYTE * stored + FIT_SECONDS_PER_GRAM_MAC * snapshots**2 * elements
     return Preflight(elements=elements, world_size=world_size, snapshots=snapshots, buffer_device=config.buffer_device,
                      memory_bytes=memory, disk_bytes=disk, checkpoint_bytes=checkpoint,

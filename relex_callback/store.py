@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 from .buffer import _DTYPES, DeltaBuffer, TrackedTensor, format_bytes, write_delta
 
-__all__ = ["DiskDeltaStore", "StoredStack", "StoreError", "STORE_FORMAT", "FIT_READ_BYTES", "store_file_names", "store_footprint"]
+__all__ = ["CheckpointRows", "DiskDeltaStore", "StoredStack", "StoreError", "ROWS_DIR_NAME", "STORE_FORMAT", "FIT_READ_BYTES", "store_file_names", "store_footprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -250,9 +250,15 @@ class DiskDeltaStore(DeltaBuffer):
             base = torch.empty(item.numel, dtype=torch.float32, pin_memory=pin)
             base.copy_(item.view())
             self.theta0[item.name] = base
+        self._create_files()
+        if self._staging is None:
+            self._staging = torch.empty(self.row_elements, dtype=self.dtype, pin_memory=pin)
+
+    def _create_files(self) -> None:
+        """Write ``self.theta0`` as the θ_0 file and a new, empty deltas file under a new run id (each tmp + rename)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.deltas_path.exists():
-            logger.warning("RELEX: replacing the delta store of an earlier run in %s; checkpoints of that run can no "
+            logger.warning("RELEX: replacing the delta rows of an earlier run in %s; checkpoints of that run can no "
                            "longer resume RELEX", self.directory)
         self.run_id = uuid.uuid4().hex
         tmp = self.base_path.with_name(self.base_path.name + ".tmp")
@@ -271,8 +277,6 @@ class DiskDeltaStore(DeltaBuffer):
         tmp.replace(self.deltas_path)
         self.data_start = len(header)
         self._open()
-        if self._staging is None:
-            self._staging = torch.empty(self.row_elements, dtype=self.dtype, pin_memory=pin)
 
     @torch.no_grad()
     def record(self, step: float) -> None:
@@ -389,9 +393,11 @@ class DiskDeltaStore(DeltaBuffer):
         }
 
     @torch.no_grad()
-    def load_reference(self, reference: dict[str, Any], keep: int, checkpoint: Path) -> None:
+    def load_reference(self, reference: dict[str, Any], keep: int, checkpoint: Path, *, truncate: bool = True,
+                       fix: str | None = None, relocate: str = "point store_dir at where it is now") -> None:
         """Restore θ_0 and the first ``keep`` rows a checkpoint references, after checking θ_0's SHA-256 and every
-        row's header and CRC-32; the file is cut after the last kept row, so recording continues from there.
+        row's header and CRC-32; ``truncate``: the file is cut after the last kept row, so recording continues from
+        there (else new rows go after the file's last whole record). ``fix``/``relocate``: the advice of the errors.
 
         Raises:
             StoreError: a file is missing, truncated, corrupted or from another run (names the file and the fix).
@@ -402,13 +408,13 @@ class DiskDeltaStore(DeltaBuffer):
             raise StoreError(
                 f"{checkpoint} refers to the RELEX delta store file {reference['deltas_file']} in "
                 f"{reference['directory']}, which does not exist (nor in {self.directory}). Restore that directory, or "
-                "point store_dir at where it is now.")
+                f"{relocate}.")
         if found[0] != self.directory:
             logger.info("RELEX: using the delta store %s named by %s", found[0], checkpoint)
             self.directory = found[0]
             self.base_path, self.deltas_path = found[0] / self.base_path.name, found[0] / self.deltas_path.name
-        fix = (f"Resume from a checkpoint whose store is intact, or restart the run without resume_from_checkpoint "
-               f"(the store in {self.directory} is then rebuilt).")
+        fix = fix or (f"Resume from a checkpoint whose store is intact, or restart the run without resume_from_checkpoint "
+                      f"(the store in {self.directory} is then rebuilt).")
         if not self.base_path.is_file() or _sha256(self.base_path) != reference["base_sha256"]:
             raise StoreError(f"{self.base_path} (θ_0) is missing or its SHA-256 differs from the one {checkpoint} recorded: "
                              f"the base weights changed since the checkpoint was written. {fix}")
@@ -433,9 +439,12 @@ class DiskDeltaStore(DeltaBuffer):
         size = os.fstat(self._fd).st_size
         for row, crc, step in zip(rows, crcs, steps, strict=True):
             self._check_row(row, crc, step, size, fix)
-        self.next_row = (max(rows) + 1) if rows else 0
-        os.ftruncate(self._fd, self._row_offset(self.next_row))
-        os.fsync(self._fd)
+        if truncate:
+            self.next_row = (max(rows) + 1) if rows else 0
+            os.ftruncate(self._fd, self._row_offset(self.next_row))
+            os.fsync(self._fd)
+        else:
+            self.next_row = max(0, size - self.data_start) // self.record_bytes
         self.rows, self.steps = list(rows), [float(s) for s in steps]
         self.row_crc32 = dict(zip(rows, crcs, strict=True))
         self._checkpointed = set(rows)
@@ -485,3 +494,135 @@ class DiskDeltaStore(DeltaBuffer):
         if running != crc or stored_crc != crc:
             raise StoreError(f"{self.deltas_path} row {row} (step {step:g}) fails its CRC-32 check (stored {stored_crc:#010x}, "
                              f"payload {running:#010x}, checkpoint {crc:#010x}): the file is corrupted. {fix}")
+
+
+ROWS_DIR_NAME = "relex-rows"
+"""The run-level row file of an in-memory buffer, beside the checkpoints (``{output_dir}/relex-rows``)."""
+ROWS_FORMAT = 1
+_ROWS_FIX = ("Resume from a checkpoint whose RELEX rows are intact, or set start_step to this checkpoint's step to "
+             "restart the observation from its weights.")
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+class CheckpointRows:
+    """The rows of an in-memory :class:`~relex_callback.buffer.DeltaBuffer` written once per run, for checkpoints.
+
+    In ``directory`` (per process, the disk store's file layout): θ_0 in fp32 (``base-…safetensors``, written at
+    the first save after θ_0 is captured) and one fixed-size record per snapshot Δ_t (``deltas-…bin``), written at
+    the first checkpoint save that holds it. A checkpoint's state (format 3) then names θ_0's SHA-256 and the
+    records of its rows (slot, step, CRC-32) instead of copying them: the RELEX state of all checkpoints of a
+    halt-mode run costs one copy of θ_0 and the T deltas. A slot is rewritten only when neither the buffer nor a
+    checkpoint state listed in ``index-…json`` that still exists references it (rows that jump mode's thinning or
+    rolling ``window`` dropped, checkpoints rotated away by ``save_total_limit``).
+    """
+
+    def __init__(self, buffer: DeltaBuffer, directory: str | os.PathLike, rank: int = 0, world: int = 1) -> None:
+        self.buffer = buffer
+        dtype = str(buffer.dtype).removeprefix("torch.")
+        self.file = DiskDeltaStore(buffer.tracked, buffer.capacity, dtype, Path(directory).resolve(), rank, world)
+        self.slots: dict[float, tuple[int, int]] = {}  # step -> (slot, CRC-32) of the buffer's rows in the file
+        self.index_path = self.file.directory / f"index-rank{rank:05d}-of-{world:05d}.json"
+        self.checkpoints: list[str] = []  # state files of this run that reference the file
+
+    @property
+    def directory(self) -> Path:
+        return self.file.directory
+
+    def _referenced(self) -> set[int]:
+        """Slots that a checkpoint state of this run on disk references (rotated-away checkpoints drop out)."""
+        used, alive = set(), []
+        for name in self.checkpoints:
+            try:
+                with safe_open(name, framework="pt") as handle:
+                    reference = json.loads((handle.metadata() or {}).get("rows", "null"))
+            except Exception:  # gone or replaced by a non-RELEX file: it references nothing
+                continue
+            if isinstance(reference, dict) and reference.get("run_id") == self.file.run_id:
+                used.update(reference["rows"])
+                alive.append(name)
+        self.checkpoints = alive
+        return used
+
+    @torch.no_grad()
+    def save(self, state_path: Path) -> dict[str, Any]:
+        """Write the buffer's rows not yet in the file (θ_0 too, the first time), fsync, list ``state_path`` in the
+        index; returns the reference that ``state_path`` records (the caller writes it after this returns)."""
+        buffer, store = self.buffer, self.file
+        if store.run_id is None:
+            store.theta0 = {item.name: buffer.theta0[item.name].detach().cpu() for item in buffer.tracked}
+            store._create_files()
+            store.theta0 = {}
+            self.slots, self.checkpoints = {}, []
+        self.slots = {step: self.slots[step] for step in buffer.steps if step in self.slots}
+        used = self._referenced() | {slot for slot, _ in self.slots.values()}
+        if store._staging is None and len(self.slots) < len(buffer.steps):
+            store._staging = torch.empty(store.row_elements, dtype=store.dtype)
+        for row, step in enumerate(buffer.steps):
+            if step in self.slots:
+                continue
+            slot = next((s for s in range(store.next_row) if s not in used), store.next_row)
+            store.next_row = max(store.next_row, slot + 1)
+            for index, item in enumerate(buffer.tracked):
+                store._staging[store.offsets[index] : store.offsets[index + 1]].copy_(buffer.deltas[item.name][row])
+            self.slots[step] = (slot, store._append(slot, float(step)))
+            used.add(slot)
+        os.fsync(store._fd)
+        name = str(Path(state_path).resolve())
+        self.checkpoints = [c for c in self.checkpoints if c != name] + [name]
+        tmp = self.index_path.with_name(self.index_path.name + ".tmp")
+        with open(tmp, "w") as handle:  # before the state that it lists: a crash leaves a harmless extra entry
+            handle.write(json.dumps({"run_id": store.run_id, "checkpoints": self.checkpoints}))
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(self.index_path)
+        return {
+            "format": ROWS_FORMAT, "directory": str(store.directory), "relative_directory":
+                os.path.relpath(store.directory, Path(state_path).resolve().parent),
+            "run_id": store.run_id, "base_file": store.base_path.name, "base_sha256": store.base_sha256,
+            "deltas_file": store.deltas_path.name, "dtype": store.dtype_name, "payload_bytes": store.payload_bytes,
+            "rows": [self.slots[s][0] for s in buffer.steps], "row_crc32": [self.slots[s][1] for s in buffer.steps],
+            "steps": list(buffer.steps),
+        }
+
+    @classmethod
+    @torch.no_grad()
+    def load(cls, buffer: DeltaBuffer, reference: dict[str, Any], keep: int, state_path: Path, rank: int = 0,
+             world: int = 1) -> "CheckpointRows":
+        """θ_0 and the first ``keep`` rows that ``state_path`` references, checked (θ_0's SHA-256, each row's header
+        and CRC-32) and copied into ``buffer``; the row file is found beside the checkpoint first (a moved run),
+        else where it was written.
+
+        Raises:
+            StoreError: the file is missing, truncated, from another run, or a row it references was reused or
+                damaged (names the file and the fix).
+        """
+        state_path = Path(state_path)
+        beside = (state_path.resolve().parent / reference.get("relative_directory", ROWS_DIR_NAME)).resolve()
+        index_name = f"index-rank{rank:05d}-of-{world:05d}.json"
+        if _read_json(beside / index_name, {}).get("run_id") != reference["run_id"] and \
+                _read_json(Path(reference["directory"]) / index_name, {}).get("run_id") == reference["run_id"]:
+            beside = Path(reference["directory"])  # a checkpoint copied next to another run's rows
+        rows = cls(buffer, beside, rank, world)
+        store = rows.file
+        store.load_reference(reference, keep, state_path, truncate=False, fix=_ROWS_FIX,
+                             relocate="set start_step to this checkpoint's step to restart the observation from its weights")
+        tensors = {}
+        for item in buffer.tracked:
+            tensors[f"theta0/{item.name}"] = store.theta0[item.name]
+            tensors[f"deltas/{item.name}"] = store.stack(item.name).to(store.dtype)
+        steps = [float(s) for s in reference["steps"][:keep]]
+        buffer.load_state_tensors(tensors, steps)
+        store.theta0 = {}
+        store._stage = None
+        rows.slots = {step: (slot, crc) for step, slot, crc in
+                      zip(steps, reference["rows"][:keep], reference["row_crc32"][:keep], strict=True)}
+        rows.index_path = store.directory / rows.index_path.name
+        index = _read_json(rows.index_path, {})
+        rows.checkpoints = list(index.get("checkpoints", [])) if index.get("run_id") == store.run_id else []
+        return rows

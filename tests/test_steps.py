@@ -7,6 +7,7 @@ RELEX prediction at step K is θ_0 + K·d exactly; a probe with a known best can
 from __future__ import annotations
 
 import json
+import shutil
 
 import torch
 from safetensors.torch import load_file
@@ -92,3 +93,41 @@ def test_resume_without_saved_state_restarts_the_window_from_the_current_weights
     written = load_file(str(tmp_path / "relex-step16" / "model.safetensors"))
     expected = _line(base, direction, 16)  # still on the line: a straight path from any origin
     assert max(float((written[n] - expected[n]).abs().max()) for n in expected) < 1e-4
+
+
+def test_verl_layout_checkpoints_reference_rows_written_once_and_resume_bit_exact(tmp_path):
+    """verl saves each window into ``global_step_N/relex/``: the rows go once into ``{output_root}/relex-rows``
+    (not into each checkpoint), and a fresh driver resumed from ``global_step_2/relex`` writes the same model."""
+    generator = torch.Generator().manual_seed(3)
+    model = tiny_qwen2()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    direction = {n: 1e-3 * torch.randn(p.shape, generator=generator) for n, p in base.items()}
+    config = RelexConfig(observe=OBSERVE, extrapolate_to=[16], buffer_dtype="float32")
+
+    def run(root, first_step, resume_dir=None):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(_line(base, direction, first_step)[name])
+        driver = StepDriver(config)
+        driver.begin(model, first_step, root, resume_dir=resume_dir)
+        for step in range(first_step + 1, OBSERVE + 1):
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.copy_(_line(base, direction, step)[name])
+            driver.after_step(step)
+            driver.save(root / f"global_step_{step}" / "relex")
+        driver.close()
+        return driver, load_file(str(root / "relex-step16" / "model.safetensors"))
+
+    driver, expected = run(tmp_path / "a", 0)
+    states = list((tmp_path / "a").glob("global_step_*/relex/relex_state.safetensors"))
+    rows = list((tmp_path / "a" / "relex-rows").iterdir())
+    assert len(states) == OBSERVE and all(p.stat().st_size < 20_000 for p in states)
+    total = sum(p.stat().st_size for p in states + rows)
+    assert driver.engine.buffer.nbytes <= total <= 1.5 * driver.engine.buffer.nbytes  # format 1: θ_0 and every row so far, each time
+    (tmp_path / "b").mkdir()
+    for name in ("global_step_2", "relex-rows"):  # a run moved elsewhere: its row file is found beside the checkpoint
+        shutil.copytree(tmp_path / "a" / name, tmp_path / "b" / name)
+    resumed, written = run(tmp_path / "b", 2, resume_dir=tmp_path / "b" / "global_step_2" / "relex")
+    assert resumed.engine.checkpoint_rows.directory == (tmp_path / "b" / "relex-rows").resolve()
+    assert written.keys() == expected.keys() and all(torch.equal(written[n], expected[n]) for n in expected)

@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,9 +41,9 @@ from ..distributed import (
 from ..export import check_output_location
 from ..math.core import TrajectoryFit, combine, fit_trajectory, prediction_weights, select_power
 from ..math.diagnostic import WindowDiagnostic, diagnose_window, trend_predictor
-from ..options import BUFFER_DTYPES, TREND_KINDS
+from ..options import BUFFER_DTYPES, TREND_KINDS, min_snapshots
 from ..preflight import Preflight, preflight
-from ..store import DiskDeltaStore, byte_view, store_footprint
+from ..store import ROWS_DIR_NAME, CheckpointRows, DiskDeltaStore, byte_view, store_footprint
 from .candidate import Candidate, TrendSpec
 from .horizon import HorizonSearch, ProbeFailed, search_horizon, standard_error
 from .report import backtest_section, horizon_warning, new_report
@@ -53,11 +53,12 @@ __all__ = ["RelexEngine", "BufferPlan", "Probe", "STATE_FILE_NAME", "STATE_FORMA
 logger = logging.getLogger(__name__)
 
 STATE_FILE_NAME = "relex_state.safetensors"
-STATE_FORMAT_VERSION = 2
-"""The newest state format: 2 references rows of a disk store (metadata ``"store"``); 1 holds θ_0 and the deltas
-themselves (in-memory buffers, written as 1 so older versions still read them)."""
-_INLINE_STATE_FORMAT = 1
-_READABLE_STATE_FORMATS = (1, 2)
+STATE_FORMAT_VERSION = 3
+"""The newest state format: 3 references rows of the run's row file of an in-memory buffer (metadata ``"rows"``,
+:class:`~relex_callback.store.CheckpointRows`); 2 references rows of a disk store (metadata ``"store"``); 1 holds
+θ_0 and the deltas themselves (written by older versions; still read)."""
+_STORE_STATE_FORMAT = 2
+_READABLE_STATE_FORMATS = (1, 2, 3)
 _DAMAGED_STATE_FIX = ("Resume from an earlier checkpoint, or set start_step to this checkpoint's step to restart the "
                       "observation from its weights.")
 _RESUME_KEYS = ("start_step", "snapshot_every", "buffer_dtype", "include", "exclude")
@@ -209,6 +210,7 @@ class RelexEngine:
         self.grams: list[tuple[str, torch.Tensor]] = []  # the last fit's Grams, summed over processes (T×T each)
         self.diagnostic: WindowDiagnostic | None = None  # the last fit's window diagnostic
         self.preflight: Preflight | None = None  # the cost estimate of this process, set by attach()
+        self.checkpoint_rows: CheckpointRows | None = None  # the run's row file that checkpoints reference
 
     # -- the buffer -----------------------------------------------------------------------------------------
 
@@ -278,13 +280,19 @@ class RelexEngine:
         return self.buffer
 
     def _budget_message(self, plan: BufferPlan, numels: list[int]) -> str:
+        """The refusal of a buffer over budget, with settings that fit: each one a ``RelexConfig`` accepts (T =
+        observe / snapshot_every ≥ ``min_snapshots(rank, fit)``), sized by that config's buffer capacity."""
         cfg = self.config
         fits = []
         for dtype in BUFFER_DTYPES:
             for every in sorted({cfg.snapshot_every, cfg.snapshot_every * 2, cfg.snapshot_every * 5}):
-                if cfg.observe % every or cfg.observe // every < cfg.rank + 1:
+                if cfg.observe % every or cfg.observe // every < min_snapshots(cfg.rank, cfg.fit):
                     continue
-                if DeltaBuffer.bytes_needed(numels, cfg.observe // every, dtype) <= plan.budget:
+                try:
+                    capacity = replace(cfg, buffer_dtype=dtype, snapshot_every=every).buffer_capacity
+                except (TypeError, ValueError):  # another rule of the config refuses it (e.g. jump mode's window)
+                    continue
+                if DeltaBuffer.bytes_needed(numels, capacity, dtype) <= plan.budget:
                     fits.append(f"buffer_dtype={dtype!r}, snapshot_every={every}")
         fixes = [f"settings that fit: {'; '.join(fits[:4])}"] if fits else []
         if plan.where == "GPU":
@@ -298,6 +306,7 @@ class RelexEngine:
 
     def capture_base(self, step: int) -> None:
         self.buffer.capture_base()
+        self.checkpoint_rows = None  # a new θ_0: the next checkpoint starts a new row file
         logger.info("RELEX: captured θ_0 at step %d", step)
 
     def record(self, step: float) -> None:
@@ -321,14 +330,17 @@ class RelexEngine:
 
     # -- saved state ----------------------------------------------------------------------------------------
 
-    def save_state(self, checkpoint_dir: str | Path, metadata: dict[str, str] | None = None) -> Path:
-        """Write this process's saved state into ``checkpoint_dir`` (atomically): θ_0 and the recorded deltas of an
-        in-memory buffer, or, for the disk store, only which of its rows the checkpoint covers (rows, CRC-32s, θ_0's
-        SHA-256)."""
+    def save_state(self, checkpoint_dir: str | Path, metadata: dict[str, str] | None = None,
+                   rows_dir: str | Path | None = None) -> Path:
+        """Write this process's saved state into ``checkpoint_dir`` (atomically): which rows the checkpoint covers
+        (rows, CRC-32s, θ_0's SHA-256), never the rows themselves. An in-memory buffer first writes the rows the
+        run's row file lacks into ``rows_dir`` (default ``{checkpoint_dir}/../relex-rows``), each once per run
+        (:class:`~relex_callback.store.CheckpointRows`); the disk store holds them already. The metadata carries
+        its own CRC-32."""
         path = state_file(Path(checkpoint_dir))
         rank, world = world_info()
         values = {
-            "format_version": str(_INLINE_STATE_FORMAT),
+            "format_version": str(STATE_FORMAT_VERSION),
             "steps": json.dumps(self.buffer.steps),
             "config": json.dumps(self.config.to_dict()),
             "rank": str(rank),
@@ -336,13 +348,15 @@ class RelexEngine:
             **(metadata or {}),
         }
         if isinstance(self.buffer, DiskDeltaStore):  # the rows are on disk already: reference them, copy nothing
-            values.update(format_version=str(STATE_FORMAT_VERSION), store=json.dumps(self.buffer.reference()))
-            tensors = {}
+            values.update(format_version=str(_STORE_STATE_FORMAT), store=json.dumps(self.buffer.reference()))
         else:
-            tensors = self.buffer.state_tensors()
-            values["crc32"] = json.dumps({name: zlib.crc32(byte_view(t)) for name, t in tensors.items()})
+            rows_dir = Path(rows_dir or Path(checkpoint_dir).resolve().parent / ROWS_DIR_NAME).resolve()
+            if self.checkpoint_rows is None or self.checkpoint_rows.directory != rows_dir:
+                self.checkpoint_rows = CheckpointRows(self.buffer, rows_dir, rank, world)
+            values["rows"] = json.dumps(self.checkpoint_rows.save(path))
+        values["metadata_crc32"] = str(_metadata_crc32(values))
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=values)
+        save_file({}, str(tmp), metadata=values)
         tmp.replace(path)
         return path
 
@@ -357,6 +371,8 @@ class RelexEngine:
         version = int(metadata.get("format_version", "0"))
         if version not in _READABLE_STATE_FORMATS:
             raise ValueError(f"{path} has RELEX state format {version}; this version reads {_READABLE_STATE_FORMATS}.")
+        if "metadata_crc32" in metadata and str(_metadata_crc32(metadata)) != metadata["metadata_crc32"]:
+            raise ValueError(f"{path} fails its CRC-32 check: the RELEX state is corrupted. {_DAMAGED_STATE_FIX}")
         return metadata
 
     def load_state(self, path: Path, metadata: dict[str, str], up_to_step: float) -> None:
@@ -381,6 +397,13 @@ class RelexEngine:
             logger.info("RELEX: restored θ_0 and %d snapshots from the delta store %s (checked against %s)", len(steps),
                         self.buffer.directory, path)
             return
+        if "rows" in metadata:
+            self.checkpoint_rows = CheckpointRows.load(self.buffer, json.loads(metadata["rows"]), len(steps), path,
+                                                       *world_info())
+            logger.info("RELEX: restored θ_0 and %d snapshots from the row file in %s (checked against %s)", len(steps),
+                        self.checkpoint_rows.directory, path)
+            return
+        self.checkpoint_rows = None  # format 1 (older versions): θ_0 and the deltas inline
         try:
             tensors = load_file(str(path))
         except Exception as err:  # a data section cut short: safetensors raises its own error type
@@ -793,6 +816,12 @@ class RelexEngine:
         report["diagnostic"] = None if diagnostic is None else diagnostic.as_dict()
         candidate.report = report
         return report
+
+
+def _metadata_crc32(metadata: dict[str, str]) -> int:
+    """CRC-32 of a state's metadata (sorted, without its own ``metadata_crc32``): a flipped byte is refused."""
+    body = json.dumps({k: v for k, v in metadata.items() if k != "metadata_crc32"}, sort_keys=True)
+    return zlib.crc32(body.encode())
 
 
 def finite_or_none(value: float | None) -> float | None:

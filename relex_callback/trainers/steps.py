@@ -31,7 +31,7 @@ from ..export import REPORT_NAME, atomic_directory, check_output_dir, write_json
 from ..math.core import TREND_KINDS, TrajectoryFit
 from ..options import CANDIDATE_FAMILIES
 from ..probe import choose_candidate
-from ..store import DiskDeltaStore
+from ..store import ROWS_DIR_NAME, DiskDeltaStore
 from .jump import JumpController
 
 __all__ = ["StepClock", "StepDriver", "StepOutcome", "choose_with_probe", "fit_and_choose", "halt_metrics",
@@ -365,13 +365,14 @@ class StepDriver:
     # -- saved state ----------------------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path | None:
-        """Write this process's θ_0 and recorded deltas (and the jump bookkeeping) into ``directory``."""
+        """Write this process's RELEX state (and the jump bookkeeping) into ``directory``: a reference to rows that
+        an in-memory buffer writes once per run into ``{output_root}/relex-rows`` (the disk store: its own rows)."""
         if not self.engine.ready:
             return None
         Path(directory).mkdir(parents=True, exist_ok=True)
         extra = {"jump": json.dumps(self.jump.state_dict())} if self.jump is not None else {}
         extra["halted"] = json.dumps(self.halted)
-        return self.engine.save_state(directory, extra)
+        return self.engine.save_state(directory, extra, rows_dir=self.output_root / ROWS_DIR_NAME)
 
     def _resume(self, step: int, resume_dir: str | Path | None) -> None:
         cfg = self.config

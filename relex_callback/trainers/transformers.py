@@ -25,7 +25,7 @@ from ..math.core import TREND_KINDS, TrajectoryFit
 from ..offline.plots import write_fit_plots
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
 from ..probe import RewardProbe
-from ..store import DiskDeltaStore
+from ..store import ROWS_DIR_NAME, DiskDeltaStore
 from .jump import JumpController
 from .steps import StepClock, fit_and_choose, halt_metrics, restart_window, restore_window, write_model_dir
 
@@ -71,9 +71,9 @@ class RelexCallback(TrainerCallback, ExportableState):
     ```
 
     Resuming: the callback writes ``relex_state.safetensors`` into every ``checkpoint-N/`` and reloads it on
-    ``trainer.train(resume_from_checkpoint=...)``; its JSON state also goes into ``trainer_state.json``. With an
-    in-memory buffer that file holds θ_0 and every recorded delta; with ``buffer_device="disk"`` it only names
-    the rows of the delta store (``store_dir``) it covers, so checkpoints stay a few KB.
+    ``trainer.train(resume_from_checkpoint=...)``; its JSON state also goes into ``trainer_state.json``. That file
+    only names θ_0's SHA-256 and the rows Δ_t it covers (CRC-32s), so checkpoints stay a few KB: an in-memory
+    buffer writes each row once per run into ``{output_dir}/relex-rows``, the disk store keeps them in ``store_dir``.
     """
 
     _instances: list[weakref.ref] = []
@@ -328,10 +328,11 @@ class RelexCallback(TrainerCallback, ExportableState):
         return sum(values) / len(values) if values else None
 
     def save_state(self, checkpoint_dir: str | Path) -> Path:
-        """Write this process's RELEX state into ``checkpoint_dir`` (the deltas, or with ``buffer_device="disk"`` a
-        reference to the store's rows)."""
+        """Write this process's RELEX state into ``checkpoint_dir``: a reference to rows written once per run (an
+        in-memory buffer's into ``{output_dir}/relex-rows``; with ``buffer_device="disk"`` the store's)."""
         extra = {"jump": json.dumps(self.jump.state_dict())} if self.jump is not None else {}
-        return self.engine.save_state(checkpoint_dir, extra)
+        rows_dir = Path(self._args.output_dir) / ROWS_DIR_NAME if self._args is not None else None
+        return self.engine.save_state(checkpoint_dir, extra, rows_dir=rows_dir)
 
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
         cfg = self.config
