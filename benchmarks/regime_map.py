@@ -18,7 +18,6 @@ record of each step.
 
 Memory: a large-batch run (64 completions per step) peaks at 12.4-13.4 GB resident (GNU ``time -v``), so on a
 23 GB machine only one runs at a time: a second one started beside it was killed by the kernel at its first step.
-A small-batch run needs about 3 GB.
 """
 
 from __future__ import annotations
