@@ -9,7 +9,9 @@ extrapolated model. Runs on CPU in a few minutes; nothing is downloaded.
     python examples/grpo_smollm2.py --observe 8 --target 16 --output-dir runs/smollm2
 
 Run it again and it replaces its own earlier output in the default folder (``runs/smollm2-grpo``); an
-``--output-dir`` that is not empty needs ``--overwrite``. Either way the check comes before any work.
+``--output-dir`` that is not empty needs ``--overwrite``. Every option is checked before any folder is touched,
+and an earlier run is only set aside (``.earlier-run/``) until the new one has written its summary: a run that
+fails puts it back, and the next run restores what a killed run left aside.
 """
 
 from __future__ import annotations
@@ -198,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = check_output_dir(args.output_dir, args.overwrite)
     if args.check_output:
         return
-    with replacing_earlier_run(output_dir, explicit=args.output_dir is not None):
+    import warnings
+
+    with replacing_earlier_run(output_dir, explicit=args.output_dir is not None), warnings.catch_warnings():
         run(args, output_dir)
 
 
@@ -209,8 +213,11 @@ def _quiet_third_party() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(?!relex_callback)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "transformers", "trl", "accelerate", "torch", "DeepSpeed"):
+    for noisy in ("httpx", "transformers", "trl", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DeepSpeed, when installed, is imported by accelerate and prints which accelerator it found (the demo does not
+    # use it); its logger keeps this filter when DeepSpeed sets it up.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.filename != "real_accelerator.py")
 
 
 def _differs_line(observed: float, extrapolated: float, n: int, observe: int, target: int) -> str:
@@ -235,6 +242,9 @@ def run(args: argparse.Namespace, output_dir: Path) -> None:
     from relex_callback.offline import report_checkpoints
     from relex_callback.probe import RewardProbe
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
     torch.manual_seed(args.seed)
 
     if args.model is None:
