@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -183,8 +184,8 @@ def _relex_command() -> str:
     folder), else ``python -m relex_callback``."""
     script = Path(sys.executable).parent / "relex"
     if script.is_file():
-        return _short(script)
-    return f"{_short(Path(sys.executable))} -m relex_callback"
+        return shlex.quote(_short(script))
+    return f"{shlex.quote(_short(Path(sys.executable)))} -m relex_callback"
 
 
 def _short(path: Path) -> str:
@@ -315,9 +316,9 @@ def run(args: argparse.Namespace, output_dir: Path) -> None:
     cli = None
     if len(saved_steps) >= 3:  # the same diagnosis from the saved checkpoints, run here exactly as printed
         report_dir = output_dir / "report"
-        command = (f"{_relex_command()} report --base {_short(Path(base_dir))} --checkpoints "
-                   f"{_short(output_dir)}/checkpoint-* --target-step {args.target} --output {_short(report_dir)} "
-                   "--overwrite")
+        command = (f"{_relex_command()} report --base {shlex.quote(_short(Path(base_dir)))} --checkpoints "
+                   f"{shlex.quote(_short(output_dir))}/checkpoint-* --target-step {args.target} "
+                   f"--output {shlex.quote(_short(report_dir))} --overwrite")
         cli_report = report_checkpoints(base_dir, [output_dir / f"checkpoint-{s}" for s in saved_steps], report_dir,
                                         target_steps=[args.target], overwrite=True, progress=False)
         cli = {"command": command, "steps": saved_steps, "k_max": cli_report["diagnostic"]["k_max"],
