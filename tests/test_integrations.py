@@ -84,7 +84,7 @@ def test_help_imports_neither_torch_nor_trl():
     code = (
         "import runpy, sys, time\n"
         "began = time.perf_counter()\n"
-        f"sys.argv = ['grpo_relex.py', '--help']\n"
+        "sys.argv = ['grpo_relex.py', '--help']\n"
         "try:\n"
         f"    runpy.run_path({str(RECIPES / 'grpo_relex.py')!r}, run_name='__main__')\n"
         "except SystemExit as exit:\n"

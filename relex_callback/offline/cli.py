@@ -81,10 +81,7 @@ def _positive_int(text: str) -> int:
 
 def _target_step(text: str) -> int:
     """A target step of extrapolate/report: a training step >= 1 (a step inside the window keeps its warning)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer step") from None
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(
             f"{value} is not a training step: give a step >= 1, after the last checkpoint to extrapolate "
