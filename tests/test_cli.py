@@ -194,7 +194,8 @@ def test_bad_input_messages(run_dirs, tmp_path, capsys):
     err = _error(_extrapolate(base, [str(tmp_path / "empty")], out), capsys)
     assert "relex extrapolate: error: no checkpoints found in" in err
     err = _error(_extrapolate(base, [str(run / "checkpoint-1")], out), capsys)
-    assert "need at least 2 checkpoints to fit a trend, got 1" in err
+    assert "need at least 2 checkpoints to fit a trend, got 1 (step 1)" in err
+    assert "give --checkpoints (checkpoints) two or more checkpoint directories" in err
     err = _error(_extrapolate(base, [str(tmp_path / "missing")], out), capsys)
     assert "does not exist" in err
     err = _error(_extrapolate(base, [str(run)], out, "--steps", "1", "2"), capsys)
@@ -204,9 +205,9 @@ def test_bad_input_messages(run_dirs, tmp_path, capsys):
     err = _error(_extrapolate(base, [str(run)], out, "--max-memory", "1KB"), capsys)
     assert "too small" in err
     err = _error(_extrapolate(base, [str(run)], out, "--window", "1"), capsys)
-    assert "window=1 must be an int >= 2" in err
+    assert "--window 1 must be an int >= 2" in err
     err = _error(_extrapolate(base, [str(run)], out, "--shrink", "2"), capsys)
-    assert "shrink=2.0 must be in (0, 1]" in err
+    assert "--shrink 2.0 must be in (0, 1]" in err
     err = _error(["reconstruct", "--base", str(base), "--checkpoints", str(run), "--target-step", "9",
                   "--output", str(out)], capsys)
     assert "reconstruct needs observed steps; 9 not among the checkpoints" in err
@@ -309,3 +310,74 @@ def test_command_on_checkpoints_of_several_shards_matches_the_oracle(tmp_path):
         assert float((ours[name].double() - want).abs().max()) < 1e-5, name
     # the comparison can fail: the oracle one step earlier differs by far more than the tolerance
     assert max(float((ours[n].double() - elsewhere[n]).abs().max()) for n in expected) > 1e-3
+
+
+def test_targets_must_be_training_steps(run_dirs, tmp_path, capsys):
+    """--target-step 0 or -5 is refused (exit 2, nothing written); a target inside the window still runs, warned."""
+    base, run = run_dirs
+    out = tmp_path / "out"
+    for bad in ("-5", "0"):
+        for command in ("extrapolate", "report"):
+            err = _error([command, "--base", str(base), "--checkpoints", str(run), "--target-step", bad,
+                          "--output", str(out), "--no-progress"], capsys)
+            assert f"argument --target-step: {bad} is not a training step: give a step >= 1" in err
+            assert f"usage: relex {command}" in err
+    assert not out.exists()
+    from relex_callback.checkpoints import RelexInputError
+
+    with pytest.raises(RelexInputError, match="target step -5 is not a training step"):
+        offline.extrapolate_checkpoints(base, [run], [-5], out, progress=False)
+    assert not out.exists()
+    # negative control: step 3, inside the observed steps 1..5, is accepted with its warning
+    assert main(_extrapolate(base, [str(run)], out, "--target-step", "3", "-q")) == 0
+    report = json.loads((out / "relex_report.json").read_text())
+    assert report["target_step"] == 3 and any("this interpolates" in w for w in report["warnings"])
+
+
+def test_output_under_a_file_names_the_option(run_dirs, tmp_path, capsys):
+    base, run = run_dirs
+    (tmp_path / "file").write_text("not a folder")
+    err = _error(_extrapolate(base, [str(run)], tmp_path / "file" / "out"), capsys)
+    assert f"output directory {tmp_path / 'file' / 'out'} cannot be made: {tmp_path / 'file'} is a file" in err
+    assert "--output" in err and "Errno" not in err
+    err = _error(_extrapolate(base, [str(run)], tmp_path / "file"), capsys)
+    assert f"{tmp_path / 'file'} is a file" in err
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_misspellings_get_a_suggestion_and_the_commands_usage(run_dirs, tmp_path, capsys):
+    base, run = run_dirs
+    out = str(tmp_path / "out")
+    err = _error(["reprot", "--base", str(base)], capsys)
+    assert "invalid choice: 'reprot'" in err and err.rstrip().endswith("did you mean report?")
+    err = _error(["extrapolate", "--base", str(base), "--checkpoints", str(run), "--tagret-step", "20", "--output", out],
+                 capsys)
+    assert err.startswith("usage: relex extrapolate")
+    assert "(--tagret-step is not an option here: did you mean --target-step?)" in err
+    err = _error(_extrapolate(base, [str(run)], Path(out), "--ovewrite"), capsys)
+    assert err.startswith("usage: relex extrapolate")  # the command's usage, not the top-level one
+    assert "unrecognized arguments: --ovewrite (--ovewrite is not an option here: did you mean --overwrite?)" in err
+    err = _error(_extrapolate(base, [str(run)], Path(out), "--fit", "lienar"), capsys)
+    assert "did you mean linear?" in err
+    # negative control: nothing close, no suggestion
+    err = _error(_extrapolate(base, [str(run)], Path(out), "--zzzzzz"), capsys)
+    assert "unrecognized arguments: --zzzzzz" in err and "did you mean" not in err
+    assert not Path(out).exists()
+
+
+def test_snapshots_that_are_not_every_step_are_named(run_dirs, tmp_path, capsys):
+    """The CLI says which snapshots its K_max comes from, and that a callback seeing every step can differ."""
+    base, run = run_dirs
+    assert main(["report", "--base", str(base), "--checkpoints", str(run), "--no-plots", "--output",
+                 str(tmp_path / "all"), "--no-progress", "-q"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "all" / "relex_report.json").read_text())
+    k_max = report["diagnostic"]["k_max"]
+    assert f"supported horizon K_max = step {k_max} " in out and "from 5 snapshots at steps 1, 2, 3, 4, 5" in out
+    assert "note:" not in out  # every step 1..5: what a callback observing 5 steps sees
+    every_other = [str(run / f"checkpoint-{t}") for t in (2, 4, 5)]
+    assert main(["report", "--base", str(base), "--checkpoints", *every_other, "--no-plots", "--output",
+                 str(tmp_path / "some"), "--no-progress", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "from 3 snapshots at steps 2, 4, 5" in out
+    assert "note: these are not every step 1..5; a RelexCallback that observed every step" in out

@@ -154,29 +154,131 @@ def _earlier_run(directory: Path) -> None:
     (directory / "notes.txt").write_text("the user's own file")
 
 
-def test_demo_reruns_replace_its_own_output_and_keep_other_files(tmp_path, monkeypatch, capsys):
-    prepare = runpy.run_path(str(DEMO))["prepare_output_dir"]
-    monkeypatch.chdir(tmp_path)
-    default = Path("runs/smollm2-grpo")
-    assert prepare(None, overwrite=False) == default and capsys.readouterr().out == ""  # first run: nothing to say
-    _earlier_run(default)
-    assert prepare(None, overwrite=False, dry_run=True) == default  # scripts/demo.sh's check before the set-up
-    assert len(list(default.iterdir())) == 5 and capsys.readouterr().out == ""
-    assert prepare(None, overwrite=False) == default  # a second default run replaces the first, and says so
-    assert "holds an earlier run: replacing its 4 demo entries (pass --output-dir DIR to keep it)" in capsys.readouterr().out
-    assert [p.name for p in default.iterdir()] == ["notes.txt"]
+def _entries(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (hidden ones included) with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
+
+def test_demo_refuses_a_busy_explicit_folder_and_keeps_it(tmp_path, monkeypatch):
+    demo = runpy.run_path(str(DEMO))
+    monkeypatch.chdir(tmp_path)
+    assert demo["check_output_dir"](None, overwrite=False) == Path("runs/smollm2-grpo")  # nothing there yet
     mine = tmp_path / "mine"
     _earlier_run(mine)
-    for dry_run in (True, False):
-        with pytest.raises(SystemExit) as refused:  # an explicit folder is not replaced without --overwrite
-            prepare(mine, overwrite=False, dry_run=dry_run)
-    message = str(refused.value.code)
-    assert f"--output-dir {mine} is not empty" in message and "Pass --overwrite" in message
-    assert "overwrite=True" not in message  # the demo's flag, not the Python option
-    assert len(list(mine.iterdir())) == 5
-    assert prepare(mine, overwrite=True) == mine
-    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    before = _entries(mine)
+    with pytest.raises(SystemExit) as refused:  # an explicit folder is not replaced without --overwrite
+        demo["main"](["--output-dir", str(mine)])
+    assert refused.value.code == 2 and _entries(mine) == before
+    assert demo["check_output_dir"](mine, overwrite=True) == mine
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file", tmp_path / "file" / "out"):
+        with pytest.raises(SystemExit):
+            demo["check_output_dir"](bad, overwrite=True)
+
+
+BAD_DEMO_ARGUMENTS = [
+    (["--observe", "0"], "--observe 0 must be >= 1"),
+    (["--target", "8"], "--target 8 must be after the observed steps (> --observe 8)"),
+    (["--target", "-5"], "--target -5 must be after the observed steps"),
+    (["--heldout", "0"], "--heldout 0 must be >= 1"),
+    (["--max-operand", "0"], "--max-operand 0 must be >= 1"),
+    (["--max-operand", "2", "--heldout", "6"], "--heldout 6 leaves 0 of the 6 problems"),
+    (["--lr", "0"], "--lr 0.0 must be a number > 0"),
+    (["--lr", "nan"], "--lr nan must be a number > 0"),
+    (["--prompts-per-step", "0"], "--prompts-per-step 0 must be >= 1"),
+    (["--generations", "1"], "--generations 1 must be >= 2"),
+    (["--save-every", "-1"], "--save-every -1 must be >= 0"),
+    (["--model", "no-such-model"], "--model no-such-model is not a local model directory"),
+    (["--observe", "x"], "argument --observe: invalid int value: 'x'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_DEMO_ARGUMENTS)
+def test_demo_refuses_each_bad_argument_before_touching_the_earlier_run(tmp_path, monkeypatch, capsys, argv, message):
+    """The issue's data loss: a bad option on a folder holding an earlier run used to delete that run first."""
+    demo = runpy.run_path(str(DEMO))
+    monkeypatch.chdir(tmp_path)
+    default = Path("runs/smollm2-grpo")
+    _earlier_run(default)
+    before = _entries(default)
+    with pytest.raises(SystemExit) as refused:
+        demo["main"](argv)
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert _entries(default) == before
+
+
+def test_demo_model_without_chat_template_is_refused_up_front(tmp_path, capsys):
+    from _tiny import tiny_tokenizer
+
+    tiny_tokenizer(chat_template=False).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(DEMO))["parse_args"](["--model", str(tmp_path / "model")])
+    assert "has no chat template" in capsys.readouterr().err
+    tiny_tokenizer().save_pretrained(tmp_path / "chat")  # negative control: with its template it is accepted
+    (tmp_path / "chat" / "config.json").write_text("{}")
+    assert runpy.run_path(str(DEMO))["parse_args"](["--model", str(tmp_path / "chat")]).model == tmp_path / "chat"
+
+
+def test_a_run_that_fails_puts_the_earlier_run_back(tmp_path, monkeypatch, capsys):
+    """A real failure after the set-aside (the model's weights are unreadable): the earlier run is back, byte for byte,
+    with nothing of the failed run left."""
+    from _tiny import tiny_tokenizer
+
+    broken = tmp_path / "broken"
+    tiny_tokenizer().save_pretrained(broken)
+    (broken / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    monkeypatch.chdir(tmp_path)
+    default = Path("runs/smollm2-grpo")
+    _earlier_run(default)
+    before = _entries(default)
+    with pytest.raises(Exception) as failed:
+        runpy.run_path(str(DEMO))["main"](["--model", str(broken)])
+    assert not isinstance(failed.value, SystemExit)  # it got past the checks
+    captured = capsys.readouterr()
+    assert "set aside" in captured.out and "the earlier run is back in place" in captured.err
+    assert _entries(default) == before
+
+
+def test_a_killed_run_leaves_the_earlier_run_aside_and_the_next_run_restores_it(tmp_path):
+    """kill -9 in the middle of a run (after it saved checkpoint-1): the earlier run waits in .earlier-run/, and the
+    next start puts it back before anything else."""
+    import os
+    import signal
+    import time
+
+    from _tiny import tiny_qwen2, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tiny_qwen2(tokenizer=tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    default = tmp_path / "runs" / "smollm2-grpo"
+    _earlier_run(default)
+    before = _entries(default)
+    argv = ["--model", "model", "--observe", "40", "--target", "80", "--save-every", "1", "--heldout", "2",
+            "--max-operand", "2", "--generations", "2", "--prompts-per-step", "1"]
+    process = subprocess.Popen([sys.executable, str(DEMO), *argv], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (default / "checkpoint-1").is_dir() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (default / "checkpoint-1").is_dir(), "the run never saved checkpoint-1"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert _entries(default / ".earlier-run") == {k: v for k, v in before.items() if k != "notes.txt"}  # nothing lost
+    replacing = runpy.run_path(str(DEMO))["replacing_earlier_run"]
+    with pytest.raises(RuntimeError):
+        with replacing(default, explicit=False):
+            assert not (default / "checkpoint-1").exists()  # the killed run's partial output is gone
+            (default / "checkpoint-9").mkdir()
+            raise RuntimeError("this run fails too")
+    assert _entries(default) == before
 
 
 def test_demo_refuses_before_importing_torch_or_loading_anything(tmp_path):
@@ -192,18 +294,18 @@ def test_demo_refuses_before_importing_torch_or_loading_anything(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("grpo_smollm2.py: error: --output-dir") and "Pass --overwrite" in lines[0]
-    assert lines[-1] == "False"
+    assert result.stdout.splitlines() == ["2", "False"]
+    assert f"grpo_smollm2.py: error: --output-dir {tmp_path / 'mine'} is not empty" in result.stderr
+    assert "Pass --overwrite" in result.stderr and "overwrite=True" not in result.stderr
 
 
 def test_demo_runs_twice_and_leaves_what_relex_report_needs(tmp_path, monkeypatch, capsys):
     """The demo end to end on a tiny model: a second run in the default folder works, each run leaves the
-    extrapolated model with its card and plots, the checkpoints and the `relex report` command, which then runs."""
-    import shlex
+    extrapolated model with its card and plots and the checkpoints, and prints a `relex report` command that, run
+    in a shell exactly as printed, finds the K_max the demo printed for it."""
+    import re
 
     from _tiny import tiny_qwen2, tiny_tokenizer
-    from relex_callback.cli import main as relex_main
 
     tok = tiny_tokenizer()
     tiny_qwen2(tokenizer=tok).save_pretrained(tmp_path / "model")
@@ -214,9 +316,14 @@ def test_demo_runs_twice_and_leaves_what_relex_report_needs(tmp_path, monkeypatc
             "--max-operand", "2", "--generations", "4", "--lr", "1e-2"]
     for run in (1, 2):
         demo(argv)
-        out = capsys.readouterr().out
+        captured = capsys.readouterr()
+        out = captured.out
         assert ("holds an earlier run" in out) is (run == 2)
         assert "RELEX step 8          0.000 ± 0.000" in out  # accuracies with their binomial SE
+        assert "RELEX step 8 does not differ measurably from real step 4: +0.000 ± 0.000" in out
+        assert "backtest distance   ||θ̂ − θ|| / ||θ − θ_0||" in out and "drift share" in out
+        assert re.search(r"extrapolated to step 8 \(fit and prediction \d+\.\ds\)", out)
+        assert "FutureWarning" not in captured.err and "ds_accelerator" not in out + captured.err
         folder = Path("runs/smollm2-grpo")
         summary = json.loads((folder / "demo.json").read_text())
         target = folder / "relex-step8"
@@ -224,8 +331,15 @@ def test_demo_runs_twice_and_leaves_what_relex_report_needs(tmp_path, monkeypatc
         assert sorted(summary["plots"]) == ["backtest.png", "coefficients.png", "explained_variance.png"]
         assert summary["checkpoints"] == [str(folder / f"checkpoint-{s}") for s in (1, 2, 3, 4)]
         assert summary["relex_report_command"] in out
-    command = shlex.split(summary["relex_report_command"])
-    assert command[:2] == ["relex", "report"]
-    assert relex_main(command[1:] + ["--no-progress"]) == 0
+        assert not (folder / ".earlier-run").exists()
+    printed = re.search(r"it finds K_max = step (\d+) \(", out)
+    assert printed and int(printed.group(1)) == summary["relex_report_k_max"]
+    assert f"found step {summary['callback_k_max']} (" in out
+    command = summary["relex_report_command"]
+    assert " report --base model --checkpoints runs/smollm2-grpo/checkpoint-* --target-step 8 " in command
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"supported horizon K_max = step {summary['relex_report_k_max']} (" in result.stdout
+    assert "from 4 snapshots at steps 1, 2, 3, 4" in result.stdout
     report = json.loads((folder / "report" / "relex_report.json").read_text())
-    assert report["fit_steps"] == [1, 2, 3] and report["heldout_steps"] == [4]
+    assert report["fit_steps"] == [1, 2, 3, 4] and report["diagnostic"]["k_max"] == summary["relex_report_k_max"]

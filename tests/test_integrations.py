@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,78 @@ def test_grpo_example_writes_the_relex_directories(tmp_path, model_dir, lora):
         assert (step, target) == (2, 6)
         (_, ratio), = [(e.step, e.value) for e in events.Scalars("train/relex/horizon_ratio")]
         assert ratio == pytest.approx(3.0)
+
+
+def test_plain_prompts_without_a_chat_template_and_target_auto(tmp_path):
+    """A tokenizer without a chat template gets plain-text prompts (it used to end in a TRL traceback after the RELEX
+    set-up); --target auto writes the window's supported horizon K_max."""
+    model = tmp_path / "model"
+    tok = tiny_tokenizer(chat_template=False)
+    tiny_qwen2(tokenizer=tok).save_pretrained(model)
+    tok.save_pretrained(model)
+    trainer = run_example(["--model", str(model), "--cpu", "--observe", "3", "--target", "auto", "--output-dir",
+                           str(tmp_path / "out"), "--generations", "2", "--prompts-per-device", "1",
+                           "--max-completion-length", "4", "--lr", "1e-3"])
+    assert trainer.state.global_step == 3
+    (written,) = (tmp_path / "out").glob("relex-step*")
+    report = json.loads((written / "relex_report.json").read_text())
+    assert written.name == f"relex-step{report['diagnostic']['k_max']}"  # the window's K_max (here N: no reward signal)
+    assert isinstance(trainer.train_dataset[0]["prompt"], str)  # plain text, not chat messages
+
+
+def test_help_imports_neither_torch_nor_trl():
+    code = (
+        "import runpy, sys, time\n"
+        "began = time.perf_counter()\n"
+        "sys.argv = ['grpo_relex.py', '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({str(RECIPES / 'grpo_relex.py')!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code, time.perf_counter() - began)\n"
+        "print(sorted(m for m in ('torch', 'trl', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    status, rest = result.stdout.splitlines()[-2:]
+    assert status.split()[0] == "0" and float(status.split()[1]) < 1.0 and rest == "[]"
+    assert "--target auto" in result.stdout or "or auto" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--observe", "0"], "--observe 0 must be >= 1"),
+        (["--observe", "20", "--target", "10"], "--target 10 must be after the observed steps (> --observe 20)"),
+        (["--target", "auto", "100"], "--target auto picks the target itself"),
+        (["--target", "soon"], "'soon' is not a step"),
+        (["--target", "40", "40"], "--target lists a step twice"),
+        (["--generations", "1"], "--generations 1 must be >= 2"),
+        (["--lr", "-1"], "--lr -1.0 must be a number > 0"),
+        (["--lora-r", "-2"], "--lora-r -2 must be >= 0"),
+        (["--merge-lora"], "--merge-lora merges a LoRA adapter: add --lora-r R"),
+        (["--max-operand", "10"], "--max-operand 10 gives fewer than 1000 distinct problems"),
+        (["--prompts-per-device", "0"], "--prompts-per-device 0 must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_loads(tmp_path, capsys, argv, message):
+    parse_args = runpy.run_path(str(RECIPES / "grpo_relex.py"))["parse_args"]
+    with pytest.raises(SystemExit) as refused:
+        parse_args(argv + ["--output-dir", str(tmp_path / "out")])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_checks(tmp_path, capsys):
+    parse_args = runpy.run_path(str(RECIPES / "grpo_relex.py"))["parse_args"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        parse_args(["--output-dir", str(tmp_path / "file" / "out")])
+    assert "is (or is under) a file" in capsys.readouterr().err
+    (tmp_path / "out" / "relex-step100").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        parse_args(["--output-dir", str(tmp_path / "out")])
+    assert "already holds relex-step100: pass --overwrite" in capsys.readouterr().err
+    assert parse_args(["--output-dir", str(tmp_path / "out"), "--overwrite"]).overwrite  # negative control
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import logging
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -75,6 +77,51 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
+
+
+def _target_step(text: str) -> int:
+    """A target step of extrapolate/report: a training step >= 1 (a step inside the window keeps its warning)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{value} is not a training step: give a step >= 1, after the last checkpoint to extrapolate "
+            "(e.g. --target-step 500)")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" for a misspelled option, command or choice (argparse does this only from
+    Python 3.14 on)."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        self._given = list(sys.argv[1:] if args is None else args)  # for the suggestion of error()
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        hint = _suggestion(self, message, getattr(self, "_given", []))
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+
+def _suggestion(parser: argparse.ArgumentParser, message: str, given: Sequence[str]) -> str:
+    """``"; did you mean ...?"`` for a misspelled command or choice named in an argparse error message, or for the
+    first option among ``given`` (or the unrecognized arguments) that this parser does not know; else ``""``."""
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        wrong, known = choice.group(1), re.findall(r"'([^']*)'", choice.group(2)) or choice.group(2).split(", ")
+    else:
+        known = [o for a in parser._actions for o in a.option_strings]
+        unrecognized = re.search(r"unrecognized arguments: (.*)", message)
+        tokens = unrecognized.group(1).split() if unrecognized else given
+        words = [w.split("=", 1)[0] for w in tokens if w.startswith("-") and not re.match(r"-\d", w)]
+        words = [w for w in words if not any(o.startswith(w) for o in known)]  # known options and abbreviations
+        if not words:
+            return ""
+        wrong = words[0]
+    match = difflib.get_close_matches(wrong, known, n=1, cutoff=0.6)
+    if not match:
+        return ""
+    return f"; did you mean {match[0]}?" if choice else f" ({wrong} is not an option here: did you mean {match[0]}?)"
 
 
 def _int(text: str) -> int:
@@ -160,7 +207,7 @@ def _add_model(parser: argparse.ArgumentParser, trend: bool) -> argparse._Argume
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="relex",
         description="RELEX (arXiv 2605.21468) from checkpoints already on disk: per tensor, the rank-r subspace of "
                     "the deltas θ_t − θ_0 and a trend of its coefficients over the real step numbers. Streams the "
@@ -175,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXTRAPOLATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     inputs = _add_inputs(ex)
-    inputs.add_argument("--target-step", required=True, nargs="+", type=_int, metavar="K",
+    inputs.add_argument("--target-step", required=True, nargs="+", type=_target_step, metavar="K",
                         help="step(s) to extrapolate to; one output directory per target (OUT/step{K} when "
                              "several). Example: --target-step 500")
     model = _add_model(ex, trend=True)
@@ -211,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     inputs = _add_inputs(rep)
-    inputs.add_argument("--target-step", nargs="+", type=_int, metavar="K",
+    inputs.add_argument("--target-step", nargs="+", type=_target_step, metavar="K",
                         help="step(s) you intend to extrapolate to: the plotted lines extend to them and the "
                              "horizon ratios are reported. Example: --target-step 500")
     _add_model(rep, trend=True)
@@ -222,6 +269,39 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plot the coefficient trajectories of the N largest tensors. Default: 6. Example: --top 4")
     output.add_argument("--no-plots", action="store_true", help="write the JSON only. Example: --no-plots")
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+# The library's keyword names in its messages, as the options of this command line.
+_KEYWORDS = ("rank", "window", "shrink", "power", "time_scale", "top", "num_workers", "fit", "dtype", "max_memory",
+             "fit_steps", "backtest_tolerance")
+
+
+def _cli_wording(message: str) -> str:
+    """A library message in the command line's words: ``window=1`` becomes ``--window 1``."""
+    message = message.replace(" (overwrite=True)", "")
+    return re.sub(r"\b(%s)=(\S+?)(?=[\s,;:]|$)" % "|".join(_KEYWORDS),
+                  lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}", message)
+
+
+def _snapshot_lines(diagnostic: dict, steps: Sequence[int]) -> list[str]:
+    """The supported horizon and, when the snapshots are not every step from 1 (a RelexCallback observes every
+    step), that a callback's K_max over the same window can differ."""
+    lines = [f"supported horizon K_max = step {diagnostic['k_max']} ({diagnostic['k_max_ratio']:.2f}x the window) "
+             f"from {len(steps)} snapshots at steps {_steps_list(steps)}"]
+    if list(steps) != list(range(1, steps[-1] + 1)):
+        lines.append(f"note: these are not every step 1..{steps[-1]}; a RelexCallback that observed every step sees "
+                     "other snapshots, so its K_max and backtest can differ from these")
+    return lines
+
+
+def _steps_list(steps: Sequence[int]) -> str:
+    text = [str(s) for s in steps]
+    return ", ".join(text) if len(text) <= 12 else ", ".join(text[:5] + ["..."] + text[-3:])
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
@@ -261,6 +341,8 @@ def _run(args: argparse.Namespace) -> None:
                 f"{report['horizon_ratio']:.2f}x the observed window) -> {where}: {ev.get('tensors', 0)} tensors, "
                 f"mean explained variance {ev.get('mean', float('nan')):.3f}, {report['bytes']['written'] / 2**20:.1f} MiB"
             )
+        for line in _snapshot_lines(reports[0]["diagnostic"], reports[0]["observed_steps"]):
+            print(line)
     elif args.command == "reconstruct":
         reports = offline.reconstruct_checkpoints(
             args.base, args.checkpoints, args.output, target_steps=args.target_step, dtype=args.dtype, **common
@@ -284,6 +366,8 @@ def _run(args: argparse.Namespace) -> None:
             distances = report["out_of_window"]["relative_distance"]
             line += f"; held-out step {report['heldout_steps'][-1]}: relative distance {distances[-1]:.3f}"
         print(line)
+        for line in _snapshot_lines(report["diagnostic"], report["fit_steps"]):
+            print(line)
         print(f"report written to {args.output}")
 
 
@@ -307,7 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``relex`` command line; returns the exit status (0 ok, 2 bad input, 1 failure, 130 interrupted)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:  # reported by the command's own parser, with its usage
+            _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
     except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
         return exit_.code if isinstance(exit_.code, int) else 2
     _configure_logging(args.verbose, args.quiet)
@@ -318,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _tqdm_logging():
             _run(args)
     except (RelexInputError, FileExistsError) as err:
-        print(f"relex {args.command}: error: {err}", file=sys.stderr)
+        print(f"relex {args.command}: error: {_cli_wording(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"relex {args.command}: interrupted; no output was left behind", file=sys.stderr)

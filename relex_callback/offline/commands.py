@@ -211,7 +211,7 @@ def extrapolate_checkpoints(
     ``output_dir/step{K}`` for several), each with ``relex_report.json`` and a model card. Returns the reports.
     """
     began = time.perf_counter()
-    targets = _check_targets(target_steps)
+    targets = _check_targets(target_steps, minimum=1)
     _check_common(rank, fit, window, num_workers)
     _check_trend(fit, power, time_scale)
     if shrink_error(shrink):
@@ -505,7 +505,7 @@ def report_checkpoints(
     _check_trend(fit, power, time_scale)
     if not isinstance(top, int) or top < 0:
         raise RelexInputError(f"top={top!r} must be an int >= 0")
-    targets = _check_targets(target_steps) if target_steps is not None else []
+    targets = _check_targets(target_steps, minimum=1) if target_steps is not None else []
     budget = parse_size(max_memory)
     plan = _prepare(base, checkpoints, steps, fit_steps, allow_pickle)
     used = _check_counts(plan, rank, fit, window)

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..checkpoints import ModelDir, SafetensorsWriter, output_file_name
+from ..checkpoints import ModelDir, RelexInputError, SafetensorsWriter, output_file_name
 from ..export import check_output_dir, write_json
 from .plan import _itemsize, _Plan
 
@@ -112,7 +112,13 @@ def _copy_aux(sources: dict[str, Path], directory: Path, dtype: torch.dtype | No
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output before any work (the CLI's wording of export.check_output_dir)."""
+    """Refuse an existing non-empty output, or one under a file, before any work (the CLI's wording of
+    export.check_output_dir)."""
+    blocking = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RelexInputError(
+            f"output directory {output} cannot be made: {blocking} is a file. Choose an output directory (--output) "
+            "that is not a file and not under one")
     try:
         check_output_dir(output, overwrite)
     except FileExistsError:

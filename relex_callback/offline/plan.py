@@ -140,9 +140,11 @@ def _check_counts(plan: _Plan, rank: int, fit: str, window: int | None) -> int:
     """The number of snapshots W the trend is fitted on; raises when there are too few."""
     if len(plan.models) < 2 or plan.num_fit < 2:
         raise RelexInputError(
-            f"need at least 2 checkpoints to fit a trend, got {plan.num_fit}"
-            + (f" (of {len(plan.models)} found; see --fit-steps)" if plan.num_fit != len(plan.models) else "")
-            + f": {_steps_text(plan.models[: max(plan.num_fit, 1)])}"
+            f"need at least 2 checkpoints to fit a trend, got {plan.num_fit} (step "
+            f"{_steps_text(plan.models[: max(plan.num_fit, 1)])})"
+            + (f" of the {len(plan.models)} found: raise --fit-steps (fit_steps) to include more"
+               if plan.num_fit != len(plan.models) else
+               ": give --checkpoints (checkpoints) two or more checkpoint directories, or a folder holding them")
         )
     used = plan.num_fit if window is None else min(window, plan.num_fit)
     needed = min_snapshots(rank, fit)
@@ -167,13 +169,17 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return OUTPUT_DTYPES[dtype]
 
 
-def _check_targets(target_steps: Sequence[int] | int, what: str = "target step") -> list[int]:
+def _check_targets(target_steps: Sequence[int] | int, what: str = "target step", minimum: int | None = None) -> list[int]:
+    """The target steps as a list of distinct ints, each ``>= minimum`` when given."""
     targets = [target_steps] if isinstance(target_steps, int) else list(target_steps)
     if not targets:
         raise RelexInputError(f"give at least one {what}")
     for target in targets:
         if isinstance(target, bool) or not isinstance(target, int):
             raise RelexInputError(f"{what} {target!r} must be an int")
+        if minimum is not None and target < minimum:
+            raise RelexInputError(f"{what} {target} is not a training step: give a step >= {minimum}, after the last "
+                                  "checkpoint to extrapolate")
     if len(set(targets)) != len(targets):
         raise RelexInputError(f"duplicate {what}s: {targets}")
     return targets
