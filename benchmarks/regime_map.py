@@ -264,6 +264,10 @@ def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Pat
                           processing_class=tokenizer,
                           callbacks=[make_recorder(regime, paths, theta0, probe, done_evals), *callbacks])
     resume = latest_checkpoint(paths["trainer"])
+    # Every start or resume says where it ran (CPU, threads, commit): steps recomputed on another CPU or thread
+    # count need not match bit for bit.
+    append_record(paths["results"], {"kind": "session", "step": trained, "resumed_from": resume.name if resume else None,
+                                     "machine": machine_info()})
     log.info("%s seed %d: training to step %d%s (load %s)", name, seed, last,
              f", resuming from {resume.name}" if resume else "", load_average())
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
