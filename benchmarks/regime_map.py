@@ -383,14 +383,15 @@ def evaluate(args: argparse.Namespace) -> None:
     from relex_callback.demo import load_smollm2
 
     paths = run_paths(args.state_dir, args.regime, args.seed)
-    evaluate_run(args.regime, REGIMES[args.regime], args.seed, paths, load_smollm2, diagnostic_only=args.diagnostic_only)
+    evaluate_run(args.regime, REGIMES[args.regime], args.seed, paths, load_smollm2, diagnostic_only=args.diagnostic_only,
+                 redo_search=args.redo_search)
 
 
 def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Path], loader, reward=None,
-                 diagnostic_only: bool = False) -> None:
+                 diagnostic_only: bool = False, redo_search: bool = False) -> None:
     """Diagnose the saved window, record every candidate's distance to the real deltas, score candidates on the
     selection prompts (halt mode with a probe) and on the held-out prompts. Resumable: scores already in the
-    results file are reused."""
+    results file are reused; ``redo_search`` runs the reward-guided search again (the summary uses the latest)."""
     from relex_callback.demo import addition_reward
     from relex_callback.math.core import select_power
     from relex_callback.probe import RewardProbe, choose_candidate
@@ -420,7 +421,7 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
     _, heldout, selection = prompt_sets(regime)
     selector = RewardProbe(selection, reward, tokenizer, max_new_tokens=16, batch_size=SELECTION)
     probe = RewardProbe(heldout, reward, tokenizer, max_new_tokens=16, batch_size=50)
-    search_auto(regime, paths, model, names, theta0, selector, probe, records)
+    search_auto(regime, paths, model, names, theta0, selector, probe, records, redo=redo_search)
     stacks = load_window(paths, names, observe)
 
     k_auto = int(math.floor(diagnostic.supported_step))
@@ -479,17 +480,18 @@ SEARCH = "search-auto"
 
 
 @torch.no_grad()
-def search_auto(regime: dict[str, Any], paths, model, names, theta0, selector, probe, records) -> None:
+def search_auto(regime: dict[str, Any], paths, model, names, theta0, selector, probe, records, redo: bool = False) -> None:
     """``extrapolate_to="auto"`` with a probe, through the package's own halt path: a :class:`RelexEngine` whose
     buffer is filled with the saved window (Δ_t loaded as θ_0 + Δ_t and recorded, as the callback records it),
     then :func:`relex_callback.trainers.steps.fit_and_choose` with the selection prompts as the probe. Records the
-    search (every probe call and its seconds) and the chosen model's held-out accuracy. Skipped when recorded."""
+    search (every probe call and its seconds, the load average it ran under) and the chosen model's held-out
+    accuracy. Skipped when recorded, unless ``redo``: its wall time is a cost, so measure it on free cores."""
     from relex_callback import RelexConfig
     from relex_callback.engine import RelexEngine
     from relex_callback.trainers.steps import fit_and_choose
 
     results = paths["results"]
-    if any(r.get("kind") == "eval" and r.get("candidate") == SEARCH for r in read_records(results)):
+    if not redo and any(r.get("kind") == "eval" and r.get("candidate") == SEARCH for r in read_records(results)):
         return
     observe = regime["observe"]
     params = dict(model.named_parameters())
@@ -507,13 +509,15 @@ def search_auto(regime: dict[str, Any], paths, model, names, theta0, selector, p
         engine.record(t)
     train_log = latest_by_step(records, "train")
     zero_std = [train_log[t]["frac_reward_zero_std"] for t in range(1, observe + 1) if t in train_log]
+    load_before = load_average()
     started = time.perf_counter()
     _, candidates, predictions, chosen, _ = fit_and_choose(
         engine, model, selector, zero_std_fraction=sum(zero_std) / len(zero_std) if zero_std else None, loads_chosen=False)
     search = candidates[0].report["search"]
     picked = search["chosen"]
     append_record(results, {"kind": "search", "step": observe, **{k: v for k, v in search.items() if k != "step_seconds"},
-                            "k_max": engine.diagnostic.k_max, "seconds": time.perf_counter() - started})
+                            "k_max": engine.diagnostic.k_max, "seconds": time.perf_counter() - started,
+                            "load_before": load_before, "load_after": load_average()})
     log.info("  search: %d probe calls, %.0fs; chose %s", search["probe_calls"], search["probe_seconds"],
              "theta_N" if picked is None else f"{picked['family']}@{picked['target_step']:g}")
     engine.load(predictions[0])  # the chosen prediction, or θ_N when the search kept the trained weights
@@ -724,7 +728,7 @@ def plot(table: dict[str, Any]) -> None:
     except ImportError:  # pragma: no cover
         return
     fig, axes = plt.subplots(1, max(len(table), 1), figsize=(6.5 * max(len(table), 1), 4.5), squeeze=False)
-    markers = {"auto": "s", "probe-all": "D", "probe-scale": "^", "probe-line": "v"}
+    markers = {"auto": "s", "probe-all": "D", "probe-scale": "^", "probe-line": "v", SEARCH: "*"}
     for ax, (name, runs) in zip(axes[0], table.items()):
         regime = REGIMES[name]
         for seed, run in sorted(runs.items()):
@@ -732,13 +736,13 @@ def plot(table: dict[str, Any]) -> None:
             line, = ax.plot(steps, accs, "-o", ms=3, label=f"real GRPO, seed {seed}")
             for label, m in run["methods"].items():
                 ax.errorbar([m["steps_spent"]], [m["accuracy"]], yerr=[m["se"]], fmt=markers.get(label, "x"),
-                            color=line.get_color(), alpha=0.8, ms=6)
+                            color=line.get_color(), alpha=0.8, ms=11 if label == SEARCH else 6)
         ax.axvline(regime["observe"], color="grey", lw=0.8, ls="--")
         ax.set_title(f"{name}: lr {regime['learning_rate']:g}, {regime['prompts_per_step']}x{regime['generations']} "
                      f"completions, N = {regime['observe']}", fontsize=9)
         ax.set_xlabel("real GRPO steps spent (+ probe cost in step equivalents)")
         ax.set_ylabel("held-out accuracy (200 prompts)")
-        ax.legend(fontsize=7, title="markers: x fixed-K line, s auto, D probe (all), ^ α-scaling", title_fontsize=7)
+        ax.legend(fontsize=7, title="markers: * reward-guided auto, s auto (no probe),\nD probe (all), ^ α-scaling, v probe (line), x fixed-K line", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "regime_map.png", dpi=110)
     plt.close(fig)
@@ -764,6 +768,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              help="end this session's training after this step (run the command again to continue)")
         if name == "evaluate":
             cmd.add_argument("--diagnostic-only", action="store_true", help="only the window diagnostic (no evaluations)")
+            cmd.add_argument("--redo-search", action="store_true",
+                             help="run the reward-guided search again (its wall time is a cost: measure it on free cores)")
     return parser.parse_args(argv)
 
 
