@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _scripts import run_main
 
 from relex_callback.demo import (
     addition_prompt,
@@ -283,18 +284,8 @@ def test_a_killed_run_leaves_the_earlier_run_aside_and_the_next_run_restores_it(
 
 def test_demo_refuses_before_importing_torch_or_loading_anything(tmp_path):
     _earlier_run(tmp_path / "mine")
-    code = (
-        "import runpy, sys\n"
-        f"sys.argv = ['grpo_smollm2.py', '--output-dir', {str(tmp_path / 'mine')!r}]\n"
-        "try:\n"
-        f"    runpy.run_path({str(DEMO)!r}, run_name='__main__')\n"
-        "except SystemExit as exit:\n"
-        "    print(exit.code)\n"
-        "print('torch' in sys.modules)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["2", "False"]
+    status, _, loaded, result = run_main(DEMO, ["--output-dir", str(tmp_path / "mine")], watch=("torch",))
+    assert (status, loaded) == (2, []) and len(result.stdout.splitlines()) == 1  # nothing else on stdout
     assert f"grpo_smollm2.py: error: --output-dir {tmp_path / 'mine'} is not empty" in result.stderr
     assert "Pass --overwrite" in result.stderr and "overwrite=True" not in result.stderr
 

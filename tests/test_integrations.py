@@ -6,16 +6,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 try:
+    from tests._scripts import run_main
     from tests._tiny import tiny_qwen2, tiny_tokenizer
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from _scripts import run_main
     from _tiny import tiny_qwen2, tiny_tokenizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "integrations" / "trl"
@@ -81,20 +81,8 @@ def test_plain_prompts_without_a_chat_template_and_target_auto(tmp_path):
 
 
 def test_help_imports_neither_torch_nor_trl():
-    code = (
-        "import runpy, sys, time\n"
-        "began = time.perf_counter()\n"
-        "sys.argv = ['grpo_relex.py', '--help']\n"
-        "try:\n"
-        f"    runpy.run_path({str(RECIPES / 'grpo_relex.py')!r}, run_name='__main__')\n"
-        "except SystemExit as exit:\n"
-        "    print(exit.code, time.perf_counter() - began)\n"
-        "print(sorted(m for m in ('torch', 'trl', 'transformers') if m in sys.modules))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    status, rest = result.stdout.splitlines()[-2:]
-    assert status.split()[0] == "0" and float(status.split()[1]) < 1.0 and rest == "[]"
+    status, seconds, loaded, result = run_main(RECIPES / "grpo_relex.py", ["--help"], timeout=60)
+    assert status == 0 and seconds < 1.0 and loaded == []
     assert "--target auto" in result.stdout or "or auto" in result.stdout
 
 
