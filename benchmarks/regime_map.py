@@ -195,7 +195,8 @@ def train(args: argparse.Namespace) -> None:
     from relex_callback.demo import load_smollm2
 
     paths = run_paths(args.state_dir, args.regime, args.seed)
-    train_run(args.regime, REGIMES[args.regime], args.seed, paths, load_smollm2, stop_after=args.stop_after)
+    train_run(args.regime, REGIMES[args.regime], args.seed, paths, load_smollm2, stop_after=args.stop_after,
+              last_step=args.last_step)
 
 
 class StopAfter:
@@ -213,10 +214,13 @@ class StopAfter:
 
 
 def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Path], loader, callbacks=(), reward=None,
-              stop_after: int | None = None):
+              stop_after: int | None = None, last_step: int | None = None):
     """Train (or resume) one run; returns the trained model, or None when the run was already complete.
     ``loader()`` returns ``(model, tokenizer)`` at θ_0; ``callbacks`` are extra Trainer callbacks; ``reward``
-    replaces the addition reward (training and held-out score)."""
+    replaces the addition reward (training and held-out score); ``last_step`` trains beyond the regime's last step
+    (the learning rate is constant, so steps up to the regime's last step are the same run). A run that starts from
+    step 0 (no checkpoint) evaluates every step again: its records replace earlier ones, which stay in the file as
+    the reference of a determinism check."""
     from trl import GRPOTrainer
 
     from relex_callback.demo import addition_reward, cpu_grpo_config
@@ -228,8 +232,11 @@ def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Pat
     previous = [r for r in records if r.get("kind") == "settings"]
     if previous and {k: v for k, v in previous[-1].items() if k not in ("theta0", "machine")} != wanted:
         raise SystemExit(f"{paths['results']} was written with other settings ({previous[-1]}); move it away to start over")
-    done_evals = set(latest_by_step(records, "real"))
-    last = regime["last_step"]
+    resume = latest_checkpoint(paths["trainer"])
+    done_evals = set(latest_by_step(records, "real")) if resume else set()
+    last = last_step or regime["last_step"]
+    if last < regime["last_step"]:
+        raise SystemExit(f"--last-step {last} is below the regime's last step {regime['last_step']}: use --stop-after")
     goal = min(last, stop_after or last)
     trained = max(latest_by_step(records, "train"), default=0)
     if (goal in done_evals or trained >= goal) and len(list(paths["deltas"].glob("delta-*.safetensors"))) >= regime["observe"]:
@@ -263,10 +270,9 @@ def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Pat
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=train_set,
                           processing_class=tokenizer,
                           callbacks=[make_recorder(regime, paths, theta0, probe, done_evals), *callbacks])
-    resume = latest_checkpoint(paths["trainer"])
     # Every start or resume says where it ran (CPU, threads, commit): steps recomputed on another CPU or thread
     # count need not match bit for bit.
-    append_record(paths["results"], {"kind": "session", "step": trained, "resumed_from": resume.name if resume else None,
+    append_record(paths["results"], {"kind": "session", "step": trained if resume else 0, "resumed_from": resume.name if resume else None,
                                      "machine": machine_info()})
     log.info("%s seed %d: training to step %d%s (load %s)", name, seed, last,
              f", resuming from {resume.name}" if resume else "", load_average())
@@ -766,6 +772,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if name == "train":
             cmd.add_argument("--stop-after", type=int, default=None,
                              help="end this session's training after this step (run the command again to continue)")
+            cmd.add_argument("--last-step", type=int, default=None,
+                             help="train beyond the regime's last step (e.g. 160 = 8N for the large batch)")
         if name == "evaluate":
             cmd.add_argument("--diagnostic-only", action="store_true", help="only the window diagnostic (no evaluations)")
             cmd.add_argument("--redo-search", action="store_true",
