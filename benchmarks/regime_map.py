@@ -63,6 +63,13 @@ def run_paths(state_dir: Path, regime: str, seed: int, results_root: Path = RESU
     }
 
 
+def jump_paths(state_dir: Path, regime: str, seed: int, policy: str, results_root: Path = RESULTS) -> dict[str, Path]:
+    """A jump-mode run beside the plain run of the same seed (``optimizer_policy`` = ``policy``)."""
+    root = state_dir / regime / f"seed{seed}-jump-{policy}"
+    return {"root": root, "trainer": root / "trainer", "deltas": root / "deltas",
+            "results": results_root / regime / f"seed{seed}-jump-{policy}.jsonl"}
+
+
 def delta_path(paths: dict[str, Path], step: int) -> Path:
     return paths["deltas"] / f"delta-{step:05d}.safetensors"
 
@@ -147,7 +154,11 @@ def latest_checkpoint(trainer_dir: Path) -> Path | None:
 # train
 
 
-def make_recorder(regime: dict[str, Any], paths: dict[str, Path], theta0, probe, done_evals: set[int]):
+def make_recorder(regime: dict[str, Any], paths: dict[str, Path], theta0, probe, done_evals: set[int],
+                  relex=None, stop_at: float | None = None):
+    """``relex``: a jump-mode RelexCallback that runs before the recorder (each evaluation then sees the weights after
+    that step's jump, and every jump attempt is copied into the results file); ``stop_at``: end training at the first
+    evaluation that reaches this accuracy. A jump run writes no deltas."""
     from transformers import TrainerCallback
 
     observe, every = regime["observe"], regime["eval_every"]
@@ -159,6 +170,11 @@ def make_recorder(regime: dict[str, Any], paths: dict[str, Path], theta0, probe,
         def __init__(self) -> None:
             self.step_started = None
             self.last_log: dict[str, Any] = {}
+            self.jumps_written = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if relex is not None:  # a resumed run restored the jumps written before
+                self.jumps_written = len(relex.jump.history)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.step_started = time.perf_counter()
@@ -173,15 +189,24 @@ def make_recorder(regime: dict[str, Any], paths: dict[str, Path], theta0, probe,
         def on_step_end(self, args, state, control, model=None, **kwargs):
             step = state.global_step
             self.last_seconds = time.perf_counter() - self.step_started
-            if step <= observe or step % every == 0:
+            if relex is None and (step <= observe or step % every == 0):
                 save_delta(delta_path(paths, step), model, theta0)
+            if relex is not None:
+                for attempt in relex.jump.history[self.jumps_written:]:
+                    append_record(results, {**json.loads(json.dumps(attempt, default=str)), "kind": "jump"})
+                self.jumps_written = len(relex.jump.history)
             if step % every == 0 and step not in done_evals:
                 started = time.perf_counter()
                 accuracy = probe(model)
+                virtual = {} if relex is None else {"virtual_step": relex.jump.virtual_step(step)}
                 append_record(results, {"kind": "real", "step": step, "accuracy": accuracy, "n": HELDOUT,
-                                        "eval_seconds": time.perf_counter() - started})
-                log.info("step %d: held-out accuracy %.3f (eval %.0fs, load %s)", step, accuracy,
+                                        "eval_seconds": time.perf_counter() - started, **virtual})
+                log.info("step %d: held-out accuracy %.3f%s (eval %.0fs, load %s)", step, accuracy,
+                         f" at virtual step {virtual['virtual_step']}" if virtual else "",
                          time.perf_counter() - started, load_average())
+                if stop_at is not None and accuracy >= stop_at:
+                    log.info("step %d: reached the target accuracy %.3f; training stops", step, stop_at)
+                    control.should_training_stop = True
 
     return Recorder()
 
@@ -199,6 +224,33 @@ def train(args: argparse.Namespace) -> None:
               last_step=args.last_step)
 
 
+# Jump mode as a user with a probe would run it: a jump every N/2 real steps of N virtual steps, the horizon grown
+# by the probe after each accepted jump (x2, up to max_horizon = 10N) and halved after a rejection; the backtest cap
+# is off (in this regime the weight-distance horizon is far shorter than the reward's: docs/choosing-a-horizon.md).
+JUMP_POLICIES = ("keep", "reset")
+
+
+def jump_settings(regime: dict[str, Any], policy: str) -> dict[str, Any]:
+    observe = regime["observe"]
+    return dict(jump_every=observe // 2, jump_horizon=observe, auto_horizon=False, probe_tolerance=0.0,
+                optimizer_policy=policy)
+
+
+def jump(args: argparse.Namespace) -> None:
+    """Jump mode until the held-out accuracy reaches the plain run's accuracy at the regime's last step."""
+    from relex_callback.demo import load_smollm2
+
+    regime = REGIMES[args.regime]
+    plain = latest_by_step(read_records(run_paths(args.state_dir, args.regime, args.seed)["results"]), "real")
+    last = regime["last_step"]
+    if last not in plain:
+        raise SystemExit(f"the plain run of seed {args.seed} has no held-out accuracy at step {last} yet: "
+                         f"train it first (python benchmarks/regime_map.py train --regime {args.regime} --seed {args.seed})")
+    paths = jump_paths(args.state_dir, args.regime, args.seed, args.policy)
+    train_run(args.regime, regime, args.seed, paths, load_smollm2, stop_after=args.stop_after,
+              jump=jump_settings(regime, args.policy), stop_at=plain[last]["accuracy"])
+
+
 class StopAfter:
     """A Trainer callback that ends this session's training after ``step`` (the run stays resumable)."""
 
@@ -214,13 +266,15 @@ class StopAfter:
 
 
 def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Path], loader, callbacks=(), reward=None,
-              stop_after: int | None = None, last_step: int | None = None):
+              stop_after: int | None = None, last_step: int | None = None, jump: dict[str, Any] | None = None,
+              stop_at: float | None = None):
     """Train (or resume) one run; returns the trained model, or None when the run was already complete.
     ``loader()`` returns ``(model, tokenizer)`` at θ_0; ``callbacks`` are extra Trainer callbacks; ``reward``
     replaces the addition reward (training and held-out score); ``last_step`` trains beyond the regime's last step
     (the learning rate is constant, so steps up to the regime's last step are the same run). A run that starts from
     step 0 (no checkpoint) evaluates every step again: its records replace earlier ones, which stay in the file as
-    the reference of a determinism check."""
+    the reference of a determinism check. ``jump``: RelexCallback options of a jump-mode run (its probe: the
+    selection prompts), which stops at the first evaluation reaching ``stop_at``."""
     from trl import GRPOTrainer
 
     from relex_callback.demo import addition_reward, cpu_grpo_config
@@ -229,6 +283,8 @@ def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Pat
     reward = reward or addition_reward
     records = read_records(paths["results"])
     wanted = settings_record(name, regime, seed)
+    if jump is not None:
+        wanted = {**wanted, "jump": jump, "stop_at": stop_at}
     previous = [r for r in records if r.get("kind") == "settings"]
     if previous and {k: v for k, v in previous[-1].items() if k not in ("theta0", "machine")} != wanted:
         raise SystemExit(f"{paths['results']} was written with other settings ({previous[-1]}); move it away to start over")
@@ -239,8 +295,11 @@ def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Pat
         raise SystemExit(f"--last-step {last} is below the regime's last step {regime['last_step']}: use --stop-after")
     goal = min(last, stop_after or last)
     trained = max(latest_by_step(records, "train"), default=0)
-    if (goal in done_evals or trained >= goal) and len(list(paths["deltas"].glob("delta-*.safetensors"))) >= regime["observe"]:
-        log.info("%s seed %d: already trained to step %d", name, seed, goal)
+    window_saved = jump is not None or len(list(paths["deltas"].glob("delta-*.safetensors"))) >= regime["observe"]
+    reached = stop_at is not None and any(r["accuracy"] >= stop_at for r in latest_by_step(records, "real").values()
+                                          if r["step"] > 0)
+    if ((goal in done_evals or trained >= goal) and window_saved) or reached:
+        log.info("%s seed %d: already trained to step %d%s", name, seed, goal, " (target reached)" if reached else "")
         return None
     if stop_after:
         callbacks = (*callbacks, StopAfter(stop_after))
@@ -252,8 +311,14 @@ def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Pat
     if not previous:
         append_record(paths["results"], {**wanted, "theta0": digest, "machine": machine_info()})
     theta0 = {name: p.detach().to(torch.float32).clone() for name, p in model.named_parameters()}
-    train_set, heldout, _ = prompt_sets(regime)
+    train_set, heldout, selection = prompt_sets(regime)
     probe = RewardProbe(heldout, reward, tokenizer, max_new_tokens=16, batch_size=50)
+    relex = None
+    if jump is not None:
+        from relex_callback import RelexCallback
+
+        selector = RewardProbe(selection, reward, tokenizer, max_new_tokens=16, batch_size=SELECTION)
+        relex = RelexCallback(mode="jump", observe=regime["observe"], probe=selector, **jump)
     if 0 not in done_evals:
         started = time.perf_counter()
         accuracy = probe(model)
@@ -269,7 +334,8 @@ def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Pat
     model.train()
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=train_set,
                           processing_class=tokenizer,
-                          callbacks=[make_recorder(regime, paths, theta0, probe, done_evals), *callbacks])
+                          callbacks=[*([relex] if relex else []),
+                                     make_recorder(regime, paths, theta0, probe, done_evals, relex, stop_at), *callbacks])
     # Every start or resume says where it ran (CPU, threads, commit): steps recomputed on another CPU or thread
     # count need not match bit for bit.
     append_record(paths["results"], {"kind": "session", "step": trained if resume else 0, "resumed_from": resume.name if resume else None,
@@ -677,6 +743,32 @@ def run_summary(records: list[dict[str, Any]], regime: dict[str, Any], earlier: 
     return out
 
 
+def jump_summary(plain: list[dict[str, Any]], records: list[dict[str, Any]], regime: dict[str, Any]) -> dict[str, Any] | None:
+    """A jump run against its seed's plain run: the real steps each needs to reach the plain run's accuracy at the
+    regime's last step (interpolated), the jump run's fit and probe time counted in its own step equivalents."""
+    import statistics
+
+    real = sorted((s, r["accuracy"]) for s, r in latest_by_step(plain, "real").items())
+    target = dict(real).get(regime["last_step"])
+    curve = sorted((s, r["accuracy"]) for s, r in latest_by_step(records, "real").items())
+    if target is None or len(curve) < 2:
+        return None
+    plain_steps, _ = steps_to_reach(real, target)
+    steps, not_reached = steps_to_reach(curve, target)
+    jumps = [j for j in latest_by_step(records, "jump").values() if j["step"] <= steps]
+    overhead = sum(j.get("fit_seconds", 0.0) + j.get("probe_seconds", 0.0) for j in jumps)
+    jumped = {j["step"] for j in jumps}
+    plain_seconds = [r["seconds"] for s, r in latest_by_step(records, "train").items() if s not in jumped and r.get("seconds")]
+    mean_step = statistics.median(plain_seconds) if plain_seconds else math.inf
+    spent = steps + (overhead / mean_step if math.isfinite(mean_step) else 0.0)
+    status = [j.get("status") for j in jumps]
+    virtual = latest_by_step(records, "real")[curve[-1][0]].get("virtual_step", curve[-1][0])
+    return {"target": target, "plain_steps": plain_steps, "steps": steps, "reached": not not_reached,
+            "overhead_steps": spent - steps, "steps_saved": plain_steps / spent, "curve": dict(curve),
+            "virtual_at_last": virtual, "accepted": status.count("accepted"), "rejected": status.count("rejected"),
+            "skipped": status.count("skipped")}
+
+
 def summary(args: argparse.Namespace) -> None:
     from _common import mean_ci
 
@@ -686,6 +778,8 @@ def summary(args: argparse.Namespace) -> None:
     for name, regime in REGIMES.items():
         runs = {}
         for path in sorted((RESULTS / name).glob("seed*.jsonl")):
+            if not path.stem[4:].isdigit():
+                continue  # a jump run (below)
             seed = int(path.stem[4:])
             result = run_summary(read_records(path), regime, earlier_benchmark(seed) if name == "small-batch" else None)
             if result is not None:
@@ -718,6 +812,32 @@ def summary(args: argparse.Namespace) -> None:
             lines.append(f"| {label} | {accs} | {saved['mean']:.2f} ± {saved['se']:.2f} | "
                          f"{sum(m['at_least_floor'] for _, m in per)}/{len(per)} |")
         lines.append("")
+        jump_rows = []
+        for policy in JUMP_POLICIES:
+            for seed in sorted(runs):
+                path = jump_paths(Path(), name, seed, policy)["results"]
+                result = jump_summary(read_records(run_paths(Path(), name, seed)["results"]), read_records(path), regime) \
+                    if path.is_file() else None
+                if result is not None:
+                    jump_rows.append((policy, seed, result))
+        if jump_rows:
+            lines += [f"Jump mode ({', '.join(f'{k}={v}' for k, v in jump_settings(regime, '<policy>').items())}, probe: "
+                      f"the {SELECTION} selection prompts): real steps to reach the plain run's accuracy at step "
+                      f"{regime['last_step']}; steps saved = plain steps / (jump steps + fit and probe time in step "
+                      "equivalents); '<' while the jump run has not reached it.", "",
+                      "| optimizer_policy | seed | target | plain steps | jump run: accuracy by real step (virtual step at the last) "
+                      "| jumps acc / rej / skip | jump steps + overhead | steps saved |", "|---|---|---|---|---|---|---|---|"]
+            for policy, seed, r in jump_rows:
+                curve = ", ".join(f"{s}: {a:.3f}" for s, a in r["curve"].items())
+                lines.append(f"| {policy} | {seed} | {r['target']:.3f} | {r['plain_steps']:.1f} | {curve} (v{r['virtual_at_last']}) | "
+                             f"{r['accepted']} / {r['rejected']} / {r['skipped']} | {r['steps']:.1f} + {r['overhead_steps']:.1f} | "
+                             + (f"{r['steps_saved']:.2f}" if r["reached"] else f"< {r['steps_saved']:.2f} (not reached)") + " |")
+            for policy in JUMP_POLICIES:
+                done = [r for p_, _, r in jump_rows if p_ == policy and r["reached"]]
+                if done:
+                    saved = mean_ci(r["steps_saved"] for r in done)
+                    lines.append(f"\n{policy}: {saved['mean']:.2f} ± {saved['se']:.2f} steps saved on {len(done)} seed(s) that reached the target.")
+            lines.append("")
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(table)
@@ -762,16 +882,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("summary")
     sub.add_parser("rediagnose", help="recompute every run's diagnostic from the Gram files in git")
-    for name in ("train", "evaluate"):
+    for name in ("train", "evaluate", "jump"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--regime", required=True, choices=sorted(REGIMES))
         cmd.add_argument("--seed", type=int, required=True)
         cmd.add_argument("--state-dir", type=Path, default=REPO_ROOT / "runs" / "regime-map",
                          help="window, real deltas and Trainer checkpoints (large; not in git)")
         cmd.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: one core per run)")
-        if name == "train":
+        if name == "jump":
+            cmd.add_argument("--policy", required=True, choices=JUMP_POLICIES, help="optimizer_policy after each accepted jump")
+        if name in ("train", "jump"):
             cmd.add_argument("--stop-after", type=int, default=None,
                              help="end this session's training after this step (run the command again to continue)")
+        if name == "train":
             cmd.add_argument("--last-step", type=int, default=None,
                              help="train beyond the regime's last step (e.g. 160 = 8N for the large batch)")
         if name == "evaluate":
@@ -785,7 +908,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
     set_threads(getattr(args, "threads", None))
-    {"train": train, "evaluate": evaluate, "summary": summary, "rediagnose": rediagnose}[args.command](args)
+    {"train": train, "evaluate": evaluate, "jump": jump, "summary": summary, "rediagnose": rediagnose}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -141,3 +141,57 @@ def test_evaluate_scores_every_candidate_once_and_measures_distances(tmp_path, s
     regime_map.evaluate_run("tiny", regime, 0, paths, loader, reward=digit_reward)
     again = regime_map.read_records(paths["results"])
     assert sum(r["kind"] in ("eval", "probe", "search") for r in again) == sum(r["kind"] in ("eval", "probe", "search") for r in records)
+
+
+def test_jump_run_records_every_jump_and_stops_at_the_target(tmp_path, small_world):
+    """A jump-mode run through the benchmark: every attempt in the results file equals the callback's own
+    relex_jumps.jsonl, each evaluation is at virtual step = real step + accepted horizons so far, and training ends
+    at the first evaluation that reaches ``stop_at`` (negative control: without it the run goes to the last step)."""
+    import json
+
+    regime = {**REGIME, "observe": 2, "last_step": 6, "eval_every": 2}
+    settings = {**regime_map.jump_settings(regime, "keep"), "jump_horizon": 2}
+    free = regime_map.jump_paths(tmp_path / "s", "tiny", 0, "keep", results_root=tmp_path / "r1")
+    regime_map.train_run("tiny", regime, 0, free, loader, reward=digit_reward, jump=settings)
+    records = regime_map.read_records(free["results"])
+    jumps = [r for r in records if r["kind"] == "jump"]
+    logged = [json.loads(line) for line in (free["trainer"] / "relex_jumps.jsonl").read_text().splitlines()]
+    assert [j["step"] for j in jumps] == [j["step"] for j in logged] == [2, 3, 4, 5, 6]  # every N/2 = 1 step from N
+    assert [j["status"] for j in jumps] == [j["status"] for j in logged]
+    assert [j["horizon"] for j in jumps] == [j["horizon"] for j in logged]
+    assert any(j["status"] == "accepted" for j in logged)  # else the virtual-step check below is trivial
+    real = regime_map.latest_by_step(records, "real")
+    assert sorted(real) == [0, 2, 4, 6]
+    for step in (2, 4, 6):
+        moved = sum(j["horizon"] for j in logged if j["status"] == "accepted" and j["step"] <= step)
+        assert real[step]["virtual_step"] == step + moved
+    assert not list(free["deltas"].glob("*.safetensors"))  # a jump run writes no window files
+
+    # stop at the first evaluation: the step-2 accuracy is reachable by construction
+    stopped = regime_map.jump_paths(tmp_path / "t", "tiny", 0, "keep", results_root=tmp_path / "r2")
+    target = real[2]["accuracy"]
+    regime_map.train_run("tiny", regime, 0, stopped, loader, reward=digit_reward, jump=settings, stop_at=target)
+    again = regime_map.read_records(stopped["results"])
+    assert max(r["step"] for r in again if r["kind"] == "train") == 2
+    assert regime_map.latest_by_step(again, "real")[2]["accuracy"] == target
+    # a finished jump run is not trained again
+    assert regime_map.train_run("tiny", regime, 0, stopped, loader, reward=digit_reward, jump=settings, stop_at=target) is None
+
+
+def test_jump_summary_counts_the_jumps_time_in_step_equivalents():
+    regime = {"last_step": 40, "observe": 10}
+    plain = [{"kind": "real", "step": s, "accuracy": a} for s, a in ((0, 0.2), (20, 0.4), (40, 0.6))]
+    run = [{"kind": "real", "step": 0, "accuracy": 0.2}, {"kind": "real", "step": 10, "accuracy": 0.5},
+           {"kind": "real", "step": 20, "accuracy": 0.7, "virtual_step": 45},
+           {"kind": "jump", "step": 10, "status": "accepted", "fit_seconds": 3.0, "probe_seconds": 7.0},
+           {"kind": "jump", "step": 20, "status": "rejected", "fit_seconds": 1.0, "probe_seconds": 9.0}]
+    run += [{"kind": "train", "step": s, "seconds": 5.0 + (10.0 if s in (10, 20) else 0.0)} for s in range(1, 21)]
+    out = regime_map.jump_summary(plain, run, regime)
+    # the run reaches 0.6 halfway between steps 10 (0.5) and 20 (0.7): step 15; only the jump at step 10 is before it
+    assert out["steps"] == pytest.approx(15.0) and out["reached"]
+    assert out["overhead_steps"] == pytest.approx(10.0 / 5.0)
+    assert out["steps_saved"] == pytest.approx(40.0 / 17.0)
+    assert (out["accepted"], out["rejected"]) == (1, 0)
+    # not reached: the saving is an upper bound
+    short = regime_map.jump_summary(plain, [r for r in run if r.get("step", 0) <= 10], regime)
+    assert not short["reached"] and short["steps"] == 10.0
