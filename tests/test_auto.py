@@ -198,20 +198,32 @@ def test_a_probe_failing_during_the_search_keeps_the_trained_weights(tmp_path, t
     assert "the horizon search stopped because" in card and "These are the trained weights of step 6" in card
 
 
-def test_relex_lines_are_visible_without_logging_configuration_and_not_doubled_with_it():
+def test_relex_lines_are_silent_by_default_visible_with_the_switch_and_not_doubled():
+    """A library's lines reach the application's handlers only (NullHandler); enable_logging() or RELEX_VERBOSITY
+    prints them as [relex] lines until the application configures logging, then only its handler prints them."""
+    import os
     import subprocess
     import sys
 
-    code = (
-        "import logging, relex_callback\n"
+    lines = (
         "logging.getLogger('relex_callback.engine').warning('beyond K_max')\n"
         "logging.getLogger('relex_callback.engine').info('K_max = 15')\n"
         "logging.basicConfig(level=logging.INFO, format='app %(message)s')\n"
         "logging.getLogger('relex_callback.engine').warning('configured')\n"
     )
-    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    env = {k: v for k, v in os.environ.items() if k != "RELEX_VERBOSITY"}
+
+    def stderr(prefix, extra_env=None):
+        code = "import logging, relex_callback\n" + prefix + lines
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**env, **(extra_env or {})}).stderr
+
+    silent = stderr("")  # negative control: nothing before the application configures logging
+    assert "K_max" not in silent and "[relex]" not in silent and silent.count("configured") == 1
+    err = stderr("relex_callback.enable_logging()\n")
     assert "[relex] WARNING beyond K_max" in err and "[relex] INFO K_max = 15" in err
     assert err.count("configured") == 1 and "app configured" in err  # the application's handler only
-    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**__import__("os").environ, "RELEX_VERBOSITY": "warning"}).stderr
-    assert "K_max = 15" not in quiet and "beyond K_max" in quiet
+    quiet = stderr("", {"RELEX_VERBOSITY": "warning"})
+    assert "K_max = 15" not in quiet and "[relex] WARNING beyond K_max" in quiet
+    with pytest.raises(ValueError, match="level='loud' is not a logging level"):
+        __import__("relex_callback").enable_logging("loud")

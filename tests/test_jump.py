@@ -599,9 +599,12 @@ def test_defaults_and_probe_type():
 _VISIBLE_JUMPS = """
 import sys
 from transformers import Trainer, TrainingArguments
+import relex_callback
 from relex_callback import RelexCallback
 
-schedule, with_probe, out, tests = sys.argv[1:]
+schedule, with_probe, out, tests, switch = sys.argv[1:]
+if switch == "on":
+    relex_callback.enable_logging()
 sys.path.insert(0, tests)
 from test_jump import Regress, regression_data
 
@@ -615,13 +618,14 @@ print([r["status"] for r in relex.jump.history])
 """
 
 
-def test_jumps_and_risky_settings_are_visible_without_logging_configuration(tmp_path):
-    """A user who sets up no logging sees one [relex] line per jump and a warning for each risky setting."""
+def test_jumps_and_risky_settings_are_visible_with_enable_logging(tmp_path):
+    """With relex_callback.enable_logging() a user who sets up no logging sees one [relex] line per jump and a warning
+    for each risky setting; without it the library prints nothing (NullHandler)."""
     import subprocess
     import sys
 
-    def run(schedule, with_probe):
-        argv = [schedule, with_probe, str(tmp_path / schedule), os.path.dirname(__file__)]
+    def run(schedule, with_probe, switch="on"):
+        argv = [schedule, with_probe, str(tmp_path / f"{schedule}-{switch}"), os.path.dirname(__file__), switch]
         result = subprocess.run([sys.executable, "-c", _VISIBLE_JUMPS, *argv],
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
@@ -638,6 +642,9 @@ def test_jumps_and_risky_settings_are_visible_without_logging_configuration(tmp_
     assert [line.split(": virtual")[0] for line in jumps] == [
         f"[relex] INFO RELEX: jump {i} at step {s} accepted" for i, s in enumerate((4, 7, 10))]
     assert jumps[0].endswith("virtual step 4 -> 7 (H=3, cap None)")
+
+    out, silent = run("linear", "none", switch="off")  # negative control: the library alone prints nothing
+    assert out == "['accepted', 'accepted', 'accepted']" and silent == []
 
     out, lines = run("constant", "probe")  # negative control: nothing risky; a rejected jump says why
     assert out == "['accepted', 'rejected', 'accepted']"
