@@ -86,8 +86,16 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Records of a results file; a torn last line (the process was killed mid-write) is ignored."""
+WINDOW_KINDS = ("diagnostic", "distance", "probe", "selection", "search", "eval")
+"""Record kinds computed from the saved window."""
+
+
+def read_records(path: Path, latest_run: bool = True) -> list[dict[str, Any]]:
+    """Records of a results file; a torn last line (the process was killed mid-write) is ignored. With
+    ``latest_run`` only the window on disk counts: a session that trained from step 0 again wrote a new window, so
+    what was computed from the earlier one (its diagnostic, distances, probe scores, evaluations) is dropped. The
+    training log and the real evaluations are kept (the newest per step wins): the run is the same run recomputed,
+    equal to float tolerance (docs/choosing-a-horizon.md, "Determinism")."""
     if not path.is_file():
         return []
     records = []
@@ -96,7 +104,16 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    if latest_run:
+        starts = [i for i, r in enumerate(records) if is_fresh_start(r)]
+        if starts:
+            records = [r for r in records[: starts[-1]] if r.get("kind") not in WINDOW_KINDS] + records[starts[-1]:]
     return records
+
+
+def is_fresh_start(record: dict[str, Any]) -> bool:
+    """A session record of training that began at step 0 (no checkpoint to resume)."""
+    return record.get("kind") == "session" and record.get("resumed_from") is None and record.get("step") == 0
 
 
 def latest_by_step(records: list[dict[str, Any]], kind: str) -> dict[int, dict[str, Any]]:
@@ -350,7 +367,7 @@ def train_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, Pat
 # ---------------------------------------------------------------------------------------------------------
 # evaluate: every method from the saved window, no training
 
-LINE_MULTIPLES = (2, 3, 5)
+LINE_MULTIPLES = (2, 3, 5, 8)
 SCALES = (1.5, 2.0, 3.0, 5.0)
 
 
@@ -809,7 +826,8 @@ def summary(args: argparse.Namespace) -> None:
             saved = mean_ci(m["steps_saved"] for _, m in per)
             accs = ", ".join(f"s{seed} {m['candidate']}: {m['accuracy']:.3f} ± {m['se']:.3f}" + (" (≥)" if m["lower_bound"] else "")
                              for seed, m in per)
-            lines.append(f"| {label} | {accs} | {saved['mean']:.2f} ± {saved['se']:.2f} | "
+            spread = f"{saved['mean']:.2f} ± {saved['se']:.2f}" if len(per) > 1 else f"{saved['mean']:.2f} (one seed)"
+            lines.append(f"| {label} | {accs} | {spread} | "
                          f"{sum(m['at_least_floor'] for _, m in per)}/{len(per)} |")
         lines.append("")
         jump_rows = []

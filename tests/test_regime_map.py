@@ -103,6 +103,32 @@ def test_torn_last_line_is_ignored(tmp_path):
     assert regime_map.latest_by_step(regime_map.read_records(path), "real") == {2: {"kind": "real", "step": 2, "accuracy": 0.75}}
 
 
+def test_training_again_from_step_0_drops_what_the_earlier_window_gave(tmp_path):
+    """A run retrained from step 0 wrote a new window: the earlier window's scores are not reused (else evaluate
+    would skip them), while the real curve and training log stay, the newest per step winning."""
+    path = tmp_path / "r.jsonl"
+    old = [{"kind": "settings", "step": 0}, {"kind": "real", "step": 0, "accuracy": 0.2},
+           {"kind": "train", "step": 1, "reward": 0.1}, {"kind": "real", "step": 40, "accuracy": 0.6},
+           {"kind": "diagnostic", "step": 20}, {"kind": "eval", "candidate": "line@40", "accuracy": 0.5},
+           {"kind": "probe", "candidate": "theta_N", "score": 0.4},
+           {"kind": "session", "step": 30, "resumed_from": "checkpoint-30"}]  # a resume is not a new window
+    new = [{"kind": "session", "step": 0, "resumed_from": None}, {"kind": "real", "step": 0, "accuracy": 0.2},
+           {"kind": "train", "step": 1, "reward": 0.1000001}, {"kind": "eval", "candidate": "scale@2", "accuracy": 0.3}]
+    for record in old + new:
+        regime_map.append_record(path, record)
+    records = regime_map.read_records(path)
+    assert not [r for r in records if r["kind"] in ("diagnostic", "probe") or r.get("candidate") == "line@40"]
+    assert [r["candidate"] for r in records if r["kind"] == "eval"] == ["scale@2"]
+    assert regime_map.latest_by_step(records, "real")[40]["accuracy"] == 0.6  # not retrained yet: kept
+    assert regime_map.latest_by_step(records, "train")[1]["reward"] == 0.1000001
+    # negative control: without a fresh start nothing is dropped; the raw file keeps everything
+    assert len(regime_map.read_records(path, latest_run=False)) == len(old) + len(new)
+    only_resumed = tmp_path / "s.jsonl"
+    for record in old:
+        regime_map.append_record(only_resumed, record)
+    assert regime_map.read_records(only_resumed) == old
+
+
 def test_evaluate_scores_every_candidate_once_and_measures_distances(tmp_path, small_world):
     from safetensors.torch import load_file
 
