@@ -419,13 +419,21 @@ def extended_grams(paths, names, observe: int) -> tuple[torch.Tensor, list[int]]
     return torch.stack(out).double(), steps
 
 
-def save_grams(path: Path, names: list[str], grams: torch.Tensor, steps: list[int]) -> None:
+def save_grams(path: Path, names: list[str], grams: torch.Tensor, steps: list[int]) -> bool:
+    """Write the Gram file (atomically), unless the one in place covers real steps these ``steps`` lack: a window
+    trained again without its real deltas must not erase the committed record of them. Returns whether it wrote."""
     from safetensors.torch import save_file
 
+    if path.is_file():
+        missing = sorted(set(load_grams(path)[2]) - set(steps))
+        if missing:
+            log.info("kept %s: it covers steps %s that the deltas on disk lack", path, missing)
+            return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({"grams": grams.contiguous()}, str(tmp), metadata={"names": json.dumps(names), "steps": json.dumps(steps)})
     os.replace(tmp, path)
+    return True
 
 
 def load_grams(path: Path) -> tuple[list[str], torch.Tensor, list[int]]:

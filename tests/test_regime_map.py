@@ -129,6 +129,20 @@ def test_training_again_from_step_0_drops_what_the_earlier_window_gave(tmp_path)
     assert regime_map.read_records(only_resumed) == old
 
 
+def test_a_gram_file_is_never_replaced_by_one_with_fewer_real_steps(tmp_path):
+    path = tmp_path / "g.safetensors"
+    wide = torch.arange(2 * 5 * 5, dtype=torch.float64).reshape(2, 5, 5)
+    assert regime_map.save_grams(path, ["a", "b"], wide, [1, 2, 3, 4, 8])
+    narrow = torch.ones(2, 4, 4, dtype=torch.float64)
+    assert not regime_map.save_grams(path, ["a", "b"], narrow, [1, 2, 3, 4])  # step 8 would be lost
+    names, grams, steps = regime_map.load_grams(path)
+    assert steps == [1, 2, 3, 4, 8] and torch.equal(grams, wide)
+    # negative control: a file covering every step it had, and more, replaces it
+    wider = torch.zeros(2, 6, 6, dtype=torch.float64)
+    assert regime_map.save_grams(path, ["a", "b"], wider, [1, 2, 3, 4, 8, 12])
+    assert regime_map.load_grams(path)[2] == [1, 2, 3, 4, 8, 12] and torch.equal(regime_map.load_grams(path)[1], wider)
+
+
 def test_evaluate_scores_every_candidate_once_and_measures_distances(tmp_path, small_world):
     from safetensors.torch import load_file
 
