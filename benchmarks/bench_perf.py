@@ -52,7 +52,7 @@ from _common import (  # noqa: E402
 )
 
 from relex_callback.buffer import DeltaBuffer, TrackedTensor, host_available_bytes  # noqa: E402
-from relex_callback.core import combine, fit_trajectory, gram_matrix, subspace_from_gram  # noqa: E402
+from relex_callback.math.core import combine, fit_trajectory, gram_matrix, subspace_from_gram  # noqa: E402
 
 GiB = 1024**3
 

@@ -54,7 +54,7 @@ from _common import (  # noqa: E402
 )
 
 from relex_callback.buffer import DeltaBuffer, TrackedTensor, select_parameters  # noqa: E402
-from relex_callback.core import backtest, combine, fit_trajectory, select_power  # noqa: E402
+from relex_callback.math.core import backtest, combine, fit_trajectory, select_power  # noqa: E402
 from relex_callback.probe import choose_candidate  # noqa: E402
 
 METHODS = ("relex", "perparam", "first", "rank2", "rank3", "poly2", "power0.5", "powerauto")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from relex_callback.buffer import DeltaBuffer, TrackedTensor
-from relex_callback.core import combine, fit_trajectory
+from relex_callback.math.core import combine, fit_trajectory
 
 logger = logging.getLogger("gpu_buffer_timing")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from relex_callback.core import combine, fit_trajectory, gram_matrix
+from relex_callback.math.core import combine, fit_trajectory, gram_matrix
 from relex_callback.peft_support import lora_pairs, merged_delta_gram
 
 logger = logging.getLogger("lora_merge_compare")

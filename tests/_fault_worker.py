@@ -61,7 +61,7 @@ def kill_in_fit() -> None:
 
 def cli_killed_in_output_write(argv: list[str]) -> None:
     import relex_callback.offline.commands as commands_module
-    from relex_callback.cli import main
+    from relex_callback.offline.cli import main
 
     commands_module.write_json = _half_json_then_die
     main(argv)

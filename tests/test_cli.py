@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from relex_callback import offline
-from relex_callback.cli import build_parser, main
+from relex_callback.offline.cli import build_parser, main
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,7 +153,7 @@ def test_parser_and_help_do_not_import_torch():
     """``relex --help`` must not wait for torch (seconds): the parser and its options import none of it."""
     code = (
         "import sys, argparse\n"
-        "from relex_callback.cli import build_parser\n"
+        "from relex_callback.offline.cli import build_parser\n"
         "parser = build_parser(); parser.format_help()\n"
         "action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))\n"
         "[sub.format_help() for sub in action.choices.values()]\n"

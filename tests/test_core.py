@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from relex_callback.core import (
+from relex_callback.math.core import (
     backtest,
     backtest_errors,
     combine,

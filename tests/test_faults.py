@@ -26,7 +26,7 @@ from _distributed_checks import free_port
 from _oracle import max_diff
 from _tiny import lm_trainer, tiny_tokenizer
 from relex_callback import RelexCallback
-from relex_callback.cli import main
+from relex_callback.offline.cli import main
 
 CONFIG = dict(observe=6, extrapolate_to=24, buffer_dtype="float32")
 WORKER = Path(__file__).with_name("_fault_worker.py")

@@ -19,7 +19,7 @@ from trl import GRPOConfig, GRPOTrainer
 from _oracle import CaptureWeights, PoisonAt, max_diff, oracle
 from _tiny import StopAt, lm_trainer, tiny_llama, tiny_qwen2, tiny_tokenizer
 from relex_callback import RelexCallback
-from relex_callback.callback import STATE_FILE_NAME
+from relex_callback.trainers.transformers import STATE_FILE_NAME
 
 
 def length_reward(completions, **kwargs):

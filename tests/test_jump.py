@@ -19,8 +19,8 @@ from trl import GRPOConfig, GRPOTrainer
 from _oracle import CaptureWeights, PoisonAt, max_diff, oracle
 from _tiny import tiny_qwen2, tiny_tokenizer
 from relex_callback import RelexCallback, RelexConfig
-from relex_callback.core import gram_matrix, select_power
-from relex_callback.jump import JUMP_LOG_NAME, generation_period, reset_optimizer_state
+from relex_callback.math.core import gram_matrix, select_power
+from relex_callback.trainers.jump import JUMP_LOG_NAME, generation_period, reset_optimizer_state
 
 
 # -- independent observers --------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from relex_callback.checkpoints import (
     open_model_dir,
     parse_step,
 )
-from relex_callback.core import combine, fit_trend, gram_matrix, prediction_weights, subspace_from_gram
+from relex_callback.math.core import combine, fit_trend, gram_matrix, prediction_weights, subspace_from_gram
 
 transformers = pytest.importorskip("transformers")
 
