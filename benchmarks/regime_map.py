@@ -862,7 +862,8 @@ def summary(args: argparse.Namespace) -> None:
                 done = [r for p_, _, r in jump_rows if p_ == policy and r["reached"]]
                 if done:
                     saved = mean_ci(r["steps_saved"] for r in done)
-                    lines.append(f"\n{policy}: {saved['mean']:.2f} ± {saved['se']:.2f} steps saved on {len(done)} seed(s) that reached the target.")
+                    spread = f"{saved['mean']:.2f} ± {saved['se']:.2f}" if len(done) > 1 else f"{saved['mean']:.2f} (one seed)"
+                    lines.append(f"\n{policy}: {spread} steps saved on {len(done)} seed(s) that reached the target.")
             lines.append("")
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
