@@ -212,22 +212,15 @@ def test_halt_reports_are_relex_report_2_with_room_for_a_diagnostic():
     assert report["r_squared"]["tensors"] == 2 and report["backtest"]["tolerance"] == 0.75
 
 
-def test_old_report_formats_are_read_in_the_new_layout(tmp_path):
-    callback_v1 = {"relex_callback_version": "0.1.0", "target_step": 40, "observed_steps": [1, 2], "horizon_ratio": 20.0,
-                   "settings": {"rank": 1, "fit": "linear", "shrink": 1.0}, "explained_variance": {"tensors": 1, "mean": 0.9},
-                   "line_r2": {"tensors": 1, "mean": 0.8}, "backtest": None, "warnings": [], "_target_index": 0,
-                   "tensors": [{"name": "w", "explained_variance": 0.9, "r2": [0.8]}]}
-    offline_v1 = {"format": "relex-offline/1", "command": "report", "fit_steps": [1, 2], "r_squared_in_window": {"tensors": 1},
-                  "tensors": {"w": {"explained_variance": 0.9}}}
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "relex_report.json").write_text(json.dumps(callback_v1))
-    (tmp_path / "b.json").write_text(json.dumps(offline_v1))
-    old = read_report(tmp_path / "a")
-    assert old["format"] == "relex-report/2" and old["producer"] == "halt"
-    assert old["r_squared"] == {"tensors": 1, "mean": 0.8} and old["tensors"] == {"w": {"explained_variance": 0.9, "r_squared": [0.8]}}
-    assert "_target_index" not in old and old["diagnostic"] is None
-    offline = read_report(tmp_path / "b.json")
-    assert offline["producer"] == "report" and offline["r_squared"] == {"tensors": 1} and "command" not in offline
-    (tmp_path / "c.json").write_text(json.dumps({"format": "relex-report/9"}))
-    with pytest.raises(ValueError, match="unknown RELEX report format"):
-        read_report(tmp_path / "c.json")
+def test_a_report_in_another_format_is_refused_naming_the_file_and_the_fix(tmp_path):
+    """Only ``relex-report/2`` is read: the callback's unversioned first report and ``relex-offline/1`` are refused."""
+    for name, report in (("unversioned.json", {"target_step": 40, "line_r2": {"tensors": 1}}),
+                         ("offline1.json", {"format": "relex-offline/1", "command": "report"}),
+                         ("future.json", {"format": "relex-report/9"})):
+        (tmp_path / name).write_text(json.dumps(report))
+        with pytest.raises(ValueError, match=rf"{name} has RELEX report format .*reads relex-report/2 only\. Write it again"):
+            read_report(tmp_path / name)
+    good = {"format": "relex-report/2", "producer": "halt", "target_step": 40}
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "relex_report.json").write_text(json.dumps(good))
+    assert read_report(tmp_path / "good") == good  # negative control: the current format is read unchanged

@@ -7,7 +7,7 @@
 
 from .candidate import Candidate, TrendSpec
 from .engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, BufferPlan, Probe, RelexEngine, plan_buffer, register_candidate_kind
-from .report import REPORT_FORMAT, read_report, upgrade_report
+from .report import REPORT_FORMAT, check_report_format, read_report
 
 __all__ = [
     "Candidate",
@@ -20,6 +20,6 @@ __all__ = [
     "STATE_FILE_NAME",
     "STATE_FORMAT_VERSION",
     "REPORT_FORMAT",
+    "check_report_format",
     "read_report",
-    "upgrade_report",
 ]

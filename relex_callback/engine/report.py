@@ -13,8 +13,7 @@ Every report is a JSON object with these sections (``None`` or empty when they d
 * ``tensors``: ``{name: {"shape", "explained_variance", "singular_values", "r_squared", ...}}``;
 * ``timings`` and producer-specific sections (``buffer``, ``bytes``, ``checkpoints``, ...).
 
-:func:`read_report` reads this format and upgrades the two older ones (the callback's unversioned report with
-``line_r2``/``r2`` and a list of tensors, and the CLI's ``relex-offline/1`` with ``command``).
+:func:`read_report` reads this format and refuses any other.
 """
 
 from __future__ import annotations
@@ -31,18 +30,16 @@ from ..math.core import Backtest
 
 __all__ = [
     "REPORT_FORMAT",
-    "LEGACY_FORMATS",
     "backtest_section",
     "horizon_warning",
     "new_report",
     "report_metrics",
-    "upgrade_report",
+    "check_report_format",
     "read_report",
     "write_model_card",
 ]
 
 REPORT_FORMAT = "relex-report/2"
-LEGACY_FORMATS = (None, "relex-offline/1")
 METHOD = "RELEX rank-r trajectory extrapolation (arXiv 2605.21468)"
 
 
@@ -133,33 +130,13 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def upgrade_report(report: dict[str, Any]) -> dict[str, Any]:
-    """``report`` in the ``relex-report/2`` layout; older reports are converted, unknown keys are kept."""
-    version = report.get("format")
-    if version == REPORT_FORMAT:
-        return report
-    if version not in LEGACY_FORMATS:
-        raise ValueError(f"unknown RELEX report format {version!r}; this version reads {REPORT_FORMAT} and {LEGACY_FORMATS[1:]}")
-    out = dict(report)
-    out["format"] = REPORT_FORMAT
-    out.pop("_target_index", None)
-    if version is None:  # the callback's first report
-        out["producer"] = "halt"
-        out["r_squared"] = out.pop("line_r2", {"tensors": 0})
-        tensors = out.get("tensors") or []
-        if isinstance(tensors, list):
-            out["tensors"] = {t["name"]: {**{k: v for k, v in t.items() if k not in ("name", "r2")},
-                                          "r_squared": t.get("r2")} for t in tensors}
-        out.setdefault("window_steps", out.get("observed_steps", []))
-    else:  # relex-offline/1
-        out["producer"] = out.pop("command", "extrapolate")
-        if "r_squared_in_window" in out and "r_squared" not in out:
-            out["r_squared"] = out.pop("r_squared_in_window")
-        out.setdefault("targets", out.get("target_steps", [out.get("target_step")]))
-    for key in ("r_squared", "backtest", "diagnostic", "candidate", "probe"):
-        out.setdefault(key, None if key != "r_squared" else {"tensors": 0})
-    out.setdefault("warnings", [])
-    return out
+def check_report_format(report: dict[str, Any], source: str = "report") -> dict[str, Any]:
+    """``report`` itself when it is in the ``relex-report/2`` layout; any other format is refused."""
+    found = report.get("format")
+    if found != REPORT_FORMAT:
+        raise ValueError(f"{source} has RELEX report format {found!r}; this version reads {REPORT_FORMAT} only. "
+                         "Write it again with this version (relex report CHECKPOINT_DIR ... or the callback's run).")
+    return report
 
 
 def read_report(path: str | os.PathLike) -> dict[str, Any]:
@@ -168,7 +145,7 @@ def read_report(path: str | os.PathLike) -> dict[str, Any]:
     if os.path.isdir(path):
         path = os.path.join(path, REPORT_NAME)
     with open(path) as handle:
-        return upgrade_report(json.load(handle))
+        return check_report_format(json.load(handle), path)
 
 
 def _score(value: Any) -> str:
@@ -224,8 +201,8 @@ def _search_lines(search: dict[str, Any] | None) -> list[str]:
 
 
 def write_model_card(directory: str | os.PathLike, report: dict[str, Any]) -> None:
-    """A short README.md that says how the weights were made and how far to trust them (any report format)."""
-    report = upgrade_report(report)
+    """A short README.md that says how the weights were made and how far to trust them."""
+    report = check_report_format(report)
     settings = report.get("settings", {})
     ev = report.get("explained_variance", {})
     bt = report.get("backtest") or {}
