@@ -580,12 +580,12 @@ SEARCH = "search-auto"
 def search_auto(regime: dict[str, Any], paths, model, names, theta0, selector, probe, records, redo: bool = False) -> None:
     """``extrapolate_to="auto"`` with a probe, through the package's own halt path: a :class:`RelexEngine` whose
     buffer is filled with the saved window (Δ_t loaded as θ_0 + Δ_t and recorded, as the callback records it),
-    then :func:`relex_callback.trainers.steps.fit_and_choose` with the selection prompts as the probe. Records the
+    then :func:`relex_callback.engine.window.fit_and_choose` with the selection prompts as the probe. Records the
     search (every probe call and its seconds, the load average it ran under) and the chosen model's held-out
     accuracy. Skipped when recorded, unless ``redo``: its wall time is a cost, so measure it on free cores."""
     from relex_callback import RelexConfig
     from relex_callback.engine import RelexEngine
-    from relex_callback.trainers.steps import fit_and_choose
+    from relex_callback.engine.window import fit_and_choose
 
     results = paths["results"]
     if not redo and any(r.get("kind") == "eval" and r.get("candidate") == SEARCH for r in read_records(results)):

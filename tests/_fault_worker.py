@@ -97,9 +97,9 @@ def main(out: Path, fault: str, arguments) -> None:
     if fault.startswith("state:"):
         kill_in_state_save(int(fault.removeprefix("state:")))
     elif fault == "output":
-        import relex_callback.trainers.steps as steps_module  # write_model_dir, the callback's model-directory writer
+        import relex_callback.engine.window as window_module  # write_model_dir, every adapter's model-directory writer
 
-        steps_module.write_json = _half_json_then_die
+        window_module.write_json = _half_json_then_die
     elif fault == "fit":
         kill_in_fit()
     else:

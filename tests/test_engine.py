@@ -13,7 +13,7 @@ from relex_callback import RelexCallback, RelexConfig
 from relex_callback.engine import Candidate, RelexEngine, TrendSpec, plan_buffer, read_report, register_candidate_kind
 from relex_callback.engine import engine as engine_module
 from relex_callback.math.core import Backtest, TrajectoryFit
-from relex_callback.trainers.jump import JumpController
+from relex_callback.engine.jump import JumpController
 
 
 class Tiny(torch.nn.Module):

@@ -20,7 +20,7 @@ from _oracle import CaptureWeights, PoisonAt, max_diff, oracle
 from _tiny import tiny_qwen2, tiny_tokenizer
 from relex_callback import RelexCallback, RelexConfig
 from relex_callback.math.core import gram_matrix, select_power
-from relex_callback.trainers.jump import JUMP_LOG_NAME, generation_period, reset_optimizer_state
+from relex_callback.engine.jump import JUMP_LOG_NAME, generation_period, reset_optimizer_state
 
 
 # -- independent observers --------------------------------------------------------------------------------------
@@ -667,3 +667,21 @@ def test_a_probe_grows_the_horizon_up_to_max_horizon_and_shrinks_it_on_rejection
     assert [r["horizon"] for r in relex.jump.history] == expected
     assert {r["status"] for r in relex.jump.history} == {"rejected" if rejected else "accepted"}
     assert relex.jump.offset == (0 if rejected else sum(expected))
+
+
+class EvenSnapshots(RelexCallback):
+    def should_snapshot(self, step: int) -> bool:
+        return super().should_snapshot(step) and step % 2 == 0
+
+
+@pytest.mark.parametrize("callback_class", [RelexCallback, EvenSnapshots])
+def test_an_overridden_should_snapshot_decides_in_jump_mode_and_jump_steps_always_record(tmp_path, callback_class):
+    relex = callback_class(mode="jump", observe=3, jump_every=3, jump_horizon=3, buffer_dtype="float32", max_snapshots=16)
+    trainer = linear_trainer(tmp_path, [relex], max_steps=6)
+    truth0 = LinearPath()
+    trainer.train()
+    assert [(r["step"], r["status"]) for r in relex.jump.history] == [(3, "accepted"), (6, "accepted")]
+    # virtual steps: real 4, 5, 6 after the jump at 3 are 7, 8, 9; the jumps at 3 and 6 record whatever the hook says
+    expected = [1, 2, 3, 7, 8, 9] if callback_class is RelexCallback else [2, 3, 7, 9]
+    assert relex.buffer.steps == expected
+    assert max_diff(dict(trainer.model.named_parameters()), on_line(truth0, 12)) < 1e-6  # both fits exact on the line

@@ -131,3 +131,89 @@ def test_verl_layout_checkpoints_reference_rows_written_once_and_resume_bit_exac
     resumed, written = run(tmp_path / "b", 2, resume_dir=tmp_path / "b" / "global_step_2" / "relex")
     assert resumed.engine.checkpoint_rows.directory == (tmp_path / "b" / "relex-rows").resolve()
     assert written.keys() == expected.keys() and all(torch.equal(written[n], expected[n]) for n in expected)
+
+
+# -- every feature of the window in this adapter too ---------------------------------------------------------
+
+
+def _drive(driver: StepDriver, model, base, direction, steps) -> list:
+    outcomes = []
+    for step in steps:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in base:
+                    param.copy_(_line(base, direction, step)[name])
+        outcomes.append(driver.after_step(step))
+    return outcomes
+
+
+def _trainable_line(model, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return base, {n: 1e-3 * torch.randn(p.shape, generator=generator) for n, p in base.items()}
+
+
+class EvenStepsOnly(StepDriver):
+    def should_snapshot(self, step: int) -> bool:
+        return super().should_snapshot(step) and step % 2 == 0
+
+
+def test_an_overridden_should_snapshot_decides_in_halt_and_in_jump_mode(tmp_path):
+    settings = dict(observe=4, extrapolate_to=8, buffer_dtype="float32")
+    for driver_class, expected in ((StepDriver, [1, 2, 3, 4]), (EvenStepsOnly, [2, 4])):  # default: negative control
+        model = tiny_qwen2()
+        base, direction = _trainable_line(model, 3)
+        driver = driver_class(RelexConfig(**settings))
+        driver.begin(model, 0, tmp_path / driver_class.__name__ / "halt")
+        outcomes = _drive(driver, model, base, direction, range(1, 5))
+        assert driver.engine.buffer.steps == expected and outcomes[-1].halted
+    jump = dict(mode="jump", observe=4, jump_every=4, jump_horizon=4, auto_horizon=False, max_snapshots=16,
+                buffer_dtype="float32")
+    for driver_class, expected in ((StepDriver, [1, 2, 3, 4, 9, 10, 11, 12]), (EvenStepsOnly, [2, 4, 10, 12])):
+        model = tiny_qwen2()
+        base, direction = _trainable_line(model, 4)
+        driver = driver_class(RelexConfig(**jump))
+        driver.begin(model, 0, tmp_path / driver_class.__name__ / "jump")
+        outcomes = _drive(driver, model, base, direction, range(1, 9))
+        # virtual steps: the jump at step 4 (recorded whatever the schedule says) moves them 4 ahead
+        assert [o.jump["status"] for o in outcomes if o.jump] == ["accepted", "accepted"]
+        assert driver.engine.buffer.steps == expected, driver_class.__name__
+
+
+def test_existing_output_is_refused_before_theta0_is_captured(tmp_path):
+    (tmp_path / "relex-step8").mkdir()
+    (tmp_path / "relex-step8" / "model.safetensors").write_bytes(b"earlier run")
+    driver = StepDriver(RelexConfig(observe=4, extrapolate_to=8))
+    try:
+        driver.begin(tiny_qwen2(), 0, tmp_path)
+    except FileExistsError as error:
+        assert "overwrite" in str(error)
+    else:
+        raise AssertionError("an existing relex-step8 was not refused")
+    assert not driver.engine.ready and (tmp_path / "relex-step8" / "model.safetensors").read_bytes() == b"earlier run"
+    StepDriver(RelexConfig(observe=4, extrapolate_to=8, overwrite=True)).begin(tiny_qwen2(), 0, tmp_path)  # allowed
+
+
+def test_halt_writes_the_merged_lora_model_and_the_plots_through_the_driver(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_qwen2(), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"], lora_dropout=0.0))
+    base, direction = _trainable_line(model, 5)
+    assert base and all("lora_" in n for n in base)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    driver = StepDriver(RelexConfig(observe=4, extrapolate_to=12, buffer_dtype="float32", merge_lora=True))
+    driver.begin(model, 0, tmp_path)
+    assert _drive(driver, model, base, direction, range(1, 5))[-1].halted
+    predicted = _line(base, direction, 12)  # the exact line at K = 12, an independent prediction of the factors
+    merged = load_file(str(tmp_path / "relex-step12-merged" / "model.safetensors"))
+    for layer in range(2):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        lora_term = 4.0 * predicted[f"{prefix}.lora_B.default.weight"] @ predicted[f"{prefix}.lora_A.default.weight"]
+        want = frozen[f"{prefix}.base_layer.weight"] + lora_term
+        assert float((merged[f"model.layers.{layer}.self_attn.q_proj.weight"] - want).abs().max()) < 1e-5
+        assert float(lora_term.abs().max()) > 1e-6  # the merge moved the weight (negative control)
+    for directory in ("relex-step12", "relex-step12-merged"):
+        report = json.loads((tmp_path / directory / "relex_report.json").read_text())
+        assert report["target_step"] == 12
+    assert (tmp_path / "relex-step12" / "coefficients.png").stat().st_size > 1000
+    assert (tmp_path / "relex-step12" / "explained_variance.png").is_file()

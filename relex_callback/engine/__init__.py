@@ -2,7 +2,10 @@
 
 * :mod:`relex_callback.engine.engine`: :class:`RelexEngine`, the buffer placement rule and the saved state;
 * :mod:`relex_callback.engine.candidate`: :class:`Candidate` and :class:`TrendSpec`;
-* :mod:`relex_callback.engine.report`: the ``relex-report/2`` schema, its reader and the model card.
+* :mod:`relex_callback.engine.report`: the ``relex-report/2`` schema, its reader and the model card;
+* :mod:`relex_callback.engine.window`: :class:`~relex_callback.engine.window.Window`, the set-up refusals, the snapshot
+  schedule and the one halt path every adapter drives;
+* :mod:`relex_callback.engine.jump`: :class:`~relex_callback.engine.jump.JumpController`, jump mode.
 """
 
 from .candidate import Candidate, TrendSpec

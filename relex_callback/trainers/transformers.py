@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -17,17 +16,12 @@ from transformers.trainer_callback import ExportableState, TrainerControl, Train
 from transformers.training_args import TrainingArguments
 
 from ..config import RelexConfig
-from ..distributed import check_can_generate, detect_layout, gather_state_dict, is_main_process, unwrap_model, world_info
-from ..engine.candidate import Candidate, output_dir_name
-from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, RelexEngine, find_state, state_file
-from ..export import check_output_dir, check_output_location
-from ..math.core import TREND_KINDS, TrajectoryFit
-from ..offline.plots import write_fit_plots
-from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
-from ..probe import RewardProbe
-from ..store import ROWS_DIR_NAME, DiskDeltaStore
-from .jump import JumpController
-from .steps import StepClock, fit_and_choose, halt_metrics, restart_window, restore_window, write_model_dir
+from ..distributed import unwrap_model
+from ..engine.candidate import Candidate
+from ..engine.engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, Probe, find_state, state_file
+from ..engine.window import Window, WindowAdapter, is_plain
+from ..math.core import TrajectoryFit
+from ..store import ROWS_DIR_NAME
 
 __all__ = ["RelexCallback", "STATE_FILE_NAME", "STATE_FORMAT_VERSION"]
 
@@ -39,7 +33,7 @@ def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> Path:
     return Path(args.output_dir) / f"checkpoint-{state.global_step}"
 
 
-class RelexCallback(TrainerCallback, ExportableState):
+class RelexCallback(WindowAdapter, TrainerCallback, ExportableState):
     """Observe the first steps of training, fit RELEX's rank-1 trajectory and extrapolate.
 
     In halt mode the callback captures θ_0 at ``start_step``, records Δ_t = θ_t − θ_0 for the next
@@ -49,8 +43,8 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     In jump mode (``mode="jump"``) training continues and the live weights are moved ``jump_horizon`` steps
     ahead along the fitted trajectory at step ``start_step + observe`` and every ``jump_every`` steps after it
-    (:class:`~relex_callback.trainers.jump.JumpController`, ``docs/jump-mode.md``). The callback only decides
-    *when*; :class:`~relex_callback.engine.RelexEngine` does the work.
+    (:class:`~relex_callback.engine.jump.JumpController`, ``docs/jump-mode.md``). The callback only decides
+    *when*; its :class:`~relex_callback.engine.window.Window` does the work.
 
     Args:
         config (`RelexConfig` or `dict`, *optional*): the settings; keyword arguments override its fields.
@@ -91,7 +85,7 @@ class RelexCallback(TrainerCallback, ExportableState):
             config = replace(config, **options) if options else config
         else:
             raise TypeError(f"config must be a RelexConfig or a dict, got {type(config).__name__}.")
-        self.engine = RelexEngine(config)
+        self.window = Window(config, probe)
         self.last_fit: TrajectoryFit | None = None
         self.candidates: list[Candidate] = []
         self.diagnostic = None  # the window diagnostic of the halt-mode fit
@@ -101,26 +95,22 @@ class RelexCallback(TrainerCallback, ExportableState):
         self._pending_metrics: dict[str, float] = {}
         self._trainer: weakref.ref | None = None
         self._use_cache: bool | None = None  # the model's own config.use_cache (see on_init_end)
-        self._halted = False
         self._saved_step: int | None = None  # the step whose checkpoint got the RELEX state before the Trainer saved it
-        self.probe: Probe | None = probe
         self.probe_scores: dict[str, float] = {}
         self.search: dict[str, Any] | None = None  # the reward-guided horizon search of the halt (report section)
-        self._clock = StepClock()
         self._args: TrainingArguments | None = None  # the Trainer's arguments (where checkpoint-N goes)
-        self.jump: JumpController | None = JumpController(config) if config.mode == "jump" else None
         self._jump_state: dict[str, Any] | None = None
         if probe is None and _from_state:
             self.probe = self._adopt_probe()
         RelexCallback._instances = [r for r in RelexCallback._instances if r() is not None] + [weakref.ref(self)]
 
     @property
-    def config(self) -> RelexConfig:
-        return self.engine.config
+    def _halted(self) -> bool:  # restored from trainer_state.json by transformers' from_state
+        return self.window.halted
 
-    @config.setter
-    def config(self, value: RelexConfig) -> None:
-        self.engine.config = value
+    @_halted.setter
+    def _halted(self, value: bool) -> None:
+        self.window.halted = bool(value)
 
     @property
     def buffer(self):
@@ -130,8 +120,7 @@ class RelexCallback(TrainerCallback, ExportableState):
     @property
     def reports(self) -> dict[int, dict[str, Any]]:
         """The halt-mode report of each target step."""
-        return {(int(c.target) if c.spec.kind in TREND_KINDS or c.spec.kind == "observed" else c.label): c.report
-                for c in self.candidates if c.report is not None}
+        return {(int(c.target) if is_plain(c) else c.label): c.report for c in self.candidates if c.report is not None}
 
     @property
     def _snapshot_seconds(self) -> float:  # restored from trainer_state.json by transformers' from_state
@@ -179,22 +168,6 @@ class RelexCallback(TrainerCallback, ExportableState):
             attributes["_jump_state"] = self.jump.state_dict()
         return {"args": {**self.config.to_dict(), "_from_state": True}, "attributes": attributes}
 
-    # -- decisions (overridable) ---------------------------------------------------------------------------
-
-    def should_snapshot(self, step: int) -> bool:
-        """Whether ``step`` is an observation step of the window that has not been recorded yet."""
-        cfg = self.config
-        if not self.engine.ready:
-            return False
-        if not cfg.start_step < step <= cfg.last_observed_step or (step - cfg.start_step) % cfg.snapshot_every:
-            return False
-        return not self.buffer.steps or step > self.buffer.steps[-1]
-
-    def should_halt(self, step: int) -> bool:
-        """Whether halt mode fits now: the last step of the window, once its snapshot is recorded."""
-        cfg = self.config
-        return cfg.mode == "halt" and step == cfg.last_observed_step and bool(self.buffer.steps) and self.buffer.steps[-1] == step
-
     # -- events --------------------------------------------------------------------------------------------
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
@@ -214,27 +187,9 @@ class RelexCallback(TrainerCallback, ExportableState):
                 f"{cfg.last_observed_step} (start_step={cfg.start_step} + observe={cfg.observe}). Raise max_steps "
                 f"(or num_train_epochs) or lower observe."
             )
-        self._output_root = Path(cfg.output_dir or args.output_dir)
-        check_output_location(self._output_root, "output_dir" if cfg.output_dir else "TrainingArguments.output_dir")
-        if cfg.mode == "halt" and cfg.save_model and state.global_step < cfg.last_observed_step and not cfg.auto_target:
-            for target in cfg.extrapolate_to:
-                check_output_dir(self.target_dir(target), cfg.overwrite)
-                if cfg.merge_lora:
-                    check_output_dir(self._output_root / merged_dir_name(target), cfg.overwrite)
-        if cfg.merge_lora:
-            check_mergeable(model)
-            if cfg.merge_lora == "delta" and world_info()[1] > 1:
-                raise ValueError("merge_lora='delta' needs the full LoRA factors on one process; use merge_lora=True under DDP/FSDP/DeepSpeed.")
-        if self.jump is not None and cfg.optimizer_policy == "reset" and detect_layout(model).startswith("deepspeed"):
-            raise ValueError(
-                "optimizer_policy='reset' is not supported under DeepSpeed ZeRO: its optimizer keeps the state of flat "
-                "fp32 partitions, with one step counter per parameter group, so the state of the jumped parameters "
-                "cannot be reset on its own. Use optimizer_policy='keep'."
-            )
-        if isinstance(self.probe, RewardProbe):
-            check_can_generate(model)
-        self.engine.attach(model, store_dir=Path(args.output_dir) / "relex-store")
-        self._clock.start(state.global_step)
+        self.window.check_setup(model, cfg.output_dir or args.output_dir, state.global_step,
+                                "output_dir" if cfg.output_dir else "TrainingArguments.output_dir")
+        self.window.attach(model, state.global_step, store_dir=Path(args.output_dir) / "relex-store")
         self._args = args
         if self.jump is not None and self._jump_state:
             self.jump.load_state_dict(self._jump_state, state.global_step)  # restored by transformers; the sidecar wins
@@ -243,7 +198,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         elif state.global_step == cfg.start_step:
             self.engine.capture_base(state.global_step)
         if self.jump is not None:
-            self.jump.begin(args, state, self._output_root, self.probe)
+            self.jump.begin(args, state, self.window.output_root, self.probe)
         return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
@@ -256,21 +211,13 @@ class RelexCallback(TrainerCallback, ExportableState):
         return control
 
     def _step_end(self, state: TrainerState, control: TrainerControl, model, **kwargs) -> None:
-        cfg = self.config
         if self.buffer is None or self._halted:
             return
         step = state.global_step
-        if step == cfg.start_step and not self.engine.ready:
-            self.engine.capture_base(step)
-        if self.jump is not None:
-            if self.engine.ready:
-                record = self.jump.on_step_end(self.engine, step, model, self.probe, kwargs.get("optimizer"))
-                if record is not None:
-                    self._emit(self.jump.metrics(record), state, control)
-            return
-        if self.should_snapshot(step):
-            self.engine.record(step)
-        if self.should_halt(step):
+        record = self.window.step_end(step, model, kwargs.get("optimizer"), record=self.should_snapshot(step))
+        if record is not None:
+            self._emit(self.jump.metrics(record), state, control)
+        if self.jump is None and self.should_halt(step):
             self._halt(state, control, model, kwargs.get("processing_class"))
 
     def _save_before_checkpoint(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
@@ -302,8 +249,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if isinstance(self.buffer, DiskDeltaStore):
-            self.buffer.close()
+        self.window.close()
         if self._final_weights is not None:
             self.engine.load(self._final_weights)
             self._final_weights = None
@@ -311,14 +257,6 @@ class RelexCallback(TrainerCallback, ExportableState):
         return control
 
     # -- paths and persistence -----------------------------------------------------------------------------
-
-    def target_dir(self, target: int) -> Path:
-        return self._output_root / f"relex-step{target}"
-
-    def candidate_dir(self, candidate: Candidate) -> Path:
-        """``relex-step{K}`` for the configured trend (and for the observed weights, K = N), else
-        ``relex-step{K}-{family}``."""
-        return self._output_root / output_dir_name(candidate.target, candidate.spec.kind)
 
     @staticmethod
     def _window_zero_std(state: TrainerState, first: int, last: int) -> float | None:
@@ -330,9 +268,8 @@ class RelexCallback(TrainerCallback, ExportableState):
     def save_state(self, checkpoint_dir: str | Path) -> Path:
         """Write this process's RELEX state into ``checkpoint_dir``: a reference to rows written once per run (an
         in-memory buffer's into ``{output_dir}/relex-rows``; with ``buffer_device="disk"`` the store's)."""
-        extra = {"jump": json.dumps(self.jump.state_dict())} if self.jump is not None else {}
         rows_dir = Path(self._args.output_dir) / ROWS_DIR_NAME if self._args is not None else None
-        return self.engine.save_state(checkpoint_dir, extra, rows_dir=rows_dir)
+        return self.window.save(checkpoint_dir, rows_dir)
 
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
         cfg = self.config
@@ -351,7 +288,7 @@ class RelexCallback(TrainerCallback, ExportableState):
                 continue
             metadata = self.engine.read_state_metadata(path)
             if recorded is None or json.loads(metadata["steps"]) == recorded:
-                restore_window(self.engine, self.jump, path, metadata, state.global_step)
+                self.window.restore(path, metadata, state.global_step)
                 return
         looked = ", ".join(str(state_file(d)) for d in candidates)
         if recorded is not None:
@@ -362,7 +299,7 @@ class RelexCallback(TrainerCallback, ExportableState):
                 "TrainingArguments.output_dir, or pass the same folder as TrainingArguments(resume_from_checkpoint=...) "
                 f"too; to restart the observation from this checkpoint's weights instead, set start_step="
                 f"{state.global_step}.")
-        restart_window(self.engine, self.jump, state.global_step, looked)
+        self.window.restart(state.global_step, looked)
 
     def _recorded_steps(self, state: TrainerState) -> list[float] | None:
         """The snapshot steps of the RELEX state saved with the resumed checkpoint, from its trainer_state.json (``None``
@@ -374,35 +311,22 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     def _halt(self, state: TrainerState, control: TrainerControl, model, processing_class) -> None:
         cfg = self.config
-        fit, candidates, predictions, chosen, scores = fit_and_choose(
-            self.engine, model, self.probe, loads_chosen=True, clock=self._clock,
-            zero_std_fraction=self._window_zero_std(state, cfg.start_step, cfg.last_observed_step))
-        self.last_fit, self.candidates, self.diagnostic = fit, candidates, self.engine.diagnostic
-        if scores:
-            self.probe_scores = scores
-        self.search = (candidates[0].report or {}).get("search")
         trained = _checkpoint_dir(self._args, state) if self._args is not None else None
-        if cfg.save_model:
-            started = time.perf_counter()
-            for candidate, prediction in zip(candidates, predictions, strict=True):
-                candidate.report["timings"]["write_seconds"] = None
-                candidate.report["trained_weights"] = None if trained is None else str(trained)
-                path = self._write_model_dir(model, processing_class, candidate, prediction)
-                plain = candidate.spec.kind in TREND_KINDS or candidate.spec.kind == "observed"
-                self.written_dirs[int(candidate.target) if plain else path.name] = path
-            logger.info("RELEX: wrote %s in %.1fs", [str(p) for p in self.written_dirs.values()], time.perf_counter() - started)
-            if is_main_process():  # the fit's plots next to each relex_report.json (matplotlib, if installed)
-                horizon = max([float(c.target) for c in candidates] + [float(fit.steps[-1])])
-                write_fit_plots(list(self.written_dirs.values()), fit, candidates[0].report, cfg.rank, horizon)
-        self.loaded_target = None if chosen is None else int(candidates[chosen].target)
-        self._final_weights = None if chosen is None else predictions[chosen]
-        self._halted = True
+        result = self.window.halt(
+            model, processing_class=processing_class, loads_chosen=True, saving=self._model_use_cache,
+            zero_std_fraction=self._window_zero_std(state, cfg.start_step, cfg.last_observed_step),
+            trained_weights=None if trained is None else str(trained))
+        self.last_fit, self.candidates, self.diagnostic = result.fit, result.candidates, self.engine.diagnostic
+        if result.scores:
+            self.probe_scores = result.scores
+        self.search = (result.candidates[0].report or {}).get("search")
+        self.written_dirs.update(result.written)
+        self.loaded_target, self._final_weights = result.loaded_target, result.chosen_weights
         control.should_training_stop = True
         # The Trainer saves checkpoint-N now, before on_train_end loads the extrapolation: the trained weights of
         # the window's end (and the optimizer state, to continue training from them) are kept under their step.
         control.should_save = True
-        report = candidates[-1 if chosen is None else chosen].report
-        self._emit(halt_metrics(report, self.engine.diagnostic, self.probe_scores), state, control)
+        self._emit(result.metrics, state, control)
 
     # -- metrics --------------------------------------------------------------------------------------------
 
@@ -420,15 +344,6 @@ class RelexCallback(TrainerCallback, ExportableState):
         control.should_log = True
 
     # -- writing --------------------------------------------------------------------------------------------
-
-    def _merged_lora_deltas(self, model, target: int) -> dict[str, torch.Tensor]:
-        """merge_lora='delta': each LoRA module's extrapolated merged update s·ΣB A at ``target``."""
-        cfg = self.config
-        deltas = merged_delta_predictions(
-            self.buffer, lora_pairs(model), [float(target)], rank=cfg.rank, kind=cfg.fit, power=cfg.power,
-            origin=float(cfg.start_step), window=cfg.window,
-        )
-        return {prefix: value[0] for prefix, value in deltas.items()}
 
     @contextlib.contextmanager
     def _model_use_cache(self, model):
@@ -450,25 +365,3 @@ class RelexCallback(TrainerCallback, ExportableState):
             yield
         finally:
             config.use_cache = training
-
-    def _write_model_dir(self, model, processing_class, candidate: Candidate, prediction: dict[str, torch.Tensor]) -> Path:
-        target = int(candidate.target)
-        final = self.candidate_dir(candidate)
-        report = candidate.report
-        started = time.perf_counter()
-        state_dict = gather_state_dict(model, self.buffer.tracked, prediction)  # collective; None off rank 0
-        if not is_main_process():
-            return final
-        to_save = unwrap_model(model)
-        overwrite = self.config.overwrite
-        with self._model_use_cache(to_save):  # a PeftModel writes its adapter only
-            write_model_dir(final, to_save, state_dict, processing_class, report, overwrite, started)
-            if self.config.merge_lora:
-                merged = self._output_root / merged_dir_name(target)
-                deltas = self._merged_lora_deltas(model, target) if self.config.merge_lora == "delta" else None
-                write_model_dir(merged, to_save.get_base_model(), merged_state_dict(model, state_dict, deltas),
-                                processing_class, {**report, "merged_lora": "delta" if deltas is not None else "factors"},
-                                overwrite)
-                logger.info("RELEX: wrote the merged LoRA model for step %d to %s", target, merged)
-        logger.info("RELEX: wrote the extrapolated model for step %d to %s", target, final)
-        return final

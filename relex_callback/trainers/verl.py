@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 from ..config import RelexConfig

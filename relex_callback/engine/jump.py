@@ -36,9 +36,9 @@ import torch
 
 from ..config import RelexConfig
 from ..distributed import is_main_process
-from ..engine.engine import Probe, RelexEngine, finite_or_none
-from ..engine.report import backtest_section
 from ..math.core import TrajectoryFit
+from .engine import Probe, RelexEngine, finite_or_none
+from .report import backtest_section
 
 __all__ = [
     "JUMP_LOG_NAME",
@@ -255,13 +255,18 @@ class JumpController:
     # -- the step hook --------------------------------------------------------------------------------------
 
     def on_step_end(
-        self, engine: RelexEngine, step: int, model: torch.nn.Module, probe: Probe | None = None, optimizer: Any = None
+        self, engine: RelexEngine, step: int, model: torch.nn.Module, probe: Probe | None = None, optimizer: Any = None,
+        record: bool | None = None,
     ) -> dict[str, Any] | None:
-        """Record the snapshot of real step ``step`` (if due) and jump (if due). Returns the jump record, if any."""
+        """Record the snapshot of real step ``step`` and jump (if due). ``record``: the adapter's schedule (its
+        ``should_snapshot``), default :meth:`should_record`; a jump step always records, since the jump fits it.
+        Returns the jump record, if any."""
         step = int(step)
-        if not self.should_record(step):
+        if step <= self.config.start_step:
             return None
         due = self.jump_due(step)
+        if not (due or (self.should_record(step) if record is None else record)):
+            return None
         self._record(engine, step)
         if not due:
             return None
