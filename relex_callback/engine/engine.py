@@ -759,14 +759,10 @@ class RelexEngine:
         diagnostic = getattr(self, "diagnostic", None)
         if diagnostic is not None:
             warnings = list(diagnostic.warnings)
-            beyond = candidate.target > diagnostic.k_max
+            beyond = diagnostic.beyond_warning(candidate.target, "Use extrapolate_to='auto', a nearer target or a probe.")
             if beyond:
-                warnings.append(
-                    f"target step {candidate.target:g} is beyond the supported horizon K_max = step "
-                    f"{diagnostic.k_max} ({diagnostic.k_max_ratio:.2f}x the window) at "
-                    f"backtest_tolerance={cfg.backtest_tolerance}: the window diagnostic expects the prediction to be "
-                    "farther from real training than that. Use extrapolate_to='auto', a nearer target or a probe.")
-                logger.warning("RELEX: %s", warnings[-1])
+                warnings.append(beyond)
+                logger.warning("RELEX: %s", beyond)
         else:
             warning = horizon_warning(candidate.target, ratio, backtest)
             warnings = [warning] if warning else []

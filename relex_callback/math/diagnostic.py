@@ -357,6 +357,15 @@ class WindowDiagnostic:
         span = (self.supported_step - self.origin) / self.supported_ratio if self.supported_ratio > 0 else 0.0
         return (self.k_max - self.origin) / span if span > 0 else 1.0
 
+    def beyond_warning(self, target: float, advice: str) -> str | None:
+        """The warning for a target step beyond :attr:`k_max` (``None`` within it); ``advice``: what the caller can
+        do instead (it differs between the callback and the offline commands)."""
+        if target <= self.k_max:
+            return None
+        return (f"target step {target:g} is beyond the supported horizon K_max = step {self.k_max} "
+                f"({self.k_max_ratio:.2f}x the window) at backtest_tolerance={self.tolerance:g}: the window diagnostic "
+                f"expects the prediction to be farther from real training than that. {advice}")
+
     def summary_line(self) -> str:
         alpha = "n/a" if self.growth_exponent is None else f"{self.growth_exponent:.2f}"
         stab = "n/a" if self.direction_stability is None else f"{self.direction_stability:.2f}"

@@ -138,11 +138,7 @@ def _diagnose(grams: Sequence[torch.Tensor], steps: Sequence[float], numels: Seq
 
 
 def _beyond_horizon(target: float, diagnostic: WindowDiagnostic) -> str | None:
-    if target <= diagnostic.k_max:
-        return None
-    return (f"target step {target:g} is beyond the supported horizon K_max = step {diagnostic.k_max} "
-            f"({diagnostic.k_max_ratio:.2f}x the window) at backtest_tolerance={diagnostic.tolerance:g}: expect the "
-            "prediction to drift from real training; use a nearer target")
+    return diagnostic.beyond_warning(target, "Use a nearer target, or the callback's extrapolate_to='auto' with a probe.")
 
 
 def _check_trend(fit: str, power: float, time_scale: float) -> None:
