@@ -1,28 +1,39 @@
-"""`DeltaBuffer`: θ_0 and the observed deltas Δ_t = θ_t − θ_0 of every tracked tensor (slice).
+"""Delta storage: θ_0 and the observed deltas Δ_t = θ_t − θ_0 of every tracked tensor (slice).
 
-Each tracked tensor keeps an exact float32 copy of θ_0 and a preallocated ``[T, numel]`` stack of
-deltas in a compact dtype. A tracked item may cover only the flat range ``[start, stop)`` of its
-parameter, so that sharded training keeps only its own slice (see ``distributed.py``).
+:class:`DeltaStorage` is what the engine, the fit and the checkpoints use of a storage. Two implement it:
+:class:`DeltaBuffer` keeps an exact float32 copy of θ_0 and a preallocated ``[T, numel]`` stack of deltas in a
+compact dtype per tracked tensor, in host memory or on each parameter's device;
+:class:`~relex_callback.store.DiskDeltaStore` keeps θ_0 in memory and the rows in a file. A tracked item may
+cover only the flat range ``[start, stop)`` of its parameter, so that sharded training keeps only its own
+slice (see ``distributed.py``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import zlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol
+
+from safetensors.torch import load_file
 
 import torch
 
 from .math.core import gram_matrix
 
-__all__ = ["TrackedTensor", "DeltaBuffer", "select_parameters", "host_available_bytes", "format_bytes"]
+__all__ = ["TrackedTensor", "DeltaStorage", "DeltaBuffer", "select_parameters", "host_available_bytes", "format_bytes",
+           "byte_view", "DAMAGED_STATE_FIX"]
 
 logger = logging.getLogger(__name__)
 
 _RECORD_CHUNK = 1 << 18  # elements per CPU chunk of a snapshot (1 MiB of fp32 scratch)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DAMAGED_STATE_FIX = ("Resume from an earlier checkpoint, or set start_step to this checkpoint's step to restart the "
+                     "observation from its weights.")
 
 
 def format_bytes(num: float) -> str:
@@ -112,8 +123,77 @@ def write_delta(current: torch.Tensor, base: torch.Tensor, out: torch.Tensor, sc
         out[start:stop].copy_(piece)
 
 
-class DeltaBuffer:
-    """Exact float32 θ_0 plus a ``[capacity, numel]`` delta stack per tracked tensor."""
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (for writes and CRC-32s)."""
+    return memoryview(tensor.view(torch.uint8).numpy())
+
+
+class DeltaStorage(Protocol):
+    """θ_0 and up to ``capacity`` snapshots Δ_t (``steps``, oldest first) of every tracked tensor: what the
+    engine, the fit and the checkpoints use of a storage, whichever holds the rows."""
+
+    tracked: list[TrackedTensor]
+    capacity: int
+    dtype: torch.dtype
+    steps: list[float]
+    theta0: dict[str, torch.Tensor]
+
+    @property
+    def location(self) -> str:
+        """Where the rows live: ``"cpu"``, ``"param"`` (each parameter's device) or ``"disk"``."""
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of this process (host or device)."""
+
+    @property
+    def disk_nbytes(self) -> int:
+        """Bytes on disk now (0 for an in-memory buffer)."""
+
+    def capture_base(self) -> None: ...
+    def record(self, step: float) -> None: ...
+    def drop_oldest(self, keep: int) -> None: ...
+    def keep_rows(self, rows: Iterable[int]) -> None: ...
+    def stack(self, name: str, window: int | None = None) -> Any: ...
+    def window_steps(self, window: int | None = None) -> list[float]: ...
+    def grams(self, window: int | None = None) -> Iterator[tuple[TrackedTensor, torch.Tensor]]: ...
+    def __len__(self) -> int: ...
+
+    def checkpoint_metadata(self, state_path: Path, rows_dir: Path, rank: int, world: int) -> dict[str, str]:
+        """The state-file metadata that lets :meth:`restore` rebuild θ_0 and the rows (rows already on disk are
+        referenced, never copied); ``rows_dir``: where an in-memory buffer writes its run's row file."""
+
+    def restore(self, metadata: dict[str, str], keep: int, state_path: Path, rank: int, world: int) -> str:
+        """θ_0 and the first ``keep`` rows of a saved state, checked; returns where the rows came from."""
+
+    def close(self) -> None:
+        """Finish pending writes (the rows stay where they are)."""
+
+
+class RowReads:
+    """The reads every storage shares, over ``steps`` and ``stack``."""
+
+    steps: list[float]
+    tracked: list[TrackedTensor]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def window_steps(self, window: int | None = None) -> list[float]:
+        return self.steps if window is None else self.steps[-window:]
+
+    def grams(self, window: int | None = None) -> Iterator[tuple[TrackedTensor, torch.Tensor]]:
+        for item in self.tracked:
+            yield item, gram_matrix(self.stack(item.name, window))
+
+    def stack(self, name: str, window: int | None = None) -> Any:
+        raise NotImplementedError
+
+
+class DeltaBuffer(RowReads):
+    """Exact float32 θ_0 plus a ``[capacity, numel]`` delta stack per tracked tensor, in memory (a
+    :class:`DeltaStorage`); checkpoints reference the rows of one row file per run
+    (:class:`~relex_callback.store.CheckpointRows`)."""
 
     def __init__(
         self, tracked: Iterable[TrackedTensor], capacity: int, dtype: str = "bfloat16", device: str = "cpu"
@@ -125,6 +205,11 @@ class DeltaBuffer:
         self.steps: list[float] = []
         self.theta0: dict[str, torch.Tensor] = {}
         self.deltas: dict[str, torch.Tensor] = {}
+        self.rows_file: Any = None  # the run's CheckpointRows, once a checkpoint was saved or resumed
+
+    @property
+    def location(self) -> str:
+        return self.device
 
     # -- sizing -------------------------------------------------------------------------------------------
 
@@ -137,6 +222,10 @@ class DeltaBuffer:
     def nbytes(self) -> int:
         return self.bytes_needed((t.numel for t in self.tracked), self.capacity, str(self.dtype).split(".")[-1])
 
+    @property
+    def disk_nbytes(self) -> int:
+        return 0
+
     def _storage_device(self, item: TrackedTensor) -> torch.device:
         return item.view().device if self.device == "param" else torch.device("cpu")
 
@@ -148,8 +237,10 @@ class DeltaBuffer:
 
     @torch.no_grad()
     def capture_base(self) -> None:
-        """θ_0 ← the current weights (float32, exact); clears recorded deltas."""
+        """θ_0 ← the current weights (float32, exact); clears recorded deltas (a new θ_0: the next checkpoint
+        starts a new row file)."""
         self.steps = []
+        self.rows_file = None
         for item in self.tracked:
             device = self._storage_device(item)
             base = self._allocate((item.numel,), torch.float32, device)
@@ -200,21 +291,14 @@ class DeltaBuffer:
 
     # -- reading ------------------------------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return len(self.steps)
-
     def stack(self, name: str, window: int | None = None) -> torch.Tensor:
         """``M`` ``[T, numel]`` (compact dtype) of one tensor, optionally only its last ``window`` rows."""
         count = len(self.steps)
         first = 0 if window is None else max(0, count - window)
         return self.deltas[name][first:count]
 
-    def window_steps(self, window: int | None = None) -> list[float]:
-        return self.steps if window is None else self.steps[-window:]
-
-    def grams(self, window: int | None = None) -> Iterator[tuple[TrackedTensor, torch.Tensor]]:
-        for item in self.tracked:
-            yield item, gram_matrix(self.stack(item.name, window))
+    def close(self) -> None:
+        pass
 
     # -- persistence --------------------------------------------------------------------------------------
 
@@ -243,3 +327,34 @@ class DeltaBuffer:
             self.theta0[item.name].copy_(base)
             self.deltas[item.name][: len(steps)].copy_(rows)
         self.steps = [float(s) for s in steps]
+
+    def checkpoint_metadata(self, state_path: Path, rows_dir: Path, rank: int, world: int) -> dict[str, str]:
+        """Writes the rows the run's row file in ``rows_dir`` lacks (θ_0 too, the first time), each once per run;
+        the state (format 3) references them."""
+        from .store import CheckpointRows  # store.py builds on this module
+
+        if self.rows_file is None or self.rows_file.directory != rows_dir:
+            self.rows_file = CheckpointRows(self, rows_dir, rank, world)
+        return {"rows": json.dumps(self.rows_file.save(state_path))}
+
+    @torch.no_grad()
+    def restore(self, metadata: dict[str, str], keep: int, state_path: Path, rank: int, world: int) -> str:
+        """From the run's row file (format 3), or from the tensors inline (format 1, older versions)."""
+        from .store import CheckpointRows
+
+        if "rows" in metadata:
+            self.rows_file = CheckpointRows.load(self, json.loads(metadata["rows"]), keep, state_path, rank, world)
+            return f"the row file in {self.rows_file.directory}"
+        self.rows_file = None
+        try:
+            tensors = load_file(str(state_path))
+        except Exception as err:  # a data section cut short: safetensors raises its own error type
+            raise ValueError(f"{state_path} is a truncated RELEX state ({err}). {DAMAGED_STATE_FIX}") from None
+        crcs = json.loads(metadata.get("crc32", "{}"))  # absent in states written before checksums
+        bad = [name for name, crc in crcs.items() if name not in tensors or zlib.crc32(byte_view(tensors[name])) != crc]
+        if bad:
+            raise ValueError(f"{state_path} fails its CRC-32 check in {bad[:5]}: the RELEX state is corrupted. "
+                             f"{DAMAGED_STATE_FIX}")
+        steps = [float(s) for s in json.loads(metadata["steps"])][:keep]
+        self.load_state_tensors({k: (v[:keep] if k.startswith("deltas/") else v) for k, v in tensors.items()}, steps)
+        return str(state_path)

@@ -40,13 +40,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .buffer import _DTYPES, DeltaBuffer, TrackedTensor, format_bytes, write_delta
+from .buffer import _DTYPES, DeltaBuffer, RowReads, TrackedTensor, byte_view, format_bytes, write_delta
 
 __all__ = ["CheckpointRows", "DiskDeltaStore", "StoredStack", "StoreError", "ROWS_DIR_NAME", "STORE_FORMAT", "FIT_READ_BYTES", "store_file_names", "store_footprint"]
 
 logger = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
+STORE_STATE_FORMAT = 2
+"""The RELEX state format of a checkpoint that references a disk store's rows (metadata ``"store"``)."""
 FIT_READ_BYTES = 64 << 20
 """Bytes of deltas the fit reads per block (``[T, E]`` with E = FIT_READ_BYTES / (T · itemsize))."""
 
@@ -110,11 +112,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def byte_view(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (for writes and CRC-32s)."""
-    return memoryview(tensor.view(torch.uint8).numpy())
-
-
 class StoredStack:
     """``M`` ``[T, numel]`` of one tracked tensor in a :class:`DiskDeltaStore`: what the math's passes use of a
     delta stack (``shape``, ``dtype``, ``device``, ``dim()``, ``[:, a:b]`` column slices), read from disk."""
@@ -142,8 +139,9 @@ class StoredStack:
         return self[:, 0 : self.shape[1]].clone().to(*args, **kwargs)
 
 
-class DiskDeltaStore(DeltaBuffer):
-    """θ_0 in memory (float32, exact) plus the delta rows in a file of fixed-size rows (see the module docstring).
+class DiskDeltaStore(RowReads):
+    """θ_0 in memory (float32, exact) plus the delta rows in a file of fixed-size rows (see the module docstring); a
+    :class:`~relex_callback.buffer.DeltaStorage` whose checkpoints reference its own rows.
 
     Args:
         tracked: the tracked tensors (slices) of this process.
@@ -159,7 +157,11 @@ class DiskDeltaStore(DeltaBuffer):
         self, tracked: Iterable[TrackedTensor], capacity: int, dtype: str, directory: str | os.PathLike,
         rank: int = 0, world: int = 1, read_bytes: int = FIT_READ_BYTES,
     ) -> None:
-        super().__init__(tracked, capacity, dtype, "cpu")
+        self.tracked = list(tracked)
+        self.capacity = int(capacity)
+        self.dtype = _DTYPES[dtype]
+        self.steps: list[float] = []
+        self.theta0: dict[str, torch.Tensor] = {}
         self.directory = Path(directory)
         self.dtype_name = dtype
         self.rank, self.world = rank, world
@@ -188,6 +190,8 @@ class DiskDeltaStore(DeltaBuffer):
         self._pending: tuple[int, concurrent.futures.Future] | None = None
         self._stage: torch.Tensor | None = None
         self._stage_key: tuple[tuple[int, ...], int, int] | None = None  # rows, first element, elements per row
+
+    location = "disk"
 
     # -- sizing ---------------------------------------------------------------------------------------------
 
@@ -391,6 +395,14 @@ class DiskDeltaStore(DeltaBuffer):
             "dtype": self.dtype_name, "payload_bytes": self.payload_bytes, "rows": list(self.rows),
             "row_crc32": [self.row_crc32[r] for r in self.rows], "steps": list(self.steps),
         }
+
+    def checkpoint_metadata(self, state_path: Path, rows_dir: Path, rank: int, world: int) -> dict[str, str]:
+        """The rows are on disk already: the state (format 2) references them and copies nothing."""
+        return {"format_version": str(STORE_STATE_FORMAT), "store": json.dumps(self.reference())}
+
+    def restore(self, metadata: dict[str, str], keep: int, state_path: Path, rank: int, world: int) -> str:
+        self.load_reference(json.loads(metadata["store"]), keep, state_path)
+        return f"the delta store {self.directory}"
 
     @torch.no_grad()
     def load_reference(self, reference: dict[str, Any], keep: int, checkpoint: Path, *, truncate: bool = True,

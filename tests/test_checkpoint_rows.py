@@ -93,7 +93,7 @@ def test_jump_mode_rows_are_reused_once_rotated_and_resume_is_bit_exact(tmp_path
     assert [r["status"] for r in straight_cb.jump.history] == ["accepted"] * 4
     capacity, buffer_bytes = straight_cb.buffer.capacity, straight_cb.buffer.nbytes
     rows_file = tmp_path / "a" / ROWS / "deltas-rank00000-of-00001.bin"
-    store = straight_cb.engine.checkpoint_rows.file
+    store = straight_cb.engine.buffer.rows_file.file
     slots = (os.path.getsize(rows_file) - store.data_start) // store.record_bytes
     recorded = 16 if buffer == "window" else 10  # snapshots taken over the run (thinning doubles the interval)
     assert capacity < slots <= capacity + 2 < recorded  # reused: without reuse every recorded snapshot has a slot

@@ -129,7 +129,7 @@ def test_verl_layout_checkpoints_reference_rows_written_once_and_resume_bit_exac
     for name in ("global_step_2", "relex-rows"):  # a run moved elsewhere: its row file is found beside the checkpoint
         shutil.copytree(tmp_path / "a" / name, tmp_path / "b" / name)
     resumed, written = run(tmp_path / "b", 2, resume_dir=tmp_path / "b" / "global_step_2" / "relex")
-    assert resumed.engine.checkpoint_rows.directory == (tmp_path / "b" / "relex-rows").resolve()
+    assert resumed.engine.buffer.rows_file.directory == (tmp_path / "b" / "relex-rows").resolve()
     assert written.keys() == expected.keys() and all(torch.equal(written[n], expected[n]) for n in expected)
 
 

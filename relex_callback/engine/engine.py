@@ -23,10 +23,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..buffer import DeltaBuffer, TrackedTensor, format_bytes, host_available_bytes, select_parameters
+from ..buffer import DAMAGED_STATE_FIX, DeltaBuffer, DeltaStorage, TrackedTensor, format_bytes, host_available_bytes, select_parameters
 from ..config import RelexConfig
 from ..distributed import (
     all_reduce_grams,
@@ -43,7 +43,7 @@ from ..math.core import TrajectoryFit, combine, fit_trajectory, prediction_weigh
 from ..math.diagnostic import WindowDiagnostic, diagnose_window, trend_predictor
 from ..options import BUFFER_DTYPES, TREND_KINDS, min_snapshots
 from ..preflight import Preflight, preflight
-from ..store import ROWS_DIR_NAME, CheckpointRows, DiskDeltaStore, byte_view, store_footprint
+from ..store import ROWS_DIR_NAME, DiskDeltaStore, store_footprint
 from .candidate import Candidate, TrendSpec
 from .horizon import HorizonSearch, ProbeFailed, search_horizon, standard_error
 from .report import backtest_section, horizon_warning, new_report
@@ -57,10 +57,7 @@ STATE_FORMAT_VERSION = 3
 """The newest state format: 3 references rows of the run's row file of an in-memory buffer (metadata ``"rows"``,
 :class:`~relex_callback.store.CheckpointRows`); 2 references rows of a disk store (metadata ``"store"``); 1 holds
 θ_0 and the deltas themselves (written by older versions; still read)."""
-_STORE_STATE_FORMAT = 2
 _READABLE_STATE_FORMATS = (1, 2, 3)
-_DAMAGED_STATE_FIX = ("Resume from an earlier checkpoint, or set start_step to this checkpoint's step to restart the "
-                      "observation from its weights.")
 _RESUME_KEYS = ("start_step", "snapshot_every", "buffer_dtype", "include", "exclude")
 
 Probe = Callable[[torch.nn.Module], float]
@@ -135,7 +132,7 @@ def find_state(checkpoint_dir: Path) -> Path | None:
     if partial:
         raise ValueError(
             f"{partial[0]} is a half-written RELEX state: the run stopped while saving checkpoint {checkpoint_dir}, so "
-            f"it cannot resume RELEX exactly. {_DAMAGED_STATE_FIX}")
+            f"it cannot resume RELEX exactly. {DAMAGED_STATE_FIX}")
     if not saved:
         return None
     world = world_info()[1]
@@ -146,7 +143,7 @@ def find_state(checkpoint_dir: Path) -> Path | None:
     saved_world = int(found.group(1)) if found else 1
     if saved_world == world:
         raise ValueError(f"{checkpoint_dir} lacks the RELEX state of some processes (it holds {', '.join(saved[:4])}). "
-                         f"{_DAMAGED_STATE_FIX}")
+                         f"{DAMAGED_STATE_FIX}")
     raise ValueError(
         f"{checkpoint_dir} holds RELEX state saved by {saved_world} process(es) ({', '.join(saved[:4])}), but this run "
         f"has {world}: the saved buffer is split per process and cannot be re-split. Resume with {saved_world} "
@@ -205,12 +202,11 @@ class RelexEngine:
 
     def __init__(self, config: RelexConfig) -> None:
         self.config = config
-        self.buffer: DeltaBuffer | None = None
+        self.buffer: DeltaStorage | None = None
         self.snapshot_seconds = 0.0
         self.grams: list[tuple[str, torch.Tensor]] = []  # the last fit's Grams, summed over processes (T×T each)
         self.diagnostic: WindowDiagnostic | None = None  # the last fit's window diagnostic
         self.preflight: Preflight | None = None  # the cost estimate of this process, set by attach()
-        self.checkpoint_rows: CheckpointRows | None = None  # the run's row file that checkpoints reference
 
     # -- the buffer -----------------------------------------------------------------------------------------
 
@@ -223,7 +219,7 @@ class RelexEngine:
     def tracked(self) -> list[TrackedTensor]:
         return self.buffer.tracked if self.buffer is not None else []
 
-    def attach(self, model: torch.nn.Module, store_dir: str | Path | None = None) -> DeltaBuffer:
+    def attach(self, model: torch.nn.Module, store_dir: str | Path | None = None) -> DeltaStorage:
         """Choose the tracked tensors of ``model`` (this process's slices), size and allocate the buffer
         (``buffer_device="disk"``: a :class:`~relex_callback.store.DiskDeltaStore` in ``store_dir``)."""
         cfg = self.config
@@ -306,7 +302,6 @@ class RelexEngine:
 
     def capture_base(self, step: int) -> None:
         self.buffer.capture_base()
-        self.checkpoint_rows = None  # a new θ_0: the next checkpoint starts a new row file
         logger.info("RELEX: captured θ_0 at step %d", step)
 
     def record(self, step: float) -> None:
@@ -347,13 +342,8 @@ class RelexEngine:
             "world_size": str(world),
             **(metadata or {}),
         }
-        if isinstance(self.buffer, DiskDeltaStore):  # the rows are on disk already: reference them, copy nothing
-            values.update(format_version=str(_STORE_STATE_FORMAT), store=json.dumps(self.buffer.reference()))
-        else:
-            rows_dir = Path(rows_dir or Path(checkpoint_dir).resolve().parent / ROWS_DIR_NAME).resolve()
-            if self.checkpoint_rows is None or self.checkpoint_rows.directory != rows_dir:
-                self.checkpoint_rows = CheckpointRows(self.buffer, rows_dir, rank, world)
-            values["rows"] = json.dumps(self.checkpoint_rows.save(path))
+        rows_dir = Path(rows_dir or Path(checkpoint_dir).resolve().parent / ROWS_DIR_NAME).resolve()
+        values.update(self.buffer.checkpoint_metadata(path, rows_dir, rank, world))
         values["metadata_crc32"] = str(_metadata_crc32(values))
         tmp = path.with_name(path.name + ".tmp")
         save_file({}, str(tmp), metadata=values)
@@ -367,12 +357,12 @@ class RelexEngine:
                 metadata = handle.metadata() or {}
         except Exception as err:  # safetensors raises its own error type for a bad header
             raise ValueError(f"{path} is not a readable RELEX state ({err}): it is truncated or corrupted. "
-                             f"{_DAMAGED_STATE_FIX}") from None
+                             f"{DAMAGED_STATE_FIX}") from None
         version = int(metadata.get("format_version", "0"))
         if version not in _READABLE_STATE_FORMATS:
             raise ValueError(f"{path} has RELEX state format {version}; this version reads {_READABLE_STATE_FORMATS}.")
         if "metadata_crc32" in metadata and str(_metadata_crc32(metadata)) != metadata["metadata_crc32"]:
-            raise ValueError(f"{path} fails its CRC-32 check: the RELEX state is corrupted. {_DAMAGED_STATE_FIX}")
+            raise ValueError(f"{path} fails its CRC-32 check: the RELEX state is corrupted. {DAMAGED_STATE_FIX}")
         return metadata
 
     def load_state(self, path: Path, metadata: dict[str, str], up_to_step: float) -> None:
@@ -386,36 +376,14 @@ class RelexEngine:
                     f"{key}={getattr(self.config, key)!r}; resume with the same setting."
                 )
         steps = [s for s in json.loads(metadata["steps"]) if s <= up_to_step]
-        on_disk = isinstance(self.buffer, DiskDeltaStore)
+        on_disk = self.buffer.location == "disk"
         if ("store" in metadata) != on_disk:
             saved_device = "disk" if "store" in metadata else saved.get("buffer_device")
             raise ValueError(
                 f"{path} was written with buffer_device={saved_device!r} but the callback now has "
                 f"buffer_device={self.config.buffer_device!r}; resume with the same setting.")
-        if on_disk:
-            self.buffer.load_reference(json.loads(metadata["store"]), len(steps), path)
-            logger.info("RELEX: restored θ_0 and %d snapshots from the delta store %s (checked against %s)", len(steps),
-                        self.buffer.directory, path)
-            return
-        if "rows" in metadata:
-            self.checkpoint_rows = CheckpointRows.load(self.buffer, json.loads(metadata["rows"]), len(steps), path,
-                                                       *world_info())
-            logger.info("RELEX: restored θ_0 and %d snapshots from the row file in %s (checked against %s)", len(steps),
-                        self.checkpoint_rows.directory, path)
-            return
-        self.checkpoint_rows = None  # format 1 (older versions): θ_0 and the deltas inline
-        try:
-            tensors = load_file(str(path))
-        except Exception as err:  # a data section cut short: safetensors raises its own error type
-            raise ValueError(f"{path} is a truncated RELEX state ({err}). {_DAMAGED_STATE_FIX}") from None
-        crcs = json.loads(metadata.get("crc32", "{}"))  # absent in states written before checksums
-        bad = [name for name, crc in crcs.items() if name not in tensors or zlib.crc32(byte_view(tensors[name])) != crc]
-        if bad:
-            raise ValueError(f"{path} fails its CRC-32 check in {bad[:5]}: the RELEX state is corrupted. "
-                             f"{_DAMAGED_STATE_FIX}")
-        tensors = {k: (v[: len(steps)] if k.startswith("deltas/") else v) for k, v in tensors.items()}
-        self.buffer.load_state_tensors(tensors, steps)
-        logger.info("RELEX: restored θ_0 and %d snapshots from %s", len(steps), path)
+        source = self.buffer.restore(metadata, len(steps), path, *world_info())
+        logger.info("RELEX: restored θ_0 and %d snapshots from %s (checked against %s)", len(steps), source, path)
 
     # -- fit and candidates ---------------------------------------------------------------------------------
 
@@ -801,8 +769,8 @@ class RelexEngine:
                 "bytes": self.buffer.nbytes,
                 "bytes_all_processes": int(all_reduce_sum(torch.tensor(float(self.buffer.nbytes), dtype=torch.float64))),
                 "dtype": cfg.buffer_dtype,
-                "device": "disk" if isinstance(self.buffer, DiskDeltaStore) else str(self.buffer.device),
-                "disk_bytes": self.buffer.disk_nbytes if isinstance(self.buffer, DiskDeltaStore) else 0,
+                "device": self.buffer.location,
+                "disk_bytes": self.buffer.disk_nbytes,
                 "world_size": world,
                 "preflight": None if self.preflight is None else self.preflight.as_dict(),
             },

@@ -37,7 +37,6 @@ from ..math.core import TREND_KINDS, TrajectoryFit
 from ..options import CANDIDATE_FAMILIES
 from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
 from ..probe import RewardProbe, choose_candidate
-from ..store import DiskDeltaStore
 from .candidate import Candidate, output_dir_name
 from .engine import STATE_FILE_NAME, Probe, RelexEngine, candidate_kinds
 from .horizon import horizon_ladder
@@ -305,7 +304,7 @@ class Window:
 
     def close(self) -> None:
         """Finish the disk store's pending append."""
-        if isinstance(self.engine.buffer, DiskDeltaStore):
+        if self.engine.buffer is not None:
             self.engine.buffer.close()
 
     # -- the schedule ---------------------------------------------------------------------------------------
