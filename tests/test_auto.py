@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from _oracle import CaptureWeights, oracle
+from _oracle import CaptureWeights, oracle, oracle_k_max
 from _tiny import tiny_qwen2, tiny_tokenizer
 from relex_callback import RelexCallback
 from test_halt import assert_close_state, grpo_trainer, lm_trainer
@@ -27,23 +27,30 @@ def loaded_state(path):
 
 def test_auto_writes_the_line_at_the_supported_horizon(tmp_path, tok):
     capture = CaptureWeights()
-    relex = RelexCallback(observe=8, extrapolate_to="auto", buffer_dtype="float32")
+    # backtest_tolerance 0.5: at the default 0.75 this window supports the whole 20x cap, which would not test K_max
+    relex = RelexCallback(observe=8, extrapolate_to="auto", buffer_dtype="float32", backtest_tolerance=0.5)
     trainer = lm_trainer(tmp_path, tok, [capture, relex])  # full-batch-like LM training: a smooth trajectory
     trainer.train()
 
     diagnostic = relex.diagnostic
-    k = math.floor(diagnostic.supported_step + 1e-9)
-    assert k > 8, diagnostic.as_dict()  # this run supports extrapolation (else the test below would not test it)
-    assert list(relex.written_dirs) == [k]
+    # K_max recomputed from its definition on the captured weights (tests/_oracle.py, no relex_callback code)
+    k, curve = oracle_k_max(capture.weights, 0, list(range(1, 9)), tolerance=0.5, with_curve=True)
+    assert 8 < k < 160, curve  # this run supports extrapolation, short of the 20x cap (else K_max would not be tested)
+    assert diagnostic.k_max == k and list(relex.written_dirs) == [k]
     report = json.loads((relex.written_dirs[k] / "relex_report.json").read_text())
     assert report["target_step"] == k and report["targets"] == "auto"
-    assert report["diagnostic"]["supported_step"] == pytest.approx(diagnostic.supported_step)
-    assert report["diagnostic"]["distance_curve"]  # the curve K_max was read from
+    assert report["diagnostic"]["k_max"] == k and report["diagnostic"]["tolerance"] == 0.5
+    reported = report["diagnostic"]["distance_curve"]  # the curve K_max was read from, against the recomputed one
+    assert sorted(reported) == sorted(f"{r:.4g}" for r in curve)
+    for r, distance in curve.items():
+        assert reported[f"{r:.4g}"] == pytest.approx(distance, rel=1e-4, abs=1e-7), r
+    # negative control: the recomputation tells tolerances apart, so a horizon read at another one would fail
+    assert oracle_k_max(capture.weights, 0, list(range(1, 9)), tolerance=0.4) < k
     expected = oracle(capture.weights, 0, list(range(1, 9)), k)
     assert_close_state(loaded_state(relex.written_dirs[k]), expected, atol=2e-5)
     assert_close_state(dict(trainer.model.named_parameters()), expected, atol=2e-5)  # and the live model holds it
     logged = {k2: v for h in trainer.state.log_history for k2, v in h.items()}
-    assert logged["relex/supported_step"] == pytest.approx(diagnostic.supported_step)
+    assert math.floor(logged["relex/supported_step"] + 1e-9) == k
     assert "relex/growth_exponent" in logged and "relex/direction_stability" in logged
 
 
@@ -69,8 +76,9 @@ def test_a_target_beyond_the_supported_horizon_warns_and_writes_the_horizon_mode
     trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [capture, relex])
     with caplog.at_level(logging.WARNING, logger="relex_callback"):
         trainer.train()
-    k = math.floor(relex.diagnostic.supported_step + 1e-9)
-    assert 6 < k < 120, relex.diagnostic.as_dict()
+    k, curve = oracle_k_max(capture.weights, 0, list(range(1, 7)), with_curve=True)  # from the definition
+    assert 6 < k < 120 and relex.diagnostic.k_max == k, relex.diagnostic.as_dict()
+    assert list(relex.diagnostic.distance_curve.values()) == pytest.approx(list(curve.values()), rel=1e-4, abs=1e-7)
     assert "target step 120 is beyond the supported horizon" in caplog.text
     assert sorted(relex.written_dirs) == [k, 120]
     far = json.loads((relex.written_dirs[120] / "relex_report.json").read_text())
@@ -93,7 +101,7 @@ def test_model_cards_show_the_probe_scores_and_every_warning(tmp_path, tok, pref
 
     relex = RelexCallback(observe=6, extrapolate_to=[120], buffer_dtype="float32", probe=probe)
     grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [capture, relex]).train()
-    k = math.floor(relex.diagnostic.supported_step + 1e-9)
+    k = oracle_k_max(capture.weights, 0, list(range(1, 7)))
     assert sorted(relex.written_dirs) == [k, 120]
     current = relex.probe_scores["current"]
     for target, directory in relex.written_dirs.items():
@@ -142,8 +150,8 @@ def test_auto_with_a_probe_climbs_past_k_max_to_the_probe_best(tmp_path, tok):
     trainer = grpo_trainer(tmp_path, tiny_qwen2(tokenizer=tok), tok, [capture, goal, relex])
     trainer.train()
 
-    k_max = relex.diagnostic.k_max
-    assert 6 < k_max < 36, relex.diagnostic.as_dict()  # the search must go beyond K_max to find the best
+    k_max = oracle_k_max(capture.weights, 0, list(range(1, 7)))
+    assert 6 < k_max < 36 and relex.diagnostic.k_max == k_max, relex.diagnostic.as_dict()  # the search must go beyond K_max
     assert relex.loaded_target == 36 and list(relex.written_dirs) == [36]
     expected = oracle(capture.weights, 0, list(range(1, 7)), 36)
     assert_close_state(loaded_state(relex.written_dirs[36]), expected, atol=2e-5)

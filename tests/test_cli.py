@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from _oracle import oracle
 from relex_callback import offline
 from relex_callback.offline.cli import build_parser, main
 
@@ -62,9 +63,23 @@ def test_extrapolate_command(run_dirs, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "step 20 (effective 20, 4.00x the observed window)" in out and str(tmp_path / "out") in out
-    offline.extrapolate_checkpoints(base, [run], 20, tmp_path / "lib", progress=False)
-    ours, library = _load(tmp_path / "out"), _load(tmp_path / "lib")
-    assert ours.keys() == library.keys() and all(torch.equal(ours[n], library[n]) for n in ours)
+    # the independent oracle (SVD + least squares, no relex_callback) on the checkpoints' own weights, read with
+    # safetensors; the output keeps the checkpoints' bf16, so it is the oracle rounded to bf16
+    ours = _load(tmp_path / "out")
+    weights = {0: {n: v.float() for n, v in _load(base).items()}}
+    weights.update({t: {n: v.float() for n, v in _load(run / f"checkpoint-{t}").items()} for t in (1, 2, 3, 4, 5)})
+    expected, elsewhere = oracle(weights, 0, [1, 2, 3, 4, 5], 20), oracle(weights, 0, [1, 2, 3, 4, 5], 19)
+    assert set(ours) == set(expected) and all(v.dtype == torch.bfloat16 for v in ours.values())
+
+    def agreement(want):  # (share of elements equal to the oracle rounded to bf16, all within one bf16 spacing)
+        exact = sum(int((ours[n] == want[n].to(torch.bfloat16)).sum()) for n in want) / sum(v.numel() for v in want.values())
+        near = all(bool(((ours[n].double() - want[n]).abs() <= want[n].abs() * 2.0 ** -7).all()) for n in want)
+        return exact, near
+
+    exact, near = agreement(expected)
+    assert exact > 0.999 and near, exact
+    exact, near = agreement(elsewhere)  # negative control: the oracle one step earlier is not what was written
+    assert exact < 0.9 and not near, exact
     report = json.loads((tmp_path / "out" / "relex_report.json").read_text())
     assert report["settings"]["rank"] == 1 and report["bytes"]["intermediate"] == 0
     assert {"config.json", "generation_config.json", "README.md", "model.safetensors"} <= {p.name for p in (tmp_path / "out").iterdir()}
@@ -213,8 +228,12 @@ def test_bad_input_messages(run_dirs, tmp_path, capsys):
     assert "reconstruct needs observed steps; 9 not among the checkpoints" in err
     assert not out.exists()
     # argparse errors: exit status 2 as well, no traceback
-    assert _error(["extrapolate", "--checkpoints", str(run), "--target-step", "5", "--output", str(out)], capsys)
-    assert "--rank" in _error(_extrapolate(base, [str(run)], out, "--rank", "0"), capsys)
+    err = _error(["extrapolate", "--checkpoints", str(run), "--target-step", "5", "--output", str(out)], capsys)
+    assert err.startswith("usage: relex extrapolate")
+    assert err.rstrip().endswith("relex extrapolate: error: the following arguments are required: --base")
+    err = _error(_extrapolate(base, [str(run)], out, "--rank", "0"), capsys)
+    assert err.rstrip().endswith("relex extrapolate: error: argument --rank: 0 must be >= 1")  # not just the usage
+    assert not out.exists()
 
 
 def test_mismatch_and_pickle_messages(tmp_path, capsys):

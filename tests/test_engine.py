@@ -3,7 +3,6 @@ horizon cap, buffer placement and thinning, candidates against the independent o
 bit-exact restore, the non-finite refusal and the report schema (old formats read back)."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -80,16 +79,29 @@ def test_jump_due_follows_the_interval_and_the_generation_grid():
 
 
 @pytest.mark.parametrize(
-    "distance, auto, expected",
-    [(0.5, True, 15), (0.75, True, 10), (3.0, True, 2), (0.0, True, None), (0.5, False, None)],
+    "distance, ratio, tolerance, start_step, virtual, auto, expected",
+    [
+        # cap = floor((supported ratio − 1)·(v − start_step)), supported ratio = 1 + (ratio − 1)·tolerance/d; by hand:
+        (0.5, 2.0, 0.75, 0, 10, True, 15),  # 1.5 · 10
+        (0.75, 2.0, 0.75, 0, 10, True, 10),  # 1.0 · 10
+        (3.0, 2.0, 0.75, 0, 10, True, 2),  # 0.25 · 10 = 2.5, rounded down
+        (0.5, 3.0, 0.75, 0, 10, True, 30),  # the backtest reached 3x its fit: (3 − 1)·1.5 · 10
+        (0.5, 2.0, 0.75, 4, 10, True, 9),  # counted from start_step: 1.5 · (10 − 4)
+        (0.6, 1.5, 0.75, 2, 12, True, 6),  # 0.5 · 1.25 · (12 − 2) = 6.25
+        (0.1, 2.0, 0.3, 0, 10, True, 30),  # 3 · 10, although 0.3/0.1 · 10 is 29.999999999999996 in floats
+        (10.0, 2.0, 0.75, 0, 10, True, 0),  # 0.075 · 10 = 0.75: no whole step
+        (0.0, 2.0, 0.75, 0, 10, True, None),  # an exact backtest supports any horizon: no cap
+        (0.5, 2.0, 0.75, 0, 10, False, None),  # auto_horizon=False: no cap
+    ],
 )
-def test_horizon_cap_is_what_the_backtest_supports(distance, auto, expected):
-    jump = JumpController(RelexConfig(mode="jump", observe=4, auto_horizon=auto, backtest_tolerance=0.75))
-    fit = TrajectoryFit(steps=[1.0, 2.0], targets=[20.0], tensors=[], backtest=Backtest(num_fit=2, ratio=2.0, distance=distance))
-    # supported ratio 1 + (2 − 1)·0.75/d; the cap is (ratio − 1)·(v − start_step) at v = 10
-    assert jump.horizon_cap(fit, 10) == expected
-    if expected is not None:
-        assert expected == math.floor(0.75 / distance * 10)
+def test_horizon_cap_is_what_the_backtest_supports(distance, ratio, tolerance, start_step, virtual, auto, expected):
+    jump = JumpController(RelexConfig(mode="jump", observe=4, auto_horizon=auto, backtest_tolerance=tolerance,
+                                      start_step=start_step))
+    fit = TrajectoryFit(steps=[1.0, 2.0], targets=[20.0], tensors=[],
+                        backtest=Backtest(num_fit=2, ratio=ratio, distance=distance))
+    assert jump.horizon_cap(fit, virtual) == expected
+    no_backtest = TrajectoryFit(steps=[1.0], targets=[20.0], tensors=[], backtest=None)
+    assert jump.horizon_cap(no_backtest, virtual) is None  # too few snapshots for a backtest: no cap either
 
 
 def test_a_full_buffer_is_thinned_or_rolled():

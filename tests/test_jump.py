@@ -19,6 +19,7 @@ from trl import GRPOConfig, GRPOTrainer
 from _oracle import CaptureWeights, PoisonAt, max_diff, oracle
 from _tiny import tiny_qwen2, tiny_tokenizer
 from relex_callback import RelexCallback, RelexConfig
+from relex_callback.engine import RelexEngine
 from relex_callback.math.core import gram_matrix, select_power
 from relex_callback.engine.jump import JUMP_LOG_NAME, generation_period, reset_optimizer_state
 
@@ -554,13 +555,40 @@ def test_halt_probe_loads_the_best_candidate_never_a_worse_one(tmp_path, goal, a
 
 
 def test_power_auto_picks_the_exponent_of_a_power_law_trajectory():
-    steps = torch.arange(1, 21, dtype=torch.float64)
+    """Δ_t = √t·v: each exponent's backtest distance (fit on snapshots 1-10, predict 20) equals the independent
+    oracle's, p = 0.5 wins, and an engine configured with power='auto' predicts with p = 0.5 (oracle, not the code)."""
+    steps = list(range(1, 21))
     direction = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    deltas = (0.3 + steps.sqrt())[:, None] * direction[None, :] - 0.3 * direction[None, :]
-    power, distances = select_power([gram_matrix(deltas.float())], steps, origin=0.0)
-    assert power == 0.5 and distances[0.5] < 1e-3 < distances[1.0]
-    config = RelexConfig(mode="jump", observe=10, fit="power", power="auto")
-    assert config.power == "auto"
+    path = {0: {"w": torch.zeros(50)}, **{t: {"w": (math.sqrt(t) * direction).float()} for t in steps}}
+    deltas = torch.stack([path[t]["w"] for t in steps])
+    power, distances = select_power([gram_matrix(deltas)], steps, origin=0.0)
+    target = path[20]["w"].double()
+    # independent backtest: the oracle's fit on the first half, whole-model relative distance at step 20 (abs 1e-3:
+    # the Gram-only distance of fp32 Grams cannot resolve an exact fit below about sqrt(1e-7))
+    for p in (0.5, 1.0):
+        held_out = oracle(path, 0, steps[:10], 20, power=p)["w"]
+        assert distances[p] == pytest.approx(float((held_out - target).norm() / target.norm()), rel=1e-4, abs=1e-3), p
+    assert power == 0.5 and distances[1.0] > 0.05  # a line overshoots √t: p = 0.5 wins by far, not by a tie
+
+    class Vector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(50))
+
+    engine = RelexEngine(RelexConfig(mode="jump", observe=20, fit="power", power="auto", buffer_dtype="float32"))
+    model = Vector()
+    engine.attach(model)
+    engine.capture_base(0)
+    for t in steps:
+        with torch.no_grad():
+            model.w.copy_(path[t]["w"])
+        engine.record(t)
+    (candidate,) = engine.candidates(engine.fit([60.0]))
+    (prediction,) = engine.predict([candidate])
+    assert candidate.spec.power == 0.5
+    expected, line = oracle(path, 0, steps, 60, power=0.5)["w"], oracle(path, 0, steps, 60, power=1.0)["w"]
+    assert float((prediction["w"].double() - expected).abs().max()) < 1e-5
+    assert float((line - expected).abs().max()) > 0.1  # negative control: p = 1 lands elsewhere
 
 
 @pytest.mark.parametrize(
