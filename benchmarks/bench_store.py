@@ -50,7 +50,6 @@ def run_point(parameters: int, snapshots: int, store: str, directory: str, threa
     from _common import peak_rss_bytes, rss_bytes
     from relex_callback.config import RelexConfig
     from relex_callback.engine.engine import RelexEngine
-    from relex_callback.store import DiskDeltaStore
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -74,7 +73,7 @@ def run_point(parameters: int, snapshots: int, store: str, directory: str, threa
         started = time.perf_counter()
         engine.record(step)
         record_seconds.append(time.perf_counter() - started)
-        if isinstance(engine.buffer, DiskDeltaStore):
+        if engine.buffer.location == "disk":
             engine.buffer.flush()
             flushed_seconds.append(time.perf_counter() - started)
     del direction, noise
@@ -106,7 +105,7 @@ def run_point(parameters: int, snapshots: int, store: str, directory: str, threa
         "fit_seconds": fit_seconds, "rss_before_fit": rss_before_fit, "peak_rss": peak_rss_bytes(),
         "buffer_memory_bytes": engine.buffer.nbytes,
     }
-    if isinstance(engine.buffer, DiskDeltaStore):
+    if engine.buffer.location == "disk":
         engine.buffer.close()
         point["disk_bytes"] = engine.buffer.disk_nbytes
         reads = []

@@ -24,24 +24,16 @@ from safetensors.torch import load_file
 import torch
 
 from .math.core import gram_matrix
+from .units import DTYPES
 
-__all__ = ["TrackedTensor", "DeltaStorage", "DeltaBuffer", "select_parameters", "host_available_bytes", "format_bytes",
+__all__ = ["TrackedTensor", "DeltaStorage", "DeltaBuffer", "select_parameters", "host_available_bytes",
            "byte_view", "DAMAGED_STATE_FIX"]
 
 logger = logging.getLogger(__name__)
 
 _RECORD_CHUNK = 1 << 18  # elements per CPU chunk of a snapshot (1 MiB of fp32 scratch)
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DAMAGED_STATE_FIX = ("Resume from an earlier checkpoint, or set start_step to this checkpoint's step to restart the "
                      "observation from its weights.")
-
-
-def format_bytes(num: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(num) < 1024 or unit == "TiB":
-            return f"{num:.1f} {unit}" if unit != "B" else f"{int(num)} B"
-        num /= 1024
-    return f"{num:.1f} TiB"
 
 
 def host_available_bytes() -> int:
@@ -200,7 +192,7 @@ class DeltaBuffer(RowReads):
     ) -> None:
         self.tracked = list(tracked)
         self.capacity = int(capacity)
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         self.device = device
         self.steps: list[float] = []
         self.theta0: dict[str, torch.Tensor] = {}
@@ -215,7 +207,7 @@ class DeltaBuffer(RowReads):
 
     @staticmethod
     def bytes_needed(numels: Iterable[int], capacity: int, dtype: str) -> int:
-        itemsize = _DTYPES[dtype].itemsize
+        itemsize = DTYPES[dtype].itemsize
         return sum(int(n) * (capacity * itemsize + 4) for n in numels)
 
     @property

@@ -13,11 +13,13 @@ from .options import (
     CANDIDATE_FAMILIES,
     BUFFER_DEVICES,
     BUFFER_DTYPES,
+    DEFAULT_BACKTEST_TOLERANCE,
     JUMP_ANCHORS,
     MODES,
     OPTIMIZER_POLICIES,
     POWER_GRID,
     TREND_KINDS,
+    check_int,
     min_snapshots,
     power_error,
     shrink_error,
@@ -107,7 +109,7 @@ class RelexConfig:
             bit-for-bit) when the probe score after it is below the score before it minus this tolerance.
         probe_shrink_on_reject (`float`, defaults to `0.5`): jump mode: factor in (0, 1) applied to the next
             horizon after a rejected jump; each accepted jump grows it back by the same factor, up to
-            ``jump_horizon``.
+            ``jump_horizon`` without a probe and up to ``max_horizon − start_step`` with one.
         jump_anchor (`str`, defaults to `"fit"`): jump mode: where a jump lands. ``"fit"`` is the paper's
             prediction θ̂(v + H) = θ_0 + ĉ(v + H)·v, which drops the part of the current weights off the fitted
             rank-r line; ``"current"`` keeps the current weights and adds the predicted progress along the line,
@@ -149,7 +151,7 @@ class RelexConfig:
     overwrite: bool = _help("Replace existing non-empty output directories.", False)
     save_model: bool = _help("Write the extrapolated model directories.", True)
     merge_lora: bool | str = _help("LoRA: also write relex-step{K}-merged/ (True/'factors' or 'delta').", False)
-    backtest_tolerance: float = _help("Largest acceptable backtest distance before warning.", 0.75)
+    backtest_tolerance: float = _help("Largest acceptable backtest distance before warning.", DEFAULT_BACKTEST_TOLERANCE)
     jump_every: int | None = _help("Jump mode: real steps J between jumps (default: observe).", None)
     jump_horizon: int | None = _help("Jump mode: steps H each jump moves ahead (default: jump_every).", None)
     max_snapshots: int | None = _help("Jump mode: delta-buffer capacity in snapshots.", None)
@@ -289,11 +291,7 @@ class RelexConfig:
     # -- helpers -------------------------------------------------------------------------------------------
 
     def _check_int(self, name: str, minimum: int) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
-        if value < minimum:
-            raise ValueError(f"{name}={value} must be >= {minimum}.")
+        check_int(name, getattr(self, name), minimum)
 
     def _check_patterns(self, name: str) -> list[str] | None:
         value = getattr(self, name)

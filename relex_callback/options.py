@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_BACKTEST_TOLERANCE",
     "CANDIDATE_FAMILIES",
     "min_snapshots",
+    "check_int",
     "shrink_error",
     "power_error",
 ]
@@ -37,6 +38,15 @@ CANDIDATE_FAMILIES = ("trend", "sqrt", "scale")  # halt mode: the configured tre
 def min_snapshots(rank: int, fit: str) -> int:
     """Snapshots a fit needs: one more than the rank, and at least 3 for the quadratic trend."""
     return rank + 1 if fit != "poly2" else max(rank + 1, 3)
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` when it is an int >= ``minimum``; else a ``TypeError`` / ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}.")
+    return value
 
 
 def _is_number(value: Any) -> bool:

@@ -25,7 +25,6 @@ __all__ = [
     "is_peft_model",
     "check_mergeable",
     "merged_state_dict",
-    "merged_dir_name",
     "LoraPair",
     "lora_pairs",
     "merged_delta_gram",
@@ -44,10 +43,6 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     from peft import PeftModel
 
     return isinstance(unwrap_model(model), PeftModel)
-
-
-def merged_dir_name(target: int) -> str:
-    return f"relex-step{target}-merged"
 
 
 def _lora_modules(model: torch.nn.Module) -> list[tuple[str, Any]]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from .buffer import DeltaBuffer, format_bytes
+from .buffer import DeltaBuffer
+from .units import format_bytes
 from .config import RelexConfig
 from .store import FIT_READ_BYTES, store_footprint
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .distributed import all_reduce_max, check_can_generate, shards_parameters
+from .options import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +75,6 @@ def _run_awaitable(awaitable: Any) -> Any:
         return pool.submit(asyncio.run, _wait()).result()
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _module_device(model: Any) -> torch.device:
@@ -151,8 +146,8 @@ class RewardProbe:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         generation_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        self.max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
-        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         self.reward_funcs = self._check_reward_funcs(reward_funcs)
         self.reward_weights = self._check_weights(reward_weights, len(self.reward_funcs))
         self.reward_processing_classes = self._check_reward_processing_classes(reward_processing_classes)

@@ -40,7 +40,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .buffer import _DTYPES, DeltaBuffer, RowReads, TrackedTensor, byte_view, format_bytes, write_delta
+from .buffer import DeltaBuffer, RowReads, TrackedTensor, byte_view, write_delta
+from .units import DTYPES, format_bytes
 
 __all__ = ["CheckpointRows", "DiskDeltaStore", "StoredStack", "StoreError", "ROWS_DIR_NAME", "STORE_FORMAT", "FIT_READ_BYTES", "store_file_names", "store_footprint"]
 
@@ -77,7 +78,7 @@ def store_footprint(
     (``drops_rows``: jump mode), since the last checkpoint's rows are kept until the next one."""
     numels = [int(n) for n in numels]
     total = sum(numels)
-    itemsize = _DTYPES[dtype].itemsize
+    itemsize = DTYPES[dtype].itemsize
     memory = total * (4 + itemsize) + read_bytes
     records = 2 * capacity if drops_rows else capacity
     disk = total * 4 + records * (_ROW_HEADER.size + total * itemsize) + 8192 + 256 * len(numels)  # + file headers
@@ -159,7 +160,7 @@ class DiskDeltaStore(RowReads):
     ) -> None:
         self.tracked = list(tracked)
         self.capacity = int(capacity)
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         self.steps: list[float] = []
         self.theta0: dict[str, torch.Tensor] = {}
         self.directory = Path(directory)

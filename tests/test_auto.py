@@ -7,18 +7,12 @@ import logging
 import math
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from _builders import assert_close_state, grpo_trainer
 from _oracle import CaptureWeights, oracle, oracle_k_max
-from _tiny import tiny_qwen2, tiny_tokenizer
+from _tiny import lm_trainer, tiny_qwen2
 from relex_callback import RelexCallback
-from test_halt import assert_close_state, grpo_trainer, lm_trainer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(chat_template=False)
 
 
 def loaded_state(path):

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from _damage import damage_rows
-from _tiny import StopAt, lm_trainer, tiny_tokenizer
+from _tiny import StopAt, lm_trainer
 from relex_callback import RelexCallback
 from relex_callback.config import RelexConfig
 from relex_callback.engine.engine import RelexEngine
@@ -28,11 +28,6 @@ from relex_callback.store import StoreError
 
 HALT = dict(observe=10, extrapolate_to=40, save_model=False, buffer_dtype="float32")
 ROWS = "relex-rows"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(chat_template=False)
 
 
 def relex_state_bytes(out: Path) -> int:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from _builders import checkpoint_trajectory
 from _oracle import oracle
 from relex_callback import offline
 from relex_callback.offline.cli import build_parser, main
@@ -21,32 +22,9 @@ from relex_callback.offline.cli import build_parser, main
 transformers = pytest.importorskip("transformers")
 
 
-def _trajectory(root: Path, steps=(1, 2, 3, 4, 5), tied: bool = True, shard: str | None = None) -> tuple[Path, Path]:
-    """A tiny Llama (tied) or Qwen2 (untied, biases) base and one checkpoint-N per step, θ_t = θ_0 + c_t·v + noise;
-    ``shard`` is the ``max_shard_size`` of every save."""
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
-    if tied:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=True, **common))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=False, **common))
-    torch.manual_seed(0)
-    model = model.to(torch.bfloat16)
-    saved = {} if shard is None else {"max_shard_size": shard}
-    model.save_pretrained(root / "base", **saved)
-    theta0 = {n: p.detach().clone().float() for n, p in model.named_parameters()}
-    direction = {n: torch.randn(p.shape) for n, p in theta0.items()}
-    for t in steps:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(theta0[name] + (0.005 * t + 0.01) * direction[name] + 1e-4 * torch.randn(param.shape))
-        model.save_pretrained(root / "run" / f"checkpoint-{t}", **saved)
-    return root / "base", root / "run"
-
-
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory):
-    return _trajectory(tmp_path_factory.mktemp("cli"))
+    return checkpoint_trajectory(tmp_path_factory.mktemp("cli"))
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -237,7 +215,7 @@ def test_bad_input_messages(run_dirs, tmp_path, capsys):
 
 
 def test_mismatch_and_pickle_messages(tmp_path, capsys):
-    base, run = _trajectory(tmp_path, steps=(1, 2, 3), tied=False)
+    base, run = checkpoint_trajectory(tmp_path, steps=(1, 2, 3), tied=False)
     weights = load_file(run / "checkpoint-2" / "model.safetensors")
     weights.pop("model.layers.0.self_attn.q_proj.bias")
     weights["lm_head.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
@@ -306,10 +284,8 @@ def test_cli_choices_come_from_the_shared_vocabulary():
 def test_command_on_checkpoints_of_several_shards_matches_the_oracle(tmp_path):
     """Base and every checkpoint in 3+ safetensors shards: ``python -m relex_callback extrapolate``, run as its own
     process, writes θ_0 + ĉ(20)·v of the independent oracle (SVD + least squares) for every tensor of every shard."""
-    from _oracle import oracle
-
     steps = [1, 2, 3, 4, 5]
-    base, run = _trajectory(tmp_path, steps=steps, tied=False, shard="20KB")
+    base, run = checkpoint_trajectory(tmp_path, steps=steps, tied=False, shard="20KB")
     for directory in [base, *(run / f"checkpoint-{t}" for t in steps)]:
         index = json.loads((directory / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) >= 3, directory

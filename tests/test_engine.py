@@ -9,7 +9,7 @@ import torch
 
 from _oracle import oracle_prediction
 from relex_callback import RelexCallback, RelexConfig
-from relex_callback.engine import Candidate, RelexEngine, TrendSpec, plan_buffer, read_report, register_candidate_kind
+from relex_callback.engine import Candidate, RelexEngine, TrendSpec, plan_buffer, read_report, register_candidate_family
 from relex_callback.engine import engine as engine_module
 from relex_callback.math.core import Backtest, TrajectoryFit
 from relex_callback.engine.jump import JumpController
@@ -144,7 +144,7 @@ def test_candidates_match_the_independent_oracle():
     assert not torch.allclose(predictions[0]["w"], predictions[1]["w"])
 
 
-def test_a_registered_candidate_kind_is_predicted_like_any_other():
+def test_a_registered_candidate_family_is_predicted_like_any_other():
     engine, _, seen = recorded_engine()
 
     def magnitude(engine, fit, target):
@@ -152,10 +152,10 @@ def test_a_registered_candidate_kind_is_predicted_like_any_other():
         weights = {t.name: torch.nn.functional.one_hot(torch.tensor(rows - 1), rows).double() * 1.5 for t in fit.tensors}
         return Candidate(target=target, spec=TrendSpec(kind="magnitude", params={"alpha": 1.5}), weights=weights)
 
-    register_candidate_kind("magnitude", magnitude)
+    register_candidate_family("magnitude", magnitude)
     try:
         fit = engine.fit([20.0])
-        (svd, mag) = engine.candidates(fit, kinds=("svd", "magnitude"))
+        (svd, mag) = engine.candidates(fit, families=("trend", "magnitude"))
         assert mag.label == "magnitude@20" and svd.label == "20"
         prediction = engine.predict([mag])[0]
         for name, base in seen[0].items():  # θ_0 + 1.5 (θ_6 − θ_0)
@@ -165,11 +165,11 @@ def test_a_registered_candidate_kind_is_predicted_like_any_other():
         assert report["candidate"]["trend"] == {"kind": "magnitude", "rank": 1, "power": 1.0, "origin": 0.0,
                                                 "window": None, "params": {"alpha": 1.5}}
         with pytest.raises(ValueError, match="built-in"):
-            register_candidate_kind("linear", magnitude)
-        with pytest.raises(ValueError, match="unknown candidate kind"):
-            engine.candidates(fit, kinds=("nope",))
+            register_candidate_family("linear", magnitude)
+        with pytest.raises(ValueError, match="unknown candidate family"):
+            engine.candidates(fit, families=("nope",))
     finally:
-        engine_module._CANDIDATE_KINDS.pop("magnitude", None)
+        engine_module._CANDIDATE_FAMILIES.pop("magnitude", None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from _distributed_checks import free_port
 from _oracle import max_diff
-from _tiny import lm_trainer, tiny_tokenizer
+from _tiny import lm_trainer
 from relex_callback import RelexCallback
 from relex_callback.offline.cli import main
 
@@ -55,11 +55,6 @@ def _assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tens
     assert actual.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(actual[name], value), name
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(chat_template=False)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +122,7 @@ def test_resume_at_every_step_of_the_window_gives_the_uninterrupted_result(runs,
 
 
 def test_jump_mode_resume_at_every_step_gives_the_uninterrupted_weights(tmp_path):
-    from test_jump import linear_trainer
+    from _builders import linear_trainer
 
     options = dict(mode="jump", observe=3, jump_every=3, jump_horizon=5, buffer_dtype="float32", max_snapshots=4)
     straight = RelexCallback(**options)
@@ -199,7 +194,7 @@ def test_resume_with_another_number_of_processes_is_refused(runs, tok):
 
 @pytest.fixture(scope="module")
 def trajectory(tmp_path_factory):
-    from test_cli import _trajectory
+    from _builders import checkpoint_trajectory as _trajectory
 
     return _trajectory(tmp_path_factory.mktemp("cli"))
 

@@ -12,54 +12,13 @@ import sys
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM
-from trl import GRPOConfig, GRPOTrainer
 
+from _builders import assert_close_state, grpo_trainer
 from _oracle import CaptureWeights, PoisonAt, max_diff, oracle
-from _tiny import StopAt, lm_trainer, tiny_llama, tiny_qwen2, tiny_tokenizer
+from _tiny import StopAt, lm_trainer, tiny_llama, tiny_qwen2
 from relex_callback import RelexCallback
 from relex_callback.trainers.transformers import STATE_FILE_NAME
-
-
-def length_reward(completions, **kwargs):
-    return [min(len(c), 12) / 12 for c in completions]
-
-
-def grpo_trainer(tmp_path, model, tok, callbacks, max_steps=30, **overrides):
-    prompts = Dataset.from_dict({"prompt": [f"{a} + {b} =" for a in range(10) for b in range(10)]})
-    args = GRPOConfig(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=max_steps,
-        learning_rate=2e-3,
-        lr_scheduler_type="constant",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
-        **overrides,
-    )
-    model.train()
-    return GRPOTrainer(
-        model=model, reward_funcs=length_reward, args=args, train_dataset=prompts, processing_class=tok, callbacks=callbacks
-    )
-
-
-def assert_close_state(actual, expected, atol):
-    worst = max(float((actual[n].double() - expected[n].double()).abs().max()) for n in expected)
-    assert worst <= atol, worst
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(chat_template=False)
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -13,11 +13,12 @@ import re
 import pytest
 import torch
 from datasets import Dataset
-from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer
 
+from _builders import LR, LinearPath, Regress, linear_trainer, on_line, regression_data
 from _oracle import CaptureWeights, PoisonAt, max_diff, oracle
-from _tiny import tiny_qwen2, tiny_tokenizer
+from _tiny import tiny_qwen2
 from relex_callback import RelexCallback, RelexConfig
 from relex_callback.engine import RelexEngine
 from relex_callback.math.core import gram_matrix, select_power
@@ -43,11 +44,6 @@ def checksum(model):
 
 
 # -- tiny GRPO set-up -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(chat_template=False)
 
 
 def grpo(tmp_path, tok, callbacks, max_steps, reward=None, model=None, **overrides):
@@ -186,45 +182,6 @@ def test_backtest_cap_skips_a_jump_it_does_not_support(tmp_path, tok):
 # -- a plain transformers Trainer on exactly linear trajectories ----------------------------------------------
 
 
-class LinearPathConfig(PretrainedConfig):
-    model_type = "relex-linear-path"
-
-
-class LinearPath(PreTrainedModel):
-    """loss = Σ g·w: plain SGD moves every tensor by −lr·g per step, exactly (dyadic numbers), so θ_t is a known line."""
-
-    config_class = LinearPathConfig
-
-    def __init__(self, config=None):
-        super().__init__(config or LinearPathConfig())
-        self.a = torch.nn.Parameter(torch.arange(8, dtype=torch.float32) / 16)
-        self.b = torch.nn.Parameter(torch.ones(3, 2) / 4)
-        self.register_buffer("ga", torch.tensor([1.0, -2.0, 3.0, 0.0, 1.0, 1.0, -1.0, 2.0]))
-        self.register_buffer("gb", torch.tensor([[2.0, 1.0], [0.0, -1.0], [1.0, 3.0]]))
-
-    def forward(self, x, labels=None):
-        return {"loss": (self.a * self.ga).sum() + (self.b * self.gb).sum() + 0.0 * x.sum()}
-
-
-LR = 2.0**-10
-
-
-def linear_trainer(tmp_path, callbacks, max_steps, model=None, **overrides):
-    data = Dataset.from_dict({"x": [[0.0]] * 64, "labels": [0.0] * 64})
-    settings = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=1, max_steps=max_steps, learning_rate=LR,
-        optim="sgd", weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", use_cpu=True, report_to=[],
-        save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
-    )
-    args = TrainingArguments(**{**settings, **overrides})
-    return Trainer(model=model or LinearPath(), args=args, train_dataset=data, callbacks=callbacks)
-
-
-def on_line(model0, t):
-    """The true weights at (virtual) step t: θ_0 − t·lr·g."""
-    return {"a": model0.a.detach() - t * LR * model0.ga, "b": model0.b.detach() - t * LR * model0.gb}
-
-
 @pytest.mark.parametrize("buffer", ["thinned", "window"])
 def test_later_fits_are_unbiased_by_earlier_jumps(tmp_path, buffer):
     opts = dict(max_snapshots=6) if buffer == "thinned" else dict(window=6)
@@ -253,18 +210,6 @@ def test_later_fits_are_unbiased_by_earlier_jumps(tmp_path, buffer):
         assert len(steps) <= 6 and relex.jump.record_every > 1 and steps[0] <= 4  # still reaches back to the first window
     else:
         assert len(steps) == 6
-
-
-class Regress(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.first = torch.nn.Linear(4, 8)
-        self.second = torch.nn.Linear(8, 1)
-
-    def forward(self, x, labels=None):
-        pred = self.second(torch.tanh(self.first(x))).squeeze(-1)
-        return {"loss": torch.nn.functional.mse_loss(pred, labels)}
 
 
 @pytest.mark.parametrize("policy", ["keep", "reset"])
@@ -309,11 +254,6 @@ def test_a_reset_that_finds_no_state_for_the_jumped_parameters_says_so(caplog):
         assert reset_optimizer_state(optimizer, copies) == 4
     assert "reset nothing" not in caplog.text
     assert all(not torch.count_nonzero(v) for c in copies for v in optimizer.state[c].values())
-
-
-def regression_data():
-    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"x": x.tolist(), "labels": (x @ torch.tensor([1.0, -2.0, 0.5, 3.0])).tolist()})
 
 
 def test_current_anchor_adds_the_predicted_progress_to_the_current_weights(tmp_path):
@@ -634,7 +574,7 @@ schedule, with_probe, out, tests, switch = sys.argv[1:]
 if switch == "on":
     relex_callback.enable_logging()
 sys.path.insert(0, tests)
-from test_jump import Regress, regression_data
+from _builders import Regress, regression_data
 
 scores = iter([0.0, 0.0, 0.0, -1.0, 0.0, 0.0])  # before/after of three jumps: the second one loses
 probe = (lambda model: next(scores)) if with_probe == "probe" else None

@@ -18,9 +18,9 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 try:
-    from tests._tiny import tiny_qwen2, tiny_tokenizer
+    from tests._tiny import tiny_qwen2
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from _tiny import tiny_qwen2, tiny_tokenizer
+    from _tiny import tiny_qwen2
 
 
 class Capture(TrainerCallback):
@@ -73,11 +73,6 @@ def grpo(tmp_path, model, tok, callbacks, peft_config=None, max_steps=20, **over
 
 def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 2e-5) -> None:
     torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-4, atol=atol)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(chat_template=False)
 
 
 def merged_oracle(weights, prefix: str, scaling: float, steps: list[int], target: int) -> torch.Tensor:

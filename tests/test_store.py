@@ -139,18 +139,11 @@ def test_rows_that_left_the_window_are_reused_except_the_last_checkpoints(tmp_pa
 
 
 def _lm_trainer(out, tok, callbacks, save_total_limit=None):
-    from test_halt import lm_trainer
+    from _tiny import lm_trainer
 
     trainer = lm_trainer(out, tok, callbacks)
     trainer.args.save_total_limit = save_total_limit
     return trainer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from _tiny import tiny_tokenizer
-
-    return tiny_tokenizer(chat_template=False)
 
 
 DISK = dict(observe=10, extrapolate_to=40, save_model=False, buffer_dtype="float32", buffer_device="disk")
@@ -188,7 +181,7 @@ def test_disk_store_resume_is_bit_exact_after_rotation(tmp_path, tok):
     straight.train()
     reference = {n: p.detach().clone() for n, p in straight.model.named_parameters()}
 
-    from test_halt import StopAt
+    from _tiny import StopAt
 
     first = _lm_trainer(tmp_path / "b", tok, [RelexCallback(**DISK), StopAt(9)], save_total_limit=1)
     first.train()
@@ -211,7 +204,7 @@ def test_disk_store_resume_is_bit_exact_after_rotation(tmp_path, tok):
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "base"])
 def test_damaged_store_is_refused_with_the_file_and_the_fix(tmp_path, tok, damage):
     from _damage import damage_rows
-    from test_halt import StopAt
+    from _tiny import StopAt
 
     first = _lm_trainer(tmp_path, tok, [RelexCallback(**DISK), StopAt(8)])
     first.train()
@@ -224,7 +217,7 @@ def test_damaged_store_is_refused_with_the_file_and_the_fix(tmp_path, tok, damag
 
 def test_half_written_row_after_the_checkpoint_is_cut_and_recording_continues(tmp_path, tok):
     # a crash in the middle of an append leaves a partial record after the rows the checkpoint covers
-    from test_halt import StopAt
+    from _tiny import StopAt
 
     _lm_trainer(tmp_path, tok, [RelexCallback(**DISK), StopAt(8)]).train()
     deltas = tmp_path / "relex-store" / "deltas-rank00000-of-00001.bin"
@@ -238,7 +231,7 @@ def test_half_written_row_after_the_checkpoint_is_cut_and_recording_continues(tm
 
 
 def test_missing_store_and_device_mismatch_are_refused(tmp_path, tok):
-    from test_halt import StopAt
+    from _tiny import StopAt
 
     first = _lm_trainer(tmp_path, tok, [RelexCallback(**DISK), StopAt(4)])
     first.train()

@@ -9,7 +9,7 @@
 """
 
 from .candidate import Candidate, TrendSpec
-from .engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, BufferPlan, Probe, RelexEngine, plan_buffer, register_candidate_kind
+from .engine import STATE_FILE_NAME, STATE_FORMAT_VERSION, BufferPlan, Probe, RelexEngine, plan_buffer, register_candidate_family
 from .report import REPORT_FORMAT, check_report_format, read_report
 
 __all__ = [
@@ -19,7 +19,7 @@ __all__ = [
     "BufferPlan",
     "Probe",
     "plan_buffer",
-    "register_candidate_kind",
+    "register_candidate_family",
     "STATE_FILE_NAME",
     "STATE_FORMAT_VERSION",
     "REPORT_FORMAT",

@@ -20,15 +20,7 @@ import torch
 
 from ..options import TREND_KINDS
 
-__all__ = ["TrendSpec", "Candidate", "output_dir_name"]
-
-
-def output_dir_name(target: float, kind: str) -> str:
-    """The model directory of the prediction for step ``target`` by candidate family ``kind``:
-    ``relex-step{K}`` for an SVD trend (``"svd"`` or one of ``TREND_KINDS``) and for ``"observed"``,
-    else ``relex-step{K}-{kind}``."""
-    plain = kind in TREND_KINDS or kind in ("svd", "observed")
-    return f"relex-step{int(target)}" if plain else f"relex-step{int(target)}-{kind}"
+__all__ = ["TrendSpec", "Candidate"]
 
 
 @dataclass(frozen=True)
@@ -70,10 +62,16 @@ class Candidate:
     score: float | None = None
 
     @property
+    def family(self) -> str:
+        """The candidate family (``CANDIDATE_FAMILIES``, ``"observed"`` or a registered one): ``"trend"`` for the
+        SVD trend, whose fit kind (``"linear"``, ``"power"``, ``"poly2"``) is ``spec.kind``."""
+        return "trend" if self.spec.kind in TREND_KINDS else self.spec.kind
+
+    @property
     def label(self) -> str:
         """A short name for logs and metrics: the target step, with the family when it is not an SVD trend."""
         target = f"{self.target:g}"
-        return target if self.spec.kind in TREND_KINDS else f"{self.spec.kind}@{target}"
+        return target if self.family == "trend" else f"{self.family}@{target}"
 
     def describe(self) -> dict[str, Any]:
         """The JSON section of the report that names this candidate."""

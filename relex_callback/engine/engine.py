@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..buffer import DAMAGED_STATE_FIX, DeltaBuffer, DeltaStorage, TrackedTensor, format_bytes, host_available_bytes, select_parameters
+from ..buffer import DAMAGED_STATE_FIX, DeltaBuffer, DeltaStorage, TrackedTensor, host_available_bytes, select_parameters
 from ..config import RelexConfig
 from ..distributed import (
     all_reduce_grams,
@@ -41,14 +41,15 @@ from ..distributed import (
 from ..export import check_output_location
 from ..math.core import TrajectoryFit, combine, fit_trajectory, prediction_weights, select_power
 from ..math.diagnostic import WindowDiagnostic, diagnose_window, trend_predictor
-from ..options import BUFFER_DTYPES, TREND_KINDS, min_snapshots
+from ..options import BUFFER_DTYPES, CANDIDATE_FAMILIES, TREND_KINDS, min_snapshots
+from ..units import format_bytes
 from ..preflight import Preflight, preflight
 from ..store import ROWS_DIR_NAME, DiskDeltaStore, store_footprint
 from .candidate import Candidate, TrendSpec
 from .horizon import HorizonSearch, ProbeFailed, search_horizon, standard_error
 from .report import backtest_section, horizon_warning, new_report
 
-__all__ = ["RelexEngine", "BufferPlan", "Probe", "STATE_FILE_NAME", "STATE_FORMAT_VERSION", "find_state", "state_file", "register_candidate_kind"]
+__all__ = ["RelexEngine", "BufferPlan", "Probe", "STATE_FILE_NAME", "STATE_FORMAT_VERSION", "find_state", "state_file", "register_candidate_family"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,24 +65,24 @@ Probe = Callable[[torch.nn.Module], float]
 """``probe(model) -> float``: higher is better (e.g. :class:`~relex_callback.probe.RewardProbe`)."""
 
 CandidateBuilder = Callable[["RelexEngine", TrajectoryFit, float], Candidate]
-_CANDIDATE_KINDS: dict[str, CandidateBuilder] = {}
+_CANDIDATE_FAMILIES: dict[str, CandidateBuilder] = {}
 
 
-def register_candidate_kind(name: str, builder: CandidateBuilder) -> None:
-    """Make ``RelexEngine.candidates(fit, targets, kinds=(..., name))`` call ``builder(engine, fit, target)``.
+def register_candidate_family(name: str, builder: CandidateBuilder) -> None:
+    """Make ``RelexEngine.candidates(fit, targets, families=(..., name))`` call ``builder(engine, fit, target)``.
 
     A builder returns a :class:`Candidate` whose ``weights`` weigh the stored delta rows of ``fit`` (for
     example weight α on the last row for θ_0 + α(θ_N − θ_0)); the engine predicts, trials and reports it
     like an SVD candidate.
     """
-    if name in TREND_KINDS or name == "svd":
+    if name in TREND_KINDS or name == "trend":
         raise ValueError(f"{name!r} is the built-in SVD trend family")
-    _CANDIDATE_KINDS[name] = builder
+    _CANDIDATE_FAMILIES[name] = builder
 
 
 def _scale_candidate(engine: "RelexEngine", fit: TrajectoryFit, target: float) -> Candidate:
     """θ_0 + α(θ_N − θ_0) with α = √((K − x_0)/(x_N − x_0)): magnitude scaling along the last observed delta."""
-    origin = float(engine.fit_inputs[3])
+    origin = fit.origin
     alpha = math.sqrt((float(target) - origin) / (float(fit.steps[-1]) - origin))
     weights = {}
     for tensor_fit in fit.tensors:
@@ -101,11 +102,10 @@ def _observed_candidate(engine: "RelexEngine", fit: TrajectoryFit, target: float
 
 def _sqrt_candidate(engine: "RelexEngine", fit: TrajectoryFit, target: float) -> Candidate:
     """The rank-r subspace with a √t trend, c = a + b·√(x − x_0), fitted on the same Grams."""
-    names, grams, steps, origin = engine.fit_inputs
     cfg = engine.config
-    sqrt_fit = fit_trajectory(list(zip(names, grams, strict=True)), steps, [float(target)], rank=cfg.rank, kind="power",
-                              power=0.5, origin=origin)
-    return Candidate(target=float(target), spec=TrendSpec(kind="sqrt", rank=cfg.rank, power=0.5, origin=origin),
+    sqrt_fit = fit_trajectory(list(zip(fit.names, fit.grams, strict=True)), fit.steps, [float(target)], rank=cfg.rank,
+                              kind="power", power=0.5, origin=fit.origin)
+    return Candidate(target=float(target), spec=TrendSpec(kind="sqrt", rank=cfg.rank, power=0.5, origin=fit.origin),
                      weights={t.name: t.weights[0] for t in sqrt_fit.tensors}, shrink=cfg.shrink)
 
 
@@ -180,17 +180,16 @@ def plan_buffer(config: RelexConfig, numels: Sequence[int], on_gpu: bool, gpu_fr
                       budget=gpu_budget if on_device else host_budget)
 
 
-_CANDIDATE_KINDS.update({"scale": _scale_candidate, "sqrt": _sqrt_candidate, "observed": _observed_candidate})
-FAMILY_KINDS = {"trend": "svd", "sqrt": "sqrt", "scale": "scale"}
-"""``RelexConfig.candidates`` families -> engine candidate kinds."""
+_CANDIDATE_FAMILIES.update({"scale": _scale_candidate, "sqrt": _sqrt_candidate, "observed": _observed_candidate})
 
 
-def candidate_kinds(config: RelexConfig, with_probe: bool) -> list[str]:
-    """The candidate kinds of a halt-mode fit: ``config.candidates`` when set; else all three families
-    (trend, √t, scale) for ``extrapolate_to="auto"`` with a probe to choose among them, else the trend alone."""
+def candidate_families(config: RelexConfig, with_probe: bool) -> list[str]:
+    """The candidate families of a halt-mode fit: ``config.candidates`` when set; else all of
+    ``CANDIDATE_FAMILIES`` (trend, √t, scale) for ``extrapolate_to="auto"`` with a probe to choose among them,
+    else the trend alone."""
     if config.candidates is not None:
-        return [FAMILY_KINDS[f] for f in config.candidates]
-    return ["svd", "sqrt", "scale"] if config.auto_target and with_probe else ["svd"]
+        return list(config.candidates)
+    return list(CANDIDATE_FAMILIES) if config.auto_target and with_probe else ["trend"]
 
 
 class RelexEngine:
@@ -204,7 +203,6 @@ class RelexEngine:
         self.config = config
         self.buffer: DeltaStorage | None = None
         self.snapshot_seconds = 0.0
-        self.grams: list[tuple[str, torch.Tensor]] = []  # the last fit's Grams, summed over processes (T×T each)
         self.diagnostic: WindowDiagnostic | None = None  # the last fit's window diagnostic
         self.preflight: Preflight | None = None  # the cost estimate of this process, set by attach()
 
@@ -414,7 +412,6 @@ class RelexEngine:
                 f"RELEX refuses to extrapolate: non-finite deltas in {bad[:10]}{' ...' if len(bad) > 10 else ''}. "
                 "Live weights and output directories were left untouched."
             )
-        self.grams = list(zip(names, grams, strict=True))
         steps = self.buffer.window_steps(window)
         origin = float(cfg.start_step if origin is None else origin)
         power = cfg.power
@@ -422,19 +419,17 @@ class RelexEngine:
             power, distances = select_power(grams, steps, rank=cfg.rank, origin=origin)
             logger.info("RELEX: power='auto' chose p=%.2f (backtest distance by p: %s)", power,
                         {p: round(d, 4) for p, d in distances.items()})
-        self.fit_inputs = (names, grams, list(steps), origin)
         return fit_trajectory(
-            self.grams, steps, [float(t) for t in targets], rank=cfg.rank, kind=cfg.fit,
+            list(zip(names, grams, strict=True)), steps, [float(t) for t in targets], rank=cfg.rank, kind=cfg.fit,
             power=power, origin=origin,
         )
 
     def diagnose(self, fit: TrajectoryFit, zero_std_fraction: float | None = None) -> WindowDiagnostic:
-        """The window diagnostic of the last :meth:`fit` (Gram-only; the same on every process): growth exponent,
-        direction stability, noise share, backtests and the supported horizon K_max of the configured trend at
-        ``backtest_tolerance`` (:mod:`relex_callback.math.diagnostic`)."""
+        """The window diagnostic of ``fit`` (Gram-only; the same on every process): growth exponent, direction
+        stability, noise share, backtests and the supported horizon K_max of the configured trend at
+        ``backtest_tolerance`` (:mod:`relex_callback.math.diagnostic`); also kept as :attr:`diagnostic`."""
         cfg = self.config
-        names, grams, steps, origin = self.fit_inputs
-        stacked = torch.stack([g.detach().to(device="cpu", dtype=torch.float64) for g in grams])
+        stacked, steps, origin = fit.grams, fit.steps, fit.origin
         numels = [math.prod(getattr(item, "full_shape", None) or item.param.shape) for item in self.buffer.tracked]
         trend = fit.tensors[0].trend
         predictor = trend_predictor(stacked, steps, rank=cfg.rank, kind=cfg.fit, power=trend.power, origin=origin)
@@ -442,16 +437,15 @@ class RelexEngine:
                                           tolerance=cfg.backtest_tolerance, zero_std_fraction=zero_std_fraction)
         return self.diagnostic
 
-    def auto_targets(self, diagnostic: WindowDiagnostic, with_probe: bool) -> list[float]:
+    def auto_targets(self, fit: TrajectoryFit, diagnostic: WindowDiagnostic, with_probe: bool) -> list[float]:
         """``extrapolate_to="auto"``: K_max (rounded down to a step); with a probe, a ladder of targets up to K_max
         as well (1.5, 2, 3, 5, 8, 12 and 20 times the window). An empty list: nothing beyond the window is
         supported."""
-        _, _, steps, origin = self.fit_inputs
-        last, span = float(steps[-1]), float(steps[-1]) - float(origin)
+        last, span = float(fit.steps[-1]), float(fit.steps[-1]) - float(fit.origin)
         k_max = float(diagnostic.k_max)
         if k_max <= last:
             return []
-        ladder = [float(math.floor(origin + r * span)) for r in (1.5, 2, 3, 5, 8, 12, 20)] if with_probe else []
+        ladder = [float(math.floor(fit.origin + r * span)) for r in (1.5, 2, 3, 5, 8, 12, 20)] if with_probe else []
         return sorted({k for k in ladder if last < k < k_max} | {k_max})
 
     def trend_spec(self, fit: TrajectoryFit, window: int | None) -> TrendSpec:
@@ -482,18 +476,18 @@ class RelexEngine:
                          shrink=shrink, start=None if start is None else float(start))
 
     def candidates(self, fit: TrajectoryFit, targets: Sequence[float] | None = None, *, window: int | None = None,
-                   kinds: Sequence[str] = ("svd",)) -> list[Candidate]:
-        """One candidate per target and kind: ``"svd"`` (the fitted trend) and any registered kind."""
+                   families: Sequence[str] = ("trend",)) -> list[Candidate]:
+        """One candidate per target and family: ``"trend"`` (the fitted SVD trend) and any registered family."""
         targets = fit.targets if targets is None else targets
         out = []
-        for kind in kinds:
+        for family in families:
             for target in targets:
-                if kind == "svd":
+                if family == "trend":
                     out.append(self.candidate(fit, target, window=window))
-                elif kind in _CANDIDATE_KINDS:
-                    out.append(_CANDIDATE_KINDS[kind](self, fit, float(target)))
+                elif family in _CANDIDATE_FAMILIES:
+                    out.append(_CANDIDATE_FAMILIES[family](self, fit, float(target)))
                 else:
-                    raise ValueError(f"unknown candidate kind {kind!r}; registered: {['svd', *_CANDIDATE_KINDS]}")
+                    raise ValueError(f"unknown candidate family {family!r}; registered: {['trend', *_CANDIDATE_FAMILIES]}")
         return out
 
     def fit_window(self, window: int | None = None, zero_std_fraction: float | None = None,
@@ -509,14 +503,14 @@ class RelexEngine:
 
     def observed_candidate(self, fit: TrajectoryFit) -> Candidate:
         """The last observed weights θ_N as a candidate (what halt mode writes when nothing is extrapolated)."""
-        return _CANDIDATE_KINDS["observed"](self, fit, float(fit.steps[-1]))
+        return _CANDIDATE_FAMILIES["observed"](self, fit, float(fit.steps[-1]))
 
     def extrapolate(
         self,
         targets: Sequence[float] | Callable[[TrajectoryFit], Sequence[float]] | str,
         producer: str,
         window: int | None = None,
-        kinds: Sequence[str] = ("svd",),
+        families: Sequence[str] = ("trend",),
         *,
         with_probe: bool = False,
         zero_std_fraction: float | None = None,
@@ -540,11 +534,11 @@ class RelexEngine:
         diagnostic = self.diagnostic
         k_max = float(diagnostic.k_max)
         if auto:
-            chosen = self.auto_targets(diagnostic, with_probe)
+            chosen = self.auto_targets(fit, diagnostic, with_probe)
         elif chosen is None:
             chosen = [float(t) for t in targets(fit)]
         if chosen:
-            candidates = self.candidates(fit, chosen, window=window, kinds=kinds)
+            candidates = self.candidates(fit, chosen, window=window, families=families)
         else:
             logger.warning("RELEX: the window supports no extrapolation (K_max = the last observed step %g); writing the "
                            "last observed weights instead of a prediction", fit.steps[-1])
@@ -694,7 +688,7 @@ class RelexEngine:
                 len(ladder) * len(families), one_call, worst, window_seconds)
 
         def evaluate(family: str, target: float) -> tuple[float, float | None]:
-            candidate = self.candidates(fit, [target], window=window, kinds=[FAMILY_KINDS[family]])[0]
+            candidate = self.candidates(fit, [target], window=window, families=[family])[0]
             self.load(self.predict([candidate])[0])
             return probe_once()
 
@@ -709,7 +703,7 @@ class RelexEngine:
         chosen = None
         if search.chosen is not None:
             pick = search.chosen
-            chosen = self.candidates(fit, [pick.target], window=window, kinds=[FAMILY_KINDS[pick.family]])[0]
+            chosen = self.candidates(fit, [pick.target], window=window, families=[pick.family])[0]
             chosen.score = pick.score
         return search, chosen
 

@@ -33,12 +33,13 @@ from ..distributed import (
     check_can_generate, detect_layout, gather_state_dict, is_main_process, saving_gathered, unwrap_model, world_info,
 )
 from ..export import REPORT_NAME, atomic_directory, check_output_dir, check_output_location, write_json
-from ..math.core import TREND_KINDS, TrajectoryFit
+from ..math.core import TrajectoryFit
 from ..options import CANDIDATE_FAMILIES
-from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_dir_name, merged_state_dict
+from ..peft_support import check_mergeable, lora_pairs, merged_delta_predictions, merged_state_dict
 from ..probe import RewardProbe, choose_candidate
-from .candidate import Candidate, output_dir_name
-from .engine import STATE_FILE_NAME, Probe, RelexEngine, candidate_kinds
+from ..units import merged_dir_name, output_dir_name
+from .candidate import Candidate
+from .engine import STATE_FILE_NAME, Probe, RelexEngine, candidate_families
 from .horizon import horizon_ladder
 from .jump import JumpController
 from .report import report_metrics, write_model_card
@@ -79,14 +80,17 @@ def choose_with_probe(
     engine: RelexEngine, model: torch.nn.Module, probe: Probe | None, candidates: list[Candidate],
     predictions: list[dict[str, torch.Tensor]], allow_worse: bool, loads_chosen: bool,
 ) -> tuple[int | None, dict[str, float]]:
-    """Halt mode's pick: without a probe the last candidate of the configured trend (the user's last target); with
+    """Halt mode's pick: without a probe the candidate at the user's last target, of the configured trend when it is
+    listed, else of the first listed family (never the supported-horizon candidate put beside the targets); with
     one, the best-scoring candidate (ties: the nearest), or ``None`` (keep the trained weights) when it scores below
     them and not ``allow_worse``. Scores go into each candidate's report under ``"probe"`` (``loads_chosen``: the
     caller will load the pick into the live model). Returns the index and the scores (``"current"`` and one per
     candidate label); the live weights are left as they were."""
     if probe is None:
-        plain = [i for i, c in enumerate(candidates) if c.spec.kind in TREND_KINDS or c.spec.kind == "observed"]
-        return (plain[-1] if plain else len(candidates) - 1), {}
+        last = max(c.target for c in candidates)
+        at_last = [i for i, c in enumerate(candidates) if c.target == last]
+        plain = [i for i in at_last if is_plain(candidates[i])]
+        return (plain or at_last)[0], {}
     targets = [int(c.target) for c in candidates]
     current, chosen = engine.trial(
         model, probe, candidates, predictions, lambda cur, scores: choose_candidate(cur, scores, targets, allow_worse),
@@ -143,14 +147,14 @@ def fit_and_choose(
     cfg = engine.config
     if not (cfg.auto_target and probe is not None):
         fit, candidates, predictions = engine.extrapolate(
-            cfg.extrapolate_to, "halt", window=cfg.window, kinds=candidate_kinds(cfg, probe is not None),
+            cfg.extrapolate_to, "halt", window=cfg.window, families=candidate_families(cfg, probe is not None),
             with_probe=probe is not None, zero_std_fraction=zero_std_fraction)
         chosen, scores = choose_with_probe(engine, model, probe, candidates, predictions, cfg.allow_worse, loads_chosen)
         return fit, candidates, predictions, chosen, scores
     started = time.perf_counter()
     fit = engine.fit_window(cfg.window, zero_std_fraction)
     diagnostic = engine.diagnostic
-    last, origin = float(fit.steps[-1]), float(engine.fit_inputs[3])
+    last, origin = float(fit.steps[-1]), fit.origin
     k_max = diagnostic.k_max
     ladder = horizon_ladder(origin, last, cfg.max_horizon_step, extra=[k_max] if k_max > last else [])
     families = cfg.candidates or list(CANDIDATE_FAMILIES)
@@ -234,7 +238,7 @@ class HaltResult:
 
 def is_plain(candidate: Candidate) -> bool:
     """The configured trend or the observed weights: written as ``relex-step{K}``, keyed by K."""
-    return candidate.spec.kind in TREND_KINDS or candidate.spec.kind == "observed"
+    return candidate.family in ("trend", "observed")
 
 
 class Window:
@@ -262,8 +266,8 @@ class Window:
 
     # -- set-up ---------------------------------------------------------------------------------------------
 
-    def model_dir(self, target: float, kind: str = "svd") -> Path:
-        directory = self.output_root / output_dir_name(target, kind)
+    def model_dir(self, target: float, family: str = "trend") -> Path:
+        directory = self.output_root / output_dir_name(target, family)
         return directory / self.model_subdir if self.model_subdir else directory
 
     def merged_dir(self, target: float) -> Path:
@@ -280,7 +284,8 @@ class Window:
         check_output_location(self.output_root, option)
         if cfg.mode == "halt" and cfg.save_model and step < cfg.last_observed_step and not cfg.auto_target:
             for target in cfg.extrapolate_to:
-                check_output_dir(self.model_dir(float(target)), cfg.overwrite)
+                for family in candidate_families(cfg, self.probe is not None):
+                    check_output_dir(self.model_dir(float(target), family), cfg.overwrite)
                 if cfg.merge_lora:
                     check_output_dir(self.merged_dir(target), cfg.overwrite)
         if cfg.merge_lora:
@@ -389,7 +394,7 @@ class Window:
         Collective: every process calls it; the main process writes."""
         cfg = self.config
         target = int(candidate.target)
-        final = self.model_dir(candidate.target, candidate.spec.kind)
+        final = self.model_dir(candidate.target, candidate.family)
         started = time.perf_counter()
         state_dict = gather_state_dict(model, self.engine.tracked, prediction)  # None off the main process
         if not is_main_process():

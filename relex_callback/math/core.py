@@ -437,12 +437,20 @@ class TensorFit:
 
 @dataclass(frozen=True)
 class TrajectoryFit:
-    """Fits of every tensor of a model on the same snapshot steps, plus the whole-model backtest."""
+    """Fits of every tensor of a model on the same snapshot steps, plus the whole-model backtest, and what they were
+    fitted from: ``grams`` the ``[n, T, T]`` fp64 Grams (Mᵢ Mᵢᵀ of each tensor, summed over shards) and ``origin``
+    the step x_0 of θ_0."""
 
     steps: list[float]
     targets: list[float]
     tensors: list[TensorFit]
     backtest: Backtest | None
+    grams: torch.Tensor | None = None
+    origin: float = 0.0
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
 
 
 def fit_trajectory(
@@ -471,6 +479,7 @@ def fit_trajectory(
         TensorFit(name=name, subspace=subspace[i], trend=trend[i], r2=r2[i], weights=weights[i]) for i, name in enumerate(names)
     ]
     result = backtest([g for _, g in grams], steps, rank=rank, kind=kind, power=power, origin=origin)
-    return TrajectoryFit(steps=[float(s) for s in steps], targets=[float(t) for t in targets], tensors=tensor_fits, backtest=result)
+    return TrajectoryFit(steps=[float(s) for s in steps], targets=[float(t) for t in targets], tensors=tensor_fits,
+                         backtest=result, grams=stacked, origin=float(origin))
 
 

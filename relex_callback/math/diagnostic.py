@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..options import DEFAULT_BACKTEST_TOLERANCE
 from .core import backtest, fit_trajectory, subspace_from_gram
 
 __all__ = [
@@ -60,7 +61,7 @@ __all__ = [
     "supported_target",
 ]
 
-DEFAULT_TOLERANCE = 0.75
+DEFAULT_TOLERANCE = DEFAULT_BACKTEST_TOLERANCE
 """Relative distance ||θ̂(K) − θ(K)|| / ||θ(K) − θ_0|| beyond which a target counts as unsupported."""
 MAX_RATIO = 20.0
 """Largest horizon the estimator reports, as a multiple of the window's span (larger answers are capped)."""

@@ -17,7 +17,6 @@ _LAZY = {
     "reconstruct_checkpoints": ".commands",
     "report_checkpoints": ".commands",
     "DEFAULT_MAX_MEMORY": ".plan",
-    "OUTPUT_DTYPES": ".plan",
     "_prepare": ".plan",
     "parse_size": ".plan",
     "_Stream": ".stream",
@@ -25,7 +24,6 @@ _LAZY = {
 
 __all__ = [
     "FIT_KINDS",
-    "OUTPUT_DTYPES",
     "DEFAULT_MAX_MEMORY",
     "parse_size",
     "extrapolate_checkpoints",

@@ -15,7 +15,7 @@ import re
 import sys
 from typing import Sequence
 
-from ..options import OUTPUT_DTYPES, TREND_KINDS
+from ..options import DEFAULT_BACKTEST_TOLERANCE, OUTPUT_DTYPES, TREND_KINDS
 
 __all__ = ["main", "build_parser"]
 
@@ -199,7 +199,7 @@ def _add_model(parser: argparse.ArgumentParser, trend: bool) -> argparse._Argume
                            help="multiply every target step by S before evaluating the trend (history steps are "
                                 "unchanged). The official script silently uses 2 for Qwen2.5-Math-1.5B; never "
                                 "inferred here. Default: 1. Example: --time-scale 2")
-        group.add_argument("--backtest-tolerance", type=_positive_float, default=0.75, metavar="D",
+        group.add_argument("--backtest-tolerance", type=_positive_float, default=DEFAULT_BACKTEST_TOLERANCE, metavar="D",
                            help="largest acceptable backtest distance ||θ̂ − θ|| / ||θ − θ_0|| (fit the first half, "
                                 "predict the last snapshot); targets beyond the horizon it supports get a warning. "
                                 "Default: 0.75. Example: --backtest-tolerance 0.5")

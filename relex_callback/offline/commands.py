@@ -41,13 +41,13 @@ from ..math.core import (
     subspace_from_gram,
 )
 from ..options import DEFAULT_BACKTEST_TOLERANCE, power_error, shrink_error
+from ..units import format_bytes
 from .output import _aux_sources, _check_output, _checkpoint_list, _copy_aux, _open_outputs, _OutputModel, _settings
 from .plan import (
     DEFAULT_MAX_MEMORY,
     _check_common,
     _check_counts,
     _check_targets,
-    _format_bytes,
     _Plan,
     _prepare,
     _resolve_dtype,
@@ -266,7 +266,7 @@ def extrapolate_checkpoints(
         logger.info(
             "extrapolated %d tensors to step(s) %s in %.1f s (waited %.1f s for reads of %s; %d tensor(s) chunked)",
             len(plan.tracked), ", ".join(map(str, targets)), time.perf_counter() - began, run.read_seconds,
-            _format_bytes(run.bytes_read), run.chunked,
+            format_bytes(run.bytes_read), run.chunked,
         )
         return reports
 

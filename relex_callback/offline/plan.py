@@ -12,12 +12,12 @@ from typing import Any, Sequence
 import torch
 
 from ..checkpoints import ModelDir, RelexInputError, discover_checkpoints, is_tied, open_model_dir, tied_output_embeddings, validate_trajectory
-from ..options import BUFFER_DTYPES, TREND_KINDS, min_snapshots
+from ..options import TREND_KINDS, min_snapshots
+from ..units import DTYPES
 
 logger = logging.getLogger("relex_callback.offline")
 
 DEFAULT_MAX_MEMORY = 1 << 30
-OUTPUT_DTYPES = {name: getattr(torch, name) for name in BUFFER_DTYPES}
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
                "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
@@ -34,14 +34,6 @@ def parse_size(value: int | str) -> int:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def _format_bytes(num: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(num) < 1024:
-            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
-        num /= 1024
-    return f"{num:.1f} TiB"
 
 
 
@@ -161,12 +153,12 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or dtype == "auto":
         return None
     if isinstance(dtype, torch.dtype):
-        if dtype not in OUTPUT_DTYPES.values():
-            raise RelexInputError(f"dtype={dtype} is not supported; use one of {', '.join(OUTPUT_DTYPES)}")
+        if dtype not in DTYPES.values():
+            raise RelexInputError(f"dtype={dtype} is not supported; use one of {', '.join(DTYPES)}")
         return dtype
-    if dtype not in OUTPUT_DTYPES:
-        raise RelexInputError(f"dtype={dtype!r} is not supported; use one of {', '.join(OUTPUT_DTYPES)} or auto")
-    return OUTPUT_DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise RelexInputError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} or auto")
+    return DTYPES[dtype]
 
 
 def _check_targets(target_steps: Sequence[int] | int, what: str = "target step", minimum: int | None = None) -> list[int]:

@@ -18,7 +18,8 @@ import torch
 from ..checkpoints import RelexInputError, TensorReader
 from ..math.core import combine, gram_matrix
 from .output import _OutputModel
-from .plan import _format_bytes, _itemsize, _Plan
+from ..units import format_bytes
+from .plan import _itemsize, _Plan
 
 logger = logging.getLogger("relex_callback.offline")
 
@@ -63,8 +64,8 @@ class _Stream:
         self.cap = min(max_memory // per_element, largest)
         if largest and self.cap < min(_MIN_CHUNK, largest):
             raise RelexInputError(
-                f"max_memory={_format_bytes(max_memory)} is too small for {rows} snapshots: one chunk of "
-                f"{_MIN_CHUNK} elements needs {_format_bytes(per_element * _MIN_CHUNK)}"
+                f"max_memory={format_bytes(max_memory)} is too small for {rows} snapshots: one chunk of "
+                f"{_MIN_CHUNK} elements needs {format_bytes(per_element * _MIN_CHUNK)}"
             )
         self.per_element = per_element
         self._slots = [
@@ -77,9 +78,9 @@ class _Stream:
         self.read_seconds = 0.0  # time the caller waited for reads (the rest overlaps its work)
         logger.info(
             "memory budget %s: chunks of up to %s elements (%s of buffers), %d read threads",
-            _format_bytes(max_memory),
+            format_bytes(max_memory),
             f"{self.cap:,}",
-            _format_bytes(per_element * self.cap),
+            format_bytes(per_element * self.cap),
             self.workers,
         )
 
