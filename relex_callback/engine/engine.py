@@ -42,9 +42,9 @@ from ..export import check_output_location
 from ..math.core import TrajectoryFit, combine, fit_trajectory, prediction_weights, select_power
 from ..math.diagnostic import WindowDiagnostic, diagnose_window, trend_predictor
 from ..options import BUFFER_DTYPES, CANDIDATE_FAMILIES, TREND_KINDS, min_snapshots
-from ..units import format_bytes
 from ..preflight import Preflight, preflight
 from ..store import ROWS_DIR_NAME, DiskDeltaStore, store_footprint
+from ..units import format_bytes
 from .candidate import Candidate, TrendSpec
 from .horizon import HorizonSearch, ProbeFailed, search_horizon, standard_error
 from .report import backtest_section, horizon_warning, new_report
