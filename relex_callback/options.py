@@ -32,6 +32,7 @@ MODES = ("halt", "jump")
 OPTIMIZER_POLICIES = ("keep", "reset")
 JUMP_ANCHORS = ("fit", "current")
 DEFAULT_BACKTEST_TOLERANCE = 0.75
+"""Relative distance ||θ̂(K) − θ(K)|| / ||θ(K) − θ_0|| beyond which a target counts as unsupported."""
 CANDIDATE_FAMILIES = ("trend", "sqrt", "scale")  # halt mode: the configured trend, a √t trend, magnitude scaling
 
 

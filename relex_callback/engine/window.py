@@ -283,8 +283,9 @@ class Window:
         self.output_root = Path(output_root)
         check_output_location(self.output_root, option)
         if cfg.mode == "halt" and cfg.save_model and step < cfg.last_observed_step and not cfg.auto_target:
+            families = candidate_families(cfg, self.probe is not None)
             for target in cfg.extrapolate_to:
-                for family in candidate_families(cfg, self.probe is not None):
+                for family in families:
                     check_output_dir(self.model_dir(float(target), family), cfg.overwrite)
                 if cfg.merge_lora:
                     check_output_dir(self.merged_dir(target), cfg.overwrite)

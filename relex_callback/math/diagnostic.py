@@ -44,7 +44,6 @@ from ..options import DEFAULT_BACKTEST_TOLERANCE
 from .core import backtest, fit_trajectory, subspace_from_gram
 
 __all__ = [
-    "DEFAULT_TOLERANCE",
     "DriftShape",
     "SHAPES",
     "TURNING_SHAPES",
@@ -61,8 +60,6 @@ __all__ = [
     "supported_target",
 ]
 
-DEFAULT_TOLERANCE = DEFAULT_BACKTEST_TOLERANCE
-"""Relative distance ||θ̂(K) − θ(K)|| / ||θ(K) − θ_0|| beyond which a target counts as unsupported."""
 MAX_RATIO = 20.0
 """Largest horizon the estimator reports, as a multiple of the window's span (larger answers are capped)."""
 MIN_SNAPSHOTS = 4
@@ -410,7 +407,7 @@ def diagnose_window(
     predictor: Callable[[list[float]], torch.Tensor],
     *,
     rank: int = 1,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float = DEFAULT_BACKTEST_TOLERANCE,
     max_ratio: float = MAX_RATIO,
     zero_std_fraction: float | None = None,
     backtest_kind: str = "linear",

@@ -17,8 +17,8 @@ import torch
 
 from ..checkpoints import RelexInputError, TensorReader
 from ..math.core import combine, gram_matrix
-from .output import _OutputModel
 from ..units import format_bytes
+from .output import _OutputModel
 from .plan import _itemsize, _Plan
 
 logger = logging.getLogger("relex_callback.offline")
