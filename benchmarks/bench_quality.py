@@ -1,13 +1,13 @@
 """Quality benchmark: does RELEX extrapolation match real TRL GRPO training on SmolLM2-135M-Instruct?
 
 One real GRPO run per seed trains to ``K_max`` = the largest horizon. On the way it keeps θ_0 and the
-observed deltas Δ_1..Δ_N in a :class:`relex_callback.buffer.DeltaBuffer` (bf16, as the callback does),
+observed deltas Δ_1..Δ_N in the buffer of a :class:`relex_callback.engine.RelexEngine` (bf16, recorded as the callback records them),
 keeps the real delta θ(K) − θ_0 at every horizon K (bf16, for distances) and scores the real weights at N and
 at every K with the greedy held-out :class:`relex_callback.probe.RewardProbe`. After training, every method
 predicts θ̂(K) from the same observed window, and we compare at K = 2N, 5N, 10N (and 20N as an
 extrapolation with no real counterpart):
 
-* ``relex``: the paper's per-tensor rank-1 direction + straight line in the real step (core.fit_trajectory);
+* ``relex``: the paper's per-tensor rank-1 direction + straight line in the real step (``RelexEngine.fit``);
 * ``perparam``: a least-squares line per parameter over steps 1..N, no projection;
 * ``first``: first-update scaling θ_0 + K(θ_1 − θ_0);
 * ``rank2`` / ``rank3``: the paper's line on the top 2 / 3 directions per tensor;
@@ -15,7 +15,9 @@ extrapolation with no real counterpart):
 * ``power0.5``: rank 1 with c = a + b·t^0.5 (the √t time axis);
 * ``powerauto``: rank 1 with the exponent chosen by the Gram-only backtest over core.POWER_GRID.
 
-Every method is a weighted sum of the stored deltas, so all use ``core.combine`` on the same buffer. Distances
+Every method is a weighted sum of the stored deltas: the subspace methods are the engine's own fits and candidates
+(``_candidates.fit_as``, the settings ``rank`` / ``fit`` / ``power`` of a callback), the two baselines weigh the same
+rows with weights of their own, and every prediction is written by ``RelexEngine.predict`` and ``load``. Distances
 ||θ̂(K) − θ(K)|| / ||θ(K) − θ_0||, norm ratios and cosines are computed for every method at every horizon
 (cheap); accuracy is evaluated (≈0.5-3 min per evaluation on a shared 2-core CPU) in a priority order, optionally
 under a per-seed time budget, and every skipped evaluation is recorded.
@@ -53,8 +55,10 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from relex_callback.buffer import DeltaBuffer, TrackedTensor, select_parameters  # noqa: E402
-from relex_callback.math.core import backtest, combine, fit_trajectory, select_power  # noqa: E402
+from _candidates import fit_as, load, load_observed, window_engine  # noqa: E402
+
+from relex_callback.engine import Candidate, RelexEngine, TrendSpec  # noqa: E402
+from relex_callback.math.core import backtest, combine, select_power  # noqa: E402
 from relex_callback.probe import choose_candidate  # noqa: E402
 
 METHODS = ("relex", "perparam", "first", "rank2", "rank3", "poly2", "power0.5", "powerauto")
@@ -89,6 +93,7 @@ FIT_SPECS = {  # rank-r subspace methods: (rank, trend kind, power)
     "rank3": (3, "linear", 1.0),
     "poly2": (1, "poly2", 1.0),
     "power0.5": (1, "power", 0.5),
+    "powerauto": (1, "power", "auto"),
 }
 
 
@@ -154,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def default_priority(observe: int, horizons: list[int], extra: list[int]) -> list[tuple[str, int]]:
     """All (method, K) evaluations, most informative first (used by --eval-plan all with a budget)."""
     h = sorted(horizons)
-    two, mid, far = h[0], h[len(h) // 2], h[-1]
+    two, mid = h[0], h[len(h) // 2]
     order: list[tuple[str, int]] = []
 
     def add(method: str, ks: list[int]) -> None:
@@ -203,13 +208,14 @@ def parse_plan(spec: str, observe: int, horizons: list[int], extra: list[int], o
 # training with recording
 
 
-def make_recorder(buffer: DeltaBuffer, observe: int, keep_steps: list[int], eval_steps: list[int], probe, state: dict):
-    """A TrainerCallback recording Δ_1..Δ_N, the real deltas at ``keep_steps`` and the accuracy at ``eval_steps``."""
+def make_recorder(engine: RelexEngine, observe: int, keep_steps: list[int], eval_steps: list[int], probe, state: dict):
+    """A TrainerCallback recording Δ_1..Δ_N into ``engine``, the real deltas at ``keep_steps`` and the accuracy at
+    ``eval_steps``."""
     from transformers import TrainerCallback
 
     class Recorder(TrainerCallback):
         def on_train_begin(self, args, tr_state, control, **kwargs):
-            buffer.capture_base()
+            engine.capture_base(0)
             state["t_start"] = time.perf_counter()
             state["eval_seconds"] = 0.0
             state["step_end_times"] = {}
@@ -221,8 +227,9 @@ def make_recorder(buffer: DeltaBuffer, observe: int, keep_steps: list[int], eval
             started = time.perf_counter()
             with torch.no_grad():
                 if step <= observe:
-                    buffer.record(step)
+                    engine.record(step)
                 if step in keep_steps:
+                    buffer = engine.buffer
                     state["real_deltas"][step] = {
                         item.name: item.view().to(torch.float32).sub(buffer.theta0[item.name]).to(torch.bfloat16)
                         for item in buffer.tracked
@@ -245,11 +252,10 @@ def train_seed(args, seed: int, model, tokenizer, train_set, probe) -> dict[str,
     from relex_callback.demo import addition_reward, cpu_grpo_config
 
     k_max = max(args.horizons)
-    tracked = [TrackedTensor(name, param) for name, param in select_parameters(model)]
-    buffer = DeltaBuffer(tracked, capacity=args.observe, dtype=args.buffer_dtype, device="cpu")
+    engine = window_engine(model, args.observe, args.buffer_dtype)
     state: dict[str, Any] = {"real_deltas": {}, "real_acc": {}}
     eval_steps = sorted({args.observe, *args.horizons})
-    recorder = make_recorder(buffer, args.observe, sorted(args.horizons), eval_steps, probe, state)
+    recorder = make_recorder(engine, args.observe, sorted(args.horizons), eval_steps, probe, state)
     with tempfile.TemporaryDirectory(prefix="relex-bench-quality-") as tmp:
         config = cpu_grpo_config(tmp, max_steps=k_max, seed=seed, learning_rate=args.lr, prompts_per_step=args.prompts_per_step,
                                  generations=args.generations, temperature=args.temperature)
@@ -270,7 +276,7 @@ def train_seed(args, seed: int, model, tokenizer, train_set, probe) -> dict[str,
         gc.collect()
     model.eval()
     return {
-        "buffer": buffer,
+        "engine": engine,
         "real_deltas": state["real_deltas"],
         "real_acc": state["real_acc"],
         "train_seconds_at_step": state["step_end_times"],
@@ -284,33 +290,37 @@ def train_seed(args, seed: int, model, tokenizer, train_set, probe) -> dict[str,
 # methods
 
 
-def method_weights(method: str, grams, steps: list[float], targets: list[float], power_auto: float):
-    """Per-tensor weights ``[len(targets), T]`` (fp64) with Δ̂(K) = w · M, plus the TrajectoryFit (or None)."""
-    t = torch.tensor(steps, dtype=torch.float64)
-    k = torch.tensor(targets, dtype=torch.float64)
-    if method == "perparam":
-        centred = t - t.mean()
-        w = 1.0 / len(steps) + (k - t.mean())[:, None] * centred[None, :] / centred.pow(2).sum()
-        return [w] * len(grams), None
-    if method == "first":
-        w = torch.zeros(len(targets), len(steps), dtype=torch.float64)
-        w[:, 0] = k / t[0]  # θ_0 + (K / x_1)·Δ_1, x_1 = 1
-        return [w] * len(grams), None
-    rank, kind, power = FIT_SPECS.get(method, (1, "power", power_auto))
-    fit = fit_trajectory(grams, steps, targets, rank=rank, kind=kind, power=power, origin=0.0)
-    return [tf.weights for tf in fit.tensors], fit
+def method_candidates(method: str, engine: RelexEngine, targets: list[float]) -> tuple[list[Candidate], Any]:
+    """One candidate per target (Δ̂(K) = w · M per tensor) and the engine's fit (None for the two baselines): the
+    subspace methods are ``RelexEngine.fit`` with a callback's ``rank`` / ``fit`` / ``power`` (``powerauto``:
+    ``power="auto"``); ``perparam`` and ``first`` weigh the same rows with their own weights."""
+    buffer = engine.buffer
+    if method in ("perparam", "first"):
+        t = torch.tensor(buffer.steps, dtype=torch.float64)
+        k = torch.tensor(targets, dtype=torch.float64)
+        if method == "perparam":
+            centred = t - t.mean()
+            w = 1.0 / len(t) + (k - t.mean())[:, None] * centred[None, :] / centred.pow(2).sum()
+        else:
+            w = torch.zeros(len(targets), len(t), dtype=torch.float64)
+            w[:, 0] = k / t[0]  # θ_0 + (K / x_1)·Δ_1, x_1 = 1
+        return [Candidate(target=target, spec=TrendSpec(kind=method), weights={item.name: w[j] for item in buffer.tracked})
+                for j, target in enumerate(targets)], None
+    rank, kind, power = FIT_SPECS[method]
+    fit = fit_as(engine, targets, rank=rank, kind=kind, power=power)
+    return engine.candidates(fit, targets), fit
 
 
 @torch.no_grad()
-def distances(buffer: DeltaBuffer, weights, targets: list[float], real_deltas: dict[int, dict[str, torch.Tensor]]):
+def distances(buffer, candidates: list[Candidate], targets: list[float], real_deltas: dict[int, dict[str, torch.Tensor]]):
     """Whole-model ||Δ̂ − Δ||, ||Δ̂||, ||Δ|| and Δ̂·Δ at every target with a real delta (row N included)."""
     n = len(targets)
     acc = {key: torch.zeros(n, dtype=torch.float64) for key in ("err", "pred", "real", "dot")}
     pred_only = torch.zeros(n, dtype=torch.float64)
     last = len(buffer.steps) - 1
-    for item, w in zip(buffer.tracked, weights):
+    for item in buffer.tracked:
         stack = buffer.stack(item.name)
-        moved = combine(stack, w)  # [n, d] fp32
+        moved = combine(stack, torch.stack([c.weights[item.name] for c in candidates]))  # [n, d] fp32
         pred_only += moved.double().pow(2).sum(1)
         for j, target in enumerate(targets):
             if int(target) == int(buffer.steps[-1]):
@@ -342,18 +352,15 @@ def distances(buffer: DeltaBuffer, weights, targets: list[float], real_deltas: d
     return out
 
 
-@torch.no_grad()
-def load_prediction(model_params: dict[str, torch.nn.Parameter], buffer: DeltaBuffer, weights, j: int) -> float:
-    """Write θ_0 + Δ̂(targets[j]) into the model; returns the seconds of the projection pass."""
+def load_prediction(engine: RelexEngine, made: Candidate) -> float:
+    """Write θ_0 + Δ̂ of ``made`` into the model (``RelexEngine.predict`` and ``load``); returns the seconds."""
     started = time.perf_counter()
-    for item, w in zip(buffer.tracked, weights):
-        moved = combine(buffer.stack(item.name), w[j : j + 1])[0]
-        item.view().copy_(moved.add_(buffer.theta0[item.name]))
+    load(engine, made)
     return time.perf_counter() - started
 
 
 @torch.no_grad()
-def restore_base(buffer: DeltaBuffer) -> None:
+def restore_base(buffer) -> None:
     for item in buffer.tracked:
         item.view().copy_(buffer.theta0[item.name])
 
@@ -386,13 +393,6 @@ def window_diagnostics(grams, steps: list[float], fit) -> dict[str, Any]:
 # one seed
 
 
-@torch.no_grad()
-def load_observed(buffer: DeltaBuffer, row: int) -> None:
-    """Write the observed θ_0 + Δ_row (bf16-stored delta) into the model."""
-    for item in buffer.tracked:
-        item.view().copy_(buffer.stack(item.name)[row].to(torch.float32).add_(buffer.theta0[item.name]))
-
-
 def parse_select(spec: str, observe: int, horizons: list[int], extra: list[int]) -> list[tuple[str, list[int]]]:
     """``'relex:2,3,5;power0.5:2,3'`` -> ``[("relex", [20, 30, 50]), ("power0.5", [20, 30])]`` for N = 10."""
     if spec.strip().lower() == "none":
@@ -403,18 +403,17 @@ def parse_select(spec: str, observe: int, horizons: list[int], extra: list[int])
     return list(sets.items())
 
 
-def select_with_probe(model, buffer: DeltaBuffer, methods, targets: list[float], selector, sets) -> dict[str, Any]:
+def select_with_probe(model, engine: RelexEngine, methods, targets: list[float], selector, sets) -> dict[str, Any]:
     """Halt mode with a probe, as the callback does it: score θ_N and each candidate of a set on the selection
     prompts and keep the one ``probe.choose_candidate`` picks (θ_N when every candidate scores below it)."""
     started = time.perf_counter()
-    params = dict(model.named_parameters())
-    load_observed(buffer, len(buffer.steps) - 1)
+    load_observed(engine)
     current = selector(model)
     out: dict[str, Any] = {"current_score": current, "sets": {}}
     for method, ks in sets:
         scores = []
         for k in ks:
-            load_prediction(params, buffer, methods[method]["weights"], targets.index(float(k)))
+            load_prediction(engine, methods[method]["candidates"][targets.index(float(k))])
             scores.append(selector(model))
         chosen = choose_candidate(current, scores, ks)
         out["sets"][method] = {"candidates": ks, "scores": scores, "chosen_K": None if chosen is None else ks[chosen]}
@@ -428,7 +427,8 @@ def select_with_probe(model, buffer: DeltaBuffer, methods, targets: list[float],
 def run_seed(args, seed: int, model, tokenizer, train_set, probe, base_acc: float, selector=None) -> dict[str, Any]:
     log.info("seed %d: GRPO to step %d (N=%d), load %s", seed, max(args.horizons), args.observe, load_average())
     trained = train_seed(args, seed, model, tokenizer, train_set, probe)
-    buffer: DeltaBuffer = trained["buffer"]
+    engine: RelexEngine = trained["engine"]
+    buffer = engine.buffer
     steps = list(buffer.steps)
     targets = [float(k) for k in [args.observe] + args.horizons + args.extrapolate_only]
     times = trained["train_seconds_at_step"]
@@ -446,12 +446,14 @@ def run_seed(args, seed: int, model, tokenizer, train_set, probe, base_acc: floa
     diagnostics = None
     for method in METHODS:
         started = time.perf_counter()
-        weights, fit = method_weights(method, grams, steps, targets, power_auto)
-        small_math = time.perf_counter() - started
+        candidates, fit = method_candidates(method, engine, targets)
+        fit_seconds = time.perf_counter() - started  # the engine's fit includes its own Gram pass
         if method == "relex":
             diagnostics = window_diagnostics(grams, steps, fit)
-        dist = distances(buffer, weights, targets, trained["real_deltas"])
-        methods[method] = {"weights": weights, "fit_small_math_seconds": small_math, "distances": dist}
+        if method == "powerauto" and fit.tensors[0].trend.power != power_auto:
+            raise RuntimeError(f"the engine chose p = {fit.tensors[0].trend.power}, the benchmark's backtest {power_auto}")
+        dist = distances(buffer, candidates, targets, trained["real_deltas"])
+        methods[method] = {"candidates": candidates, "fit_seconds": fit_seconds, "distances": dist}
         log.info("seed %d: %-10s distance %s", seed, method,
                  {k: (round(v["distance"], 2) if v["distance"] is not None else None) for k, v in dist.items()})
     diagnostics["power_auto"] = power_auto
@@ -459,12 +461,11 @@ def run_seed(args, seed: int, model, tokenizer, train_set, probe, base_acc: floa
 
     # halt mode with a probe on the selection prompts; the chosen candidates' held-out accuracy is evaluated first
     sets = parse_select(args.select, args.observe, args.horizons, args.extrapolate_only) if selector is not None else []
-    selection = select_with_probe(model, buffer, methods, targets, selector, sets) if sets else None
+    selection = select_with_probe(model, engine, methods, targets, selector, sets) if sets else None
     chosen = [(m, v["chosen_K"]) for m, v in selection["sets"].items() if v["chosen_K"] is not None] if selection else []
 
     # accuracy of the predictions, in priority order, under the optional budget
     plan = chosen + [e for e in parse_plan(args.eval_plan, args.observe, args.horizons, args.extrapolate_only) if e not in chosen]
-    params = dict(model.named_parameters())
     evals: dict[tuple[str, int], dict[str, Any]] = {}
     skipped = []
     budget = None if args.eval_budget_min is None else args.eval_budget_min * 60
@@ -479,7 +480,7 @@ def run_seed(args, seed: int, model, tokenizer, train_set, probe, base_acc: floa
             skipped.append(f"{method}@{k}")
             continue
         j = targets.index(float(k))
-        combine_seconds = load_prediction(params, buffer, methods[method]["weights"], j)
+        combine_seconds = load_prediction(engine, methods[method]["candidates"][j])
         t0 = time.perf_counter()
         acc = probe(model)
         evals[(method, k)] = {"accuracy": acc, "combine_seconds": combine_seconds, "eval_seconds": time.perf_counter() - t0}
@@ -500,7 +501,7 @@ def run_seed(args, seed: int, model, tokenizer, train_set, probe, base_acc: floa
         "history": trained["history"],
         "methods": {
             m: {
-                "fit_small_math_seconds": v["fit_small_math_seconds"],
+                "fit_seconds": v["fit_seconds"],
                 "distances": v["distances"],
                 "accuracy": {k: e["accuracy"] for (mm, k), e in evals.items() if mm == m},
                 "combine_seconds": {k: e["combine_seconds"] for (mm, k), e in evals.items() if mm == m and "combine_seconds" in e},
@@ -510,7 +511,7 @@ def run_seed(args, seed: int, model, tokenizer, train_set, probe, base_acc: floa
         "skipped_evaluations": skipped,
         "selection": selection,
     }
-    del buffer, trained, methods, grams
+    del engine, buffer, trained, methods, grams
     gc.collect()
     return result
 
@@ -530,7 +531,7 @@ def summarise(args, seeds: list[dict[str, Any]], base_acc: float) -> tuple[list[
                               "real_steps": k, "wall_seconds": res["train_seconds_at_step"].get(k, 0.0 if k == 0 else None)})
         for method, m in res["methods"].items():
             steps_used = 1 if method == "first" else args.observe
-            fit_seconds = res["gram_seconds"] + m["fit_small_math_seconds"]
+            fit_seconds = m["fit_seconds"]
             for k, acc in sorted(m["accuracy"].items()):
                 wall = res["train_seconds_at_step"].get(steps_used, res["train_seconds_at_step"].get(args.observe))
                 eval_rows.append({
@@ -549,7 +550,7 @@ def summarise(args, seeds: list[dict[str, Any]], base_acc: float) -> tuple[list[
                 continue
             share = (len(candidates) + 1) / selection["probe_evaluations"]  # θ_N's score is shared by the sets
             m = res["methods"][method]
-            fit_seconds = res["gram_seconds"] + m["fit_small_math_seconds"] + m["combine_seconds"].get(k_pick, 0.0)
+            fit_seconds = m["fit_seconds"] + m["combine_seconds"].get(k_pick, 0.0)
             eval_rows.append({
                 "seed": seed, "method": f"select-{method}", "K": max(candidates), "accuracy": acc, "binomial_se": binomial_se(acc, n_held),
                 "real_accuracy_K": res["real_accuracy"].get(max(candidates)), "real_steps": args.observe, "chosen_K": k_pick or args.observe,
@@ -610,7 +611,6 @@ def plot(args, seeds: list[dict[str, Any]], summary_rows: list[dict], out: Path)
                 yerr=[1.96 * binomial_se(r[1], args.heldout) if not math.isfinite(r[2]) else r[2] for r in real],
                 color="k", lw=2, marker="o", capsize=3,
                 label="real GRPO (mean ± 1.96·SE over seeds, binomial with one seed; grey: each seed)")
-    offsets = {m: (i - len(METHODS) / 2) * 0.01 for i, m in enumerate(METHODS)}
     single = len(seeds) == 1  # one seed: binomial 95% intervals instead of across-seed ones
     for method in METHODS:
         rows = sorted((r["K"], r["accuracy_mean"], r.get("accuracy_ci95_seeds", math.nan), r["n_seeds"])

@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO_ROOT, RESULTS_ROOT, load_average, log, machine_info, set_threads, setup_logging  # noqa: E402
+from _candidates import candidate as family_candidate, fill_window, load, load_observed, window_engine  # noqa: E402
 
 REGIMES: dict[str, dict[str, Any]] = {
     # The regime of the earlier quality benchmark (docs/benchmarks.md): 16 completions per step, lr 5e-6.
@@ -371,9 +372,10 @@ LINE_MULTIPLES = (2, 3, 5, 8)
 SCALES = (1.5, 2.0, 3.0, 5.0)
 
 
-def load_window(paths: dict[str, Path], names: list[str], observe: int, check_only: bool = False) -> dict[str, torch.Tensor]:
-    """Per tensor the ``[N, numel]`` bf16 stack of Δ_1..Δ_N read from the window files (``check_only``: only
-    check that they exist)."""
+def saved_window(paths: dict[str, Path], model, theta0: dict[str, torch.Tensor], observe: int, check_only: bool = False):
+    """A :class:`RelexEngine` whose buffer holds θ_0 and the saved window Δ_1..Δ_N bit for bit (``check_only``:
+    only check that the window files exist): every method is then the package's own fit, candidates and
+    predictions (``benchmarks/_candidates.py``)."""
     from safetensors import safe_open
 
     files = [delta_path(paths, t) for t in range(1, observe + 1)]
@@ -381,25 +383,21 @@ def load_window(paths: dict[str, Path], names: list[str], observe: int, check_on
     if missing:
         raise SystemExit(f"the window is incomplete ({', '.join(missing[:3])} missing): train this run first")
     if check_only:
-        return {}
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    return {name: torch.stack([h.get_tensor(name).reshape(-1) for h in handles]) for name in names}
+        return None
+    engine = window_engine(model, observe)
+    fill_window(engine, theta0, [safe_open(str(f), framework="pt") for f in files], range(1, observe + 1))
+    return engine
 
 
-def candidate_weights(name: str, grams: torch.Tensor, steps: list[float], observe: int, power_auto: float | None = None):
-    """Per-tensor weights ``[n, T]`` over the window rows for a candidate named ``kind@value``:
-    ``line@K`` (the paper's rank-1 line), ``sqrt@K`` (rank 1, c = a + b·√t), ``auto-p@K`` (rank 1, the
-    backtest-chosen power), ``scale@α`` (θ_0 + α(θ_N − θ_0))."""
-    from relex_callback.math.diagnostic import trend_predictor
-
-    kind, _, value = name.partition("@")
-    n, t = grams.shape[0], grams.shape[-1]
-    if kind == "scale":
-        w = torch.zeros(n, t, dtype=torch.float64)
-        w[:, -1] = float(value)
-        return w
-    spec = {"line": ("linear", 1.0), "sqrt": ("power", 0.5), "auto-p": ("power", power_auto)}[kind]
-    return trend_predictor(grams, steps, kind=spec[0], power=spec[1])([float(value)])[:, 0, :]
+def window_candidates(engine, fit, labels: list[str]) -> dict:
+    """The engine's candidate for each label ``line@K`` (the paper's rank-1 line, family ``"trend"``), ``sqrt@K``
+    (c = a + b·√t, family ``"sqrt"``) and ``scale@α`` (θ_0 + α(θ_N − θ_0), family ``"scale"``)."""
+    families = {"line": "trend", "sqrt": "sqrt", "scale": "scale"}
+    out = {}
+    for label in labels:
+        kind, _, value = label.partition("@")
+        out[label] = family_candidate(engine, fit, families[kind], float(value))
+    return out
 
 
 @torch.no_grad()
@@ -445,17 +443,8 @@ def load_grams(path: Path) -> tuple[list[str], torch.Tensor, list[int]]:
 
 
 @torch.no_grad()
-def load_candidate(model, names, theta0, stacks, weights) -> None:
-    from relex_callback.math.core import combine
-
-    params = dict(model.named_parameters())
-    for i, name in enumerate(names):
-        moved = combine(stacks[name], weights[i : i + 1])[0]
-        params[name].copy_(moved.add_(theta0[name].reshape(-1)).view_as(params[name]))
-
-
-@torch.no_grad()
-def distance_to_real(paths, names, stacks, weights, step: int) -> dict[str, float] | None:
+def distance_to_real(paths, engine, made, step: int) -> dict[str, float] | None:
+    """Relative distance, norm ratio and cosine of the candidate's Δ̂ to the real Δ_step (None: not saved)."""
     from safetensors import safe_open
 
     from relex_callback.math.core import combine
@@ -465,9 +454,9 @@ def distance_to_real(paths, names, stacks, weights, step: int) -> dict[str, floa
         return None
     err = pred = real_sq = dot = 0.0
     with safe_open(str(file), framework="pt") as handle:
-        for i, name in enumerate(names):
-            moved = combine(stacks[name], weights[i : i + 1])[0].double()
-            real = handle.get_tensor(name).reshape(-1).double()
+        for item in engine.buffer.tracked:
+            moved = combine(engine.buffer.stack(item.name), made.weights[item.name][None])[0].double()
+            real = handle.get_tensor(item.name).reshape(-1).double()
             err += float((moved - real).pow(2).sum())
             pred += float(moved.pow(2).sum())
             real_sq += float(real.pow(2).sum())
@@ -501,7 +490,7 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
     names = [n for n, _ in model.named_parameters()]
     theta0 = {n: p.detach().to(torch.float32).clone() for n, p in model.named_parameters()}
     started = time.perf_counter()
-    load_window(paths, names, observe, check_only=True)
+    saved_window(paths, model, theta0, observe, check_only=True)
     steps = [float(t) for t in range(1, observe + 1)]
     extended, gram_steps = extended_grams(paths, names, observe)
     save_grams(paths["grams"], names, extended, gram_steps)
@@ -518,20 +507,23 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
     _, heldout, selection = prompt_sets(regime)
     selector = RewardProbe(selection, reward, tokenizer, max_new_tokens=16, batch_size=SELECTION)
     probe = RewardProbe(heldout, reward, tokenizer, max_new_tokens=16, batch_size=50)
-    search_auto(regime, paths, model, names, theta0, selector, probe, records, redo=redo_search)
-    stacks = load_window(paths, names, observe)
+    engine = saved_window(paths, model, theta0, observe)
+    search_auto(regime, paths, model, engine, selector, probe, records, redo=redo_search)
 
-    k_auto = int(math.floor(diagnostic.supported_step))
     lines = [f"line@{m * observe}" for m in LINE_MULTIPLES]
+    fit = engine.fit([float(m * observe) for m in LINE_MULTIPLES])
+    # extrapolate_to="auto" without a probe: the engine's own target (K_max, rounded down to a step)
+    auto = engine.auto_targets(fit, engine.diagnose(fit, zero_std_share(records, observe)), with_probe=False)
+    k_auto = int(auto[0]) if auto else observe
     candidates = lines + [f"sqrt@{m * observe}" for m in LINE_MULTIPLES] + [f"scale@{a:g}" for a in SCALES]
     if k_auto > observe and f"line@{k_auto}" not in candidates:
         candidates.append(f"line@{k_auto}")
-    weights = {c: candidate_weights(c, grams, steps, observe, power_auto) for c in candidates}
+    made = window_candidates(engine, fit, candidates)
     real_steps = sorted(latest_by_step(records, "real"))
-    for c, w in weights.items():
+    for c, cand in made.items():
         for step in real_steps:
             if step > observe and not any(r.get("kind") == "distance" and r.get("candidate") == c and r["step"] == step for r in records):
-                d = distance_to_real(paths, names, stacks, w, step)
+                d = distance_to_real(paths, engine, cand, step)
                 if d is not None:
                     append_record(results, {"kind": "distance", "candidate": c, "step": step, **d})
 
@@ -540,11 +532,7 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
         previous = [r for r in read_records(results) if r.get("kind") == kind and r.get("candidate") == candidate]
         if previous:
             return previous[-1]["score" if kind == "probe" else "accuracy"]
-        w = weights.get(candidate)
-        if w is None:  # θ_N
-            w = torch.zeros(len(names), observe, dtype=torch.float64)
-            w[:, -1] = 1.0
-        load_candidate(model, names, theta0, stacks, w)
+        load(engine, made[candidate] if candidate in made else engine.observed_candidate(fit))  # else θ_N
         t0 = time.perf_counter()
         value = scorer(model)
         key = "score" if kind == "probe" else "accuracy"
@@ -577,39 +565,24 @@ SEARCH = "search-auto"
 
 
 @torch.no_grad()
-def search_auto(regime: dict[str, Any], paths, model, names, theta0, selector, probe, records, redo: bool = False) -> None:
-    """``extrapolate_to="auto"`` with a probe, through the package's own halt path: a :class:`RelexEngine` whose
-    buffer is filled with the saved window (Δ_t loaded as θ_0 + Δ_t and recorded, as the callback records it),
-    then :func:`relex_callback.engine.window.fit_and_choose` with the selection prompts as the probe. Records the
-    search (every probe call and its seconds, the load average it ran under) and the chosen model's held-out
-    accuracy. Skipped when recorded, unless ``redo``: its wall time is a cost, so measure it on free cores."""
-    from relex_callback import RelexConfig
-    from relex_callback.engine import RelexEngine
+def search_auto(regime: dict[str, Any], paths, model, engine, selector, probe, records, redo: bool = False) -> None:
+    """``extrapolate_to="auto"`` with a probe, through the package's own halt path:
+    :func:`relex_callback.engine.window.fit_and_choose` on the engine that holds the saved window, with the
+    selection prompts as the probe. Records the search (every probe call and its seconds, the load average it ran
+    under) and the chosen model's held-out accuracy. Skipped when recorded, unless ``redo``: its wall time is a
+    cost, so measure it on free cores. (Searches recorded before 2026-12-07 re-recorded θ_0 + Δ_t into the
+    buffer, which rounds a few elements of Δ_t a second time; the engine now holds the saved rows exactly.)"""
     from relex_callback.engine.window import fit_and_choose
 
     results = paths["results"]
     if not redo and any(r.get("kind") == "eval" and r.get("candidate") == SEARCH for r in read_records(results)):
         return
     observe = regime["observe"]
-    params = dict(model.named_parameters())
-    engine = RelexEngine(RelexConfig(observe=observe, extrapolate_to="auto", buffer_device="cpu", buffer_dtype="bfloat16"))
-    for name in names:
-        params[name].copy_(theta0[name].view_as(params[name]))
-    engine.attach(model)
-    engine.capture_base(0)
-    from safetensors import safe_open
-
-    for t in range(1, observe + 1):
-        with safe_open(str(delta_path(paths, t)), framework="pt") as handle:
-            for name in names:
-                params[name].copy_(theta0[name] + handle.get_tensor(name).float().view_as(params[name]))
-        engine.record(t)
-    train_log = latest_by_step(records, "train")
-    zero_std = [train_log[t]["frac_reward_zero_std"] for t in range(1, observe + 1) if t in train_log]
+    load_observed(engine)  # the search scores and keeps the live weights θ_N, as at a real halt
     load_before = load_average()
     started = time.perf_counter()
     _, candidates, predictions, chosen, _ = fit_and_choose(
-        engine, model, selector, zero_std_fraction=sum(zero_std) / len(zero_std) if zero_std else None, loads_chosen=False)
+        engine, model, selector, zero_std_fraction=zero_std_share(records, observe), loads_chosen=False)
     search = candidates[0].report["search"]
     picked = search["chosen"]
     append_record(results, {"kind": "search", "step": observe, **{k: v for k, v in search.items() if k != "step_seconds"},
@@ -633,10 +606,16 @@ def diagnose_from_grams(regime: dict[str, Any], records: list[dict[str, Any]], g
     observe = regime["observe"]
     window = grams[:, :observe, :observe]
     steps = [float(t) for t in range(1, observe + 1)]
+    return diagnose_window(window, steps, 0.0, numels, trend_predictor(window, steps),
+                           zero_std_fraction=zero_std_share(records, observe))
+
+
+def zero_std_share(records: list[dict[str, Any]], observe: int) -> float | None:
+    """The window's mean share of prompt groups whose completions all got the same reward (TRL's
+    ``frac_reward_zero_std``), as the callback passes it to the diagnostic; None without train records."""
     train_log = latest_by_step(records, "train")
     zero_std = [train_log[t]["frac_reward_zero_std"] for t in range(1, observe + 1) if t in train_log]
-    return diagnose_window(window, steps, 0.0, numels, trend_predictor(window, steps),
-                           zero_std_fraction=sum(zero_std) / len(zero_std) if zero_std else None)
+    return sum(zero_std) / len(zero_std) if zero_std else None
 
 
 def rediagnose(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("trl")
 from transformers import TrainerCallback  # noqa: E402
 
+from _oracle import oracle_prediction  # noqa: E402
 from _tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,6 +161,17 @@ def test_evaluate_scores_every_candidate_once_and_measures_distances(tmp_path, s
     ref = sum(float(d8[k].double().pow(2).sum()) for k in d8)
     got = [r for r in records if r["kind"] == "distance" and r["candidate"] == "scale@2" and r["step"] == 8]
     assert len(got) == 1 and got[0]["distance"] == pytest.approx((err / ref) ** 0.5, rel=1e-5)
+    # the paper's line at K = 8 (through the engine) against an independent per-tensor SVD + polyfit of the window
+    window = [load_file(str(regime_map.delta_path(paths, t))) for t in range(1, 5)]
+    def line_distance(target: float) -> float:
+        stacks = {k: torch.stack([w[k].reshape(-1) for w in window]) for k in d8}
+        err = sum(float((oracle_prediction(stacks[k], [1, 2, 3, 4], target) - d8[k].double().reshape(-1)).pow(2).sum())
+                  for k in d8)
+        return (err / ref) ** 0.5
+
+    got = [r for r in records if r["kind"] == "distance" and r["candidate"] == "line@8" and r["step"] == 8]
+    assert len(got) == 1 and got[0]["distance"] == pytest.approx(line_distance(8.0), rel=1e-4)
+    assert got[0]["distance"] != pytest.approx(line_distance(7.0), rel=1e-3)  # negative control: another target
     # the probe's pick follows the package's rule: never below θ_N on the selection prompts
     probes = {r["candidate"]: r["score"] for r in records if r["kind"] == "probe"}
     pick = [r for r in records if r["kind"] == "selection"][-1]["picks"]["probe-all"]
