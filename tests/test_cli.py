@@ -212,6 +212,11 @@ def test_bad_input_messages(run_dirs, tmp_path, capsys):
     err = _error(_extrapolate(base, [str(run)], out, "--rank", "0"), capsys)
     assert err.rstrip().endswith("relex extrapolate: error: argument --rank: 0 must be >= 1")  # not just the usage
     assert not out.exists()
+    err = _error(_extrapolate(base, [str(run)], out, "--base-step", "-1"), capsys)
+    assert err.rstrip().endswith("argument --base-step: -1 must be >= 0 (a training step)")
+    err = _error(_extrapolate(base, [str(run)], out, "--base-step", "3"), capsys)
+    assert "is step 1, before the base's step 3" in err and "--base-step N" in err  # the option, in the CLI's words
+    assert not out.exists()
 
 
 def test_mismatch_and_pickle_messages(tmp_path, capsys):

@@ -635,3 +635,41 @@ def test_reports_carry_the_window_diagnostic_and_flag_targets_beyond_it(tmp_path
     flagged = {r["target_step"]: any("beyond the supported horizon" in w for w in r["warnings"]) for r in reports}
     assert flagged[far] and (near <= 6 or not flagged[near])
     assert all(r["diagnostic"]["supported_step"] == pytest.approx(k_max) for r in reports)
+
+
+def test_a_base_at_a_later_step_is_the_trend_origin(tmp_path):
+    """θ_0 at step 100 (a checkpoint of the run as the base): the same trajectory shifted by 100 steps gives the same
+    prediction, horizon and K_max − 100 as from step 0, for a trend that depends on the origin (√t)."""
+    import shutil
+
+    steps = (1, 2, 3, 4, 5, 6)
+    base, parent = make_trajectory(tmp_path, "llama-tied", steps=steps)
+    shifted = tmp_path / "later"
+    shutil.copytree(base, shifted / "checkpoint-100")
+    for t in steps:
+        shutil.copytree(parent / f"checkpoint-{t}", shifted / "run" / f"checkpoint-{100 + t}")
+    options = dict(fit="power", power=0.5, dtype="float32", progress=False)
+    at_zero = offline.extrapolate_checkpoints(base, [parent], 12, tmp_path / "a", **options)[0]
+    later = offline.extrapolate_checkpoints(shifted / "checkpoint-100", [shifted / "run"], 112, tmp_path / "b", **options)[0]
+    a, b = _load_dir(tmp_path / "a"), _load_dir(tmp_path / "b")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+    assert later["settings"]["base_step"] == 100 and later["candidate"]["trend"]["origin"] == 100.0
+    assert later["horizon_ratio"] == pytest.approx(at_zero["horizon_ratio"]) == pytest.approx(2.0)
+    assert later["diagnostic"]["k_max"] == pytest.approx(at_zero["diagnostic"]["k_max"] + 100, abs=1)
+    report = offline.report_checkpoints(shifted / "checkpoint-100", [shifted / "run"], tmp_path / "r", fit="power", power=0.5,
+                                        target_steps=[112], plots=False, progress=False)
+    assert report["diagnostic"]["k_max"] == later["diagnostic"]["k_max"]
+    assert report["horizon_ratios"]["112"] == pytest.approx(2.0)
+    # negative control: the same directories with θ_0 declared at step 0 fit √t on another axis
+    offline.extrapolate_checkpoints(shifted / "checkpoint-100", [shifted / "run"], 112, tmp_path / "c", base_step=0, **options)
+    c = _load_dir(tmp_path / "c")
+    assert not torch.allclose(c["model.norm.weight"], a["model.norm.weight"], rtol=1e-4, atol=1e-6)
+    # bad input, refused before anything is written
+    with pytest.raises(RelexInputError, match="before the base's step 103"):
+        offline.extrapolate_checkpoints(shifted / "run" / "checkpoint-103", [shifted / "run"], 112, tmp_path / "d", **options)
+    with pytest.raises(RelexInputError, match="give a step >= 101"):
+        offline.extrapolate_checkpoints(shifted / "checkpoint-100", [shifted / "run"], 100, tmp_path / "d", **options)
+    with pytest.raises(RelexInputError, match="base_step=-1 must be an int >= 0"):
+        offline.extrapolate_checkpoints(base, [parent], 12, tmp_path / "d", base_step=-1, **options)
+    assert not (tmp_path / "d").exists()

@@ -131,6 +131,13 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer step") from None
 
 
+def _nonnegative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (a training step)")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -144,7 +151,11 @@ def _positive_float(text: str) -> float:
 def _add_inputs(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("inputs")
     group.add_argument("--base", required=True, metavar="BASE_DIR",
-                       help="the model before RL (θ_0, step 0), a Hugging Face directory. Example: --base Qwen3-4B-Base")
+                       help="the model the deltas start from (θ_0), a Hugging Face directory: the model before RL, or "
+                            "a checkpoint of the run. Example: --base Qwen3-4B-Base")
+    group.add_argument("--base-step", type=_nonnegative_int, metavar="N",
+                       help="the training step of --base (the trend's origin). Default: the step in its directory name "
+                            "(checkpoint-N, global_step_N, ...), else 0. Example: --base runs/checkpoint-100 --base-step 100")
     group.add_argument("--checkpoints", required=True, nargs="+", metavar="CKPT",
                        help=_CHECKPOINT_HELP + " Example: --checkpoints runs/grpo/checkpoint-*")
     group.add_argument("--steps", nargs="+", type=_int, metavar="N",
@@ -277,7 +288,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 # The library's keyword names in its messages, as the options of this command line.
-_KEYWORDS = ("rank", "window", "shrink", "power", "time_scale", "top", "num_workers", "fit", "dtype", "max_memory",
+_KEYWORDS = ("base_step", "rank", "window", "shrink", "power", "time_scale", "top", "num_workers", "fit", "dtype", "max_memory",
              "fit_steps", "backtest_tolerance")
 
 
@@ -288,13 +299,13 @@ def _cli_wording(message: str) -> str:
                   lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}", message)
 
 
-def _snapshot_lines(diagnostic: dict, steps: Sequence[int]) -> list[str]:
-    """The supported horizon and, when the snapshots are not every step from 1 (a RelexCallback observes every
+def _snapshot_lines(diagnostic: dict, steps: Sequence[int], base_step: int) -> list[str]:
+    """The supported horizon and, when the snapshots are not every step after the base (a RelexCallback observes every
     step), that a callback's K_max over the same window can differ."""
     lines = [f"supported horizon K_max = step {diagnostic['k_max']} ({diagnostic['k_max_ratio']:.2f}x the window) "
              f"from {len(steps)} snapshots at steps {_steps_list(steps)}"]
-    if list(steps) != list(range(1, steps[-1] + 1)):
-        lines.append(f"note: these are not every step 1..{steps[-1]}; a RelexCallback that observed every step sees "
+    if list(steps) != list(range(base_step + 1, steps[-1] + 1)):
+        lines.append(f"note: these are not every step {base_step + 1}..{steps[-1]}; a RelexCallback that observed every step sees "
                      "other snapshots, so its K_max and backtest can differ from these")
     return lines
 
@@ -319,6 +330,7 @@ def _run(args: argparse.Namespace) -> None:
 
     common = dict(
         steps=args.steps,
+        base_step=args.base_step,
         fit_steps=args.fit_steps,
         rank=args.rank,
         max_memory=args.max_memory,
@@ -341,7 +353,7 @@ def _run(args: argparse.Namespace) -> None:
                 f"{report['horizon_ratio']:.2f}x the observed window) -> {where}: {ev.get('tensors', 0)} tensors, "
                 f"mean explained variance {ev.get('mean', float('nan')):.3f}, {report['bytes']['written'] / 2**20:.1f} MiB"
             )
-        for line in _snapshot_lines(reports[0]["diagnostic"], reports[0]["observed_steps"]):
+        for line in _snapshot_lines(reports[0]["diagnostic"], reports[0]["observed_steps"], reports[0]["settings"]["base_step"]):
             print(line)
     elif args.command == "reconstruct":
         reports = offline.reconstruct_checkpoints(
@@ -366,7 +378,7 @@ def _run(args: argparse.Namespace) -> None:
             distances = report["out_of_window"]["relative_distance"]
             line += f"; held-out step {report['heldout_steps'][-1]}: relative distance {distances[-1]:.3f}"
         print(line)
-        for line in _snapshot_lines(report["diagnostic"], report["fit_steps"]):
+        for line in _snapshot_lines(report["diagnostic"], report["fit_steps"], report["settings"]["base_step"]):
             print(line)
         print(f"report written to {args.output}")
 

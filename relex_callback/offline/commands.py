@@ -125,12 +125,12 @@ def _singular_values(subspace: Subspace) -> list[float]:
 
 
 def _diagnose(grams: Sequence[torch.Tensor], steps: Sequence[float], numels: Sequence[int], rank: int, fit: str,
-              power: float, tolerance: float) -> WindowDiagnostic:
-    """The window diagnostic (relex_callback.math.diagnostic) of the fit snapshots, θ_0 at step 0; logged."""
+              power: float, tolerance: float, origin: float) -> WindowDiagnostic:
+    """The window diagnostic (relex_callback.math.diagnostic) of the fit snapshots, θ_0 at step ``origin``; logged."""
     g = torch.stack([x.detach().to(torch.float64) for x in grams])
     x = [float(v) for v in steps]
-    diagnostic = diagnose_window(g, x, 0.0, numels, trend_predictor(g, x, rank=rank, kind=fit, power=power), rank=rank,
-                                 tolerance=tolerance)
+    predictor = trend_predictor(g, x, rank=rank, kind=fit, power=power, origin=origin)
+    diagnostic = diagnose_window(g, x, origin, numels, predictor, rank=rank, tolerance=tolerance)
     logger.info("%s", diagnostic.summary_line())
     for warning in diagnostic.warnings:
         logger.warning("%s", warning)
@@ -152,7 +152,8 @@ def _check_trend(fit: str, power: float, time_scale: float) -> None:
 # -- extrapolate -------------------------------------------------------------------------------------------
 
 
-def _trend_weights(x_window: torch.Tensor, x_targets: torch.Tensor, rank: int, fit: str, power: float, shrink: float) -> WeightsFn:
+def _trend_weights(x_window: torch.Tensor, x_targets: torch.Tensor, rank: int, fit: str, power: float, shrink: float,
+                   origin: float) -> WeightsFn:
     """``extrapolate``: w = ĉ(S·K) Σ_r⁻¹ U_rᵀ per target (the trend fitted on the last ``len(x_window)`` fit
     snapshots), moved to θ_N + λ(θ̂ − θ_N) by ``shrink`` λ (weight 1 − λ on the last snapshot)."""
     used = x_window.numel()
@@ -160,7 +161,7 @@ def _trend_weights(x_window: torch.Tensor, x_targets: torch.Tensor, rank: int, f
     def weights_fn(name: str, gram: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         subspace = subspace_from_gram(gram, rank)
         coefficients = subspace.coefficients
-        trend = fit_trend(x_window, coefficients[-used:], kind=fit, power=power)
+        trend = fit_trend(x_window, coefficients[-used:], kind=fit, power=power, origin=origin)
         predicted = trend(x_targets)  # ĉ(S·K), [n, r]
         weights = prediction_weights(subspace, predicted)  # Δ̂ = w M, [n, T]
         if shrink != 1.0:
@@ -183,6 +184,7 @@ def extrapolate_checkpoints(
     output_dir: str | os.PathLike,
     *,
     steps: Sequence[int] | None = None,
+    base_step: int | None = None,
     rank: int = 1,
     fit: str = "linear",
     power: float = 1.0,
@@ -203,7 +205,8 @@ def extrapolate_checkpoints(
     Per tensor the rank-``rank`` subspace comes from every snapshot with step ≤ ``fit_steps`` (all by
     default); the trend ĉ (``fit``, with exponent ``power`` for ``"power"``) is fitted on the real step numbers
     of the last ``window`` of them and evaluated at S·K, S = ``time_scale``. ``shrink`` λ keeps
-    θ_N + λ(θ̂ − θ_N). One model directory is written per target (``output_dir`` itself for one target,
+    θ_N + λ(θ̂ − θ_N). θ_0 is at step x_0 = ``base_step`` (default: the step in the base's directory name, else 0),
+    the trend's origin. One model directory is written per target (``output_dir`` itself for one target,
     ``output_dir/step{K}`` for several), each with ``relex_report.json`` and a model card. Returns the reports.
     """
     began = time.perf_counter()
@@ -214,10 +217,12 @@ def extrapolate_checkpoints(
         raise RelexInputError(shrink_error(shrink))
     out_dtype = _resolve_dtype(dtype)
     budget = parse_size(max_memory)
-    plan = _prepare(base, checkpoints, steps, fit_steps, allow_pickle)
+    plan = _prepare(base, checkpoints, steps, fit_steps, allow_pickle, base_step)
+    _check_targets(targets, minimum=int(plan.origin) + 1)
     used = _check_counts(plan, rank, fit, window)
     output = Path(output_dir)
     _check_output(output, overwrite)
+    origin = plan.origin
     if plan.num_fit < len(plan.models):
         logger.info("ignoring %d checkpoint(s) after --fit-steps %s", len(plan.models) - plan.num_fit, fit_steps)
     x_fit = torch.tensor(plan.fit_steps, dtype=torch.float64)
@@ -225,22 +230,23 @@ def extrapolate_checkpoints(
     effective = [float(k) * float(time_scale) for k in targets]
     last = plan.fit_steps[-1]
     x_targets = torch.tensor(effective, dtype=torch.float64)
-    spec = TrendSpec(kind=fit, rank=rank, power=float(power), origin=0.0, window=window)
+    spec = TrendSpec(kind=fit, rank=rank, power=float(power), origin=origin, window=window)
 
-    weights_fn = _trend_weights(x_window, x_targets, rank=rank, fit=fit, power=power, shrink=shrink)
+    weights_fn = _trend_weights(x_window, x_targets, rank=rank, fit=fit, power=power, shrink=shrink, origin=origin)
 
     def finish(run: _Run, outputs: list[_OutputModel], staging: Path, sources: dict[str, Path]) -> list[dict[str, Any]]:
-        bt = backtest([run.grams[n] for n in plan.tracked], x_fit, rank=rank, kind=fit, power=power)
+        bt = backtest([run.grams[n] for n in plan.tracked], x_fit, rank=rank, kind=fit, power=power, origin=origin)
         section = backtest_section(bt, backtest_tolerance)
         diagnostic = _diagnose([run.grams[n] for n in plan.tracked], plan.fit_steps,
-                               [plan.base.tensors[n].numel for n in plan.tracked], rank, fit, power, backtest_tolerance)
-        settings = _settings(rank=rank, fit=fit, power=float(power), window=window, fit_steps=fit_steps,
+                               [plan.base.tensors[n].numel for n in plan.tracked], rank, fit, power, backtest_tolerance,
+                               origin)
+        settings = _settings(base_step=int(origin), rank=rank, fit=fit, power=float(power), window=window, fit_steps=fit_steps,
                              time_scale=float(time_scale), shrink=float(shrink), dtype=out_dtype or "auto",
                              max_memory=budget, num_workers=num_workers, backtest_tolerance=backtest_tolerance,
                              target_steps=targets)
         reports = []
         for j, (target, eff, out) in enumerate(zip(targets, effective, outputs)):
-            horizon = eff / last if last > 0 else math.inf
+            horizon = (eff - origin) / (last - origin) if last > origin else math.inf
             warnings = [f"target step {target} (effective {eff:g}) is not after the last observed step {last}: this interpolates"] if eff <= last else []
             beyond = _beyond_horizon(eff, diagnostic)
             warnings += list(diagnostic.warnings) + ([beyond] if beyond else [])
@@ -322,6 +328,7 @@ def reconstruct_checkpoints(
     *,
     target_steps: int | Sequence[int] | None = None,
     steps: Sequence[int] | None = None,
+    base_step: int | None = None,
     rank: int = 1,
     fit_steps: int | None = None,
     dtype: str | torch.dtype | None = None,
@@ -340,7 +347,7 @@ def reconstruct_checkpoints(
     _check_common(rank, "linear", None, num_workers)
     out_dtype = _resolve_dtype(dtype)
     budget = parse_size(max_memory)
-    plan = _prepare(base, checkpoints, steps, fit_steps, allow_pickle)
+    plan = _prepare(base, checkpoints, steps, fit_steps, allow_pickle, base_step)
     if len(plan.models) < 1 or plan.num_fit < 1:
         raise RelexInputError("need at least one checkpoint to reconstruct")
     if plan.num_fit < 2:
@@ -429,8 +436,9 @@ class _Diagnostics:
     error (summed over tensors in ``errors``/``norms``); the coefficient trajectories of the ``largest`` tensors."""
 
     def __init__(self, steps: list[int], fit_count: int, x_window: torch.Tensor, rank: int, fit: str, power: float,
-                 largest: set[str]) -> None:
+                 largest: set[str], origin: float) -> None:
         self.steps, self.fit_count, self.x_window, self.rank, self.fit, self.power = steps, fit_count, x_window, rank, fit, power
+        self.origin = origin
         self.largest = largest
         self.held_rows = list(range(fit_count, len(steps)))
         self.x_held = torch.tensor(steps[fit_count:], dtype=torch.float64)
@@ -442,7 +450,7 @@ class _Diagnostics:
         fit_count, used, held_rows = self.fit_count, self.x_window.numel(), self.held_rows
         subspace = subspace_from_gram(gram[:fit_count, :fit_count], self.rank)
         coefficients = subspace.coefficients
-        trend = fit_trend(self.x_window, coefficients[-used:], kind=self.fit, power=self.power)
+        trend = fit_trend(self.x_window, coefficients[-used:], kind=self.fit, power=self.power, origin=self.origin)
         stats: dict[str, Any] = {
             "explained_variance": subspace.explained_variance,
             "singular_values": _singular_values(subspace),
@@ -473,6 +481,7 @@ def report_checkpoints(
     output_dir: str | os.PathLike,
     *,
     steps: Sequence[int] | None = None,
+    base_step: int | None = None,
     rank: int = 1,
     fit: str = "linear",
     power: float = 1.0,
@@ -494,7 +503,8 @@ def report_checkpoints(
     Per tensor: explained variance of the rank-r subspace of the fit snapshots (step ≤ ``fit_steps``),
     singular values, R² of the trend in the window and — for the later, held-out snapshots — R² of
     their coefficients c_t = Δ_t · v against the extended trend, and the whole-model relative distance
-    ||θ̂_t − θ_t|| / ||θ_t − θ_0|| of the prediction at each held-out step.
+    ||θ̂_t − θ_t|| / ||θ_t − θ_0|| of the prediction at each held-out step. θ_0 is at step ``base_step``
+    (default: the step in the base's directory name, else 0).
     """
     began = time.perf_counter()
     _check_common(rank, fit, window, num_workers)
@@ -503,21 +513,25 @@ def report_checkpoints(
         raise RelexInputError(f"top={top!r} must be an int >= 0")
     targets = _check_targets(target_steps, minimum=1) if target_steps is not None else []
     budget = parse_size(max_memory)
-    plan = _prepare(base, checkpoints, steps, fit_steps, allow_pickle)
+    plan = _prepare(base, checkpoints, steps, fit_steps, allow_pickle, base_step)
+    if targets:
+        _check_targets(targets, minimum=int(plan.origin) + 1)
     used = _check_counts(plan, rank, fit, window)
     output = Path(output_dir)
     _check_output(output, overwrite)
+    origin = plan.origin
     fit_count = plan.num_fit
     x_all = torch.tensor(plan.steps, dtype=torch.float64)
     x_fit = x_all[:fit_count]
     x_window = x_fit[-used:]
     held_rows = list(range(fit_count, len(plan.models)))
     largest = sorted(plan.tracked, key=lambda n: -plan.base.tensors[n].numel)[:top]
-    diagnostics = _Diagnostics(plan.steps, fit_count, x_window, rank, fit, power, set(largest))
+    diagnostics = _Diagnostics(plan.steps, fit_count, x_window, rank, fit, power, set(largest), origin)
     errors, norms, trajectories = diagnostics.errors, diagnostics.norms, diagnostics.trajectories
 
     def finish(run: _Run, outputs: list[_OutputModel], staging: Path, sources: dict[str, Path]) -> dict[str, Any]:
-        bt = backtest([run.grams[n][:fit_count, :fit_count] for n in plan.tracked], x_fit, rank=rank, kind=fit, power=power)
+        bt = backtest([run.grams[n][:fit_count, :fit_count] for n in plan.tracked], x_fit, rank=rank, kind=fit, power=power,
+                      origin=origin)
         tensors = run.tensors
         ev_values = [tensors[n]["explained_variance"] for n in plan.tracked]
         r2_out = [tensors[n]["r_squared_out_of_window"][0] for n in plan.tracked
@@ -530,24 +544,25 @@ def report_checkpoints(
                 "relative_distance": [float((e / n).sqrt()) if n > 0 else 0.0 for e, n in zip(errors, norms)],
                 "r_squared": summarize(r2_out) if r2_out else None,
             }
-        horizon_end = max([float(t) * time_scale for t in targets] + plan.steps + [2.0 * plan.fit_steps[-1]])
+        horizon_end = max([float(t) * time_scale for t in targets] + plan.steps + [2.0 * plan.fit_steps[-1] - origin])
         report = new_report(
             "report", target_step=None, targets=targets, horizon_ratio=None, observed_steps=plan.fit_steps,
             window_steps=plan.fit_steps[-used:],
-            settings=_settings(rank=rank, fit=fit, power=float(power), window=window, fit_steps=fit_steps,
-                               time_scale=float(time_scale), max_memory=budget, num_workers=num_workers,
+            settings=_settings(base_step=int(origin), rank=rank, fit=fit, power=float(power), window=window,
+                               fit_steps=fit_steps, time_scale=float(time_scale), max_memory=budget, num_workers=num_workers,
                                backtest_tolerance=backtest_tolerance, top=top),
             explained_variance=ev_values, r_squared=[tensors[n]["r_squared_in_window"][0] for n in plan.tracked],
             backtest=backtest_section(bt, backtest_tolerance),
             steps=plan.steps, fit_steps=plan.fit_steps, heldout_steps=plan.steps[fit_count:], target_steps=targets,
             **_input_sections(plan),
             out_of_window=out_of_window,
-            horizon_ratios={str(t): float(t) * time_scale / plan.fit_steps[-1] for t in targets} if plan.fit_steps[-1] > 0 else {},
+            horizon_ratios={str(t): (float(t) * time_scale - origin) / (plan.fit_steps[-1] - origin) for t in targets}
+            if plan.fit_steps[-1] > origin else {},
             trajectories=trajectories, plots=[], tensors=tensors,
         )
         report["explained_variance"]["numel_weighted_mean"] = sum(e * n for e, n in zip(ev_values, numel)) / max(sum(numel), 1)
         diagnostic = _diagnose([run.grams[n][:fit_count, :fit_count] for n in plan.tracked], plan.fit_steps, numel, rank, fit,
-                               power, backtest_tolerance)
+                               power, backtest_tolerance, origin)
         report["diagnostic"] = diagnostic.as_dict()
         beyond = [w for w in (_beyond_horizon(float(t) * time_scale, diagnostic) for t in targets) if w]
         for warning in beyond:  # the diagnostic's own warnings were logged by _diagnose

@@ -58,6 +58,11 @@ class _Plan:
     def fit_steps(self) -> list[int]:
         return self.steps[: self.num_fit]
 
+    @property
+    def origin(self) -> float:
+        """x_0, the training step of θ_0: the trend's origin and the start of every horizon ratio."""
+        return float(self.base.step)  # type: ignore[arg-type]
+
 
 def _as_model_list(checkpoints: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
     if isinstance(checkpoints, (str, os.PathLike)):
@@ -71,9 +76,25 @@ def _prepare(
     steps: Sequence[int] | None,
     fit_steps: int | None,
     allow_pickle: bool,
+    base_step: int | None = None,
 ) -> _Plan:
-    base_model = open_model_dir(base, allow_pickle=allow_pickle, step=0)
+    """Open θ_0 and the checkpoints. θ_0's step x_0 is ``base_step``, else the step its directory name carries
+    (``checkpoint-N``, ``global_step_N``, ...), else 0; every checkpoint must come after it."""
+    if base_step is not None and (isinstance(base_step, bool) or not isinstance(base_step, int) or base_step < 0):
+        raise RelexInputError(f"base_step={base_step!r} must be an int >= 0: the training step of the base model")
+    base_model = open_model_dir(base, allow_pickle=allow_pickle)
+    named = base_model.step
+    base_model.step = base_step if base_step is not None else named if named is not None else 0
+    if base_step is None and named:
+        logger.info("the base %s is step %d (from its directory name; base_step=N sets another)", base_model.path, named)
     models = discover_checkpoints(_as_model_list(checkpoints), steps=steps, allow_pickle=allow_pickle)
+    earlier = [m for m in models if m.step < base_model.step]  # type: ignore[operator]
+    if earlier:
+        raise RelexInputError(
+            f"{earlier[0].path} is step {earlier[0].step}, before the base's step {base_model.step}: deltas are "
+            "measured from θ_0 forward. Pass only checkpoints after the base, or set base_step=N to the base's "
+            "training step"
+        )
     base_path = base_model.path.resolve()
     if any(m.path.resolve() == base_path for m in models):
         raise RelexInputError(f"the base model {base_model.path} is also listed among the checkpoints")
@@ -97,11 +118,12 @@ def _prepare(
         num_fit = len(models)
     validate_trajectory(base_model, models, skip=skip)
     tracked = [n for n, e in base_model.tensors.items() if n not in skip and e.is_floating]
-    if any(m.step == 0 for m in models):
-        logger.warning("a checkpoint has step 0, the base's step: it is used as an ordinary snapshot")
+    if any(m.step == base_model.step for m in models):
+        logger.warning("a checkpoint has step %d, the base's step: it is used as an ordinary snapshot", base_model.step)
     logger.info(
-        "base %s; %d checkpoint(s) at steps %s (%d in the fit); %d tensors tracked%s",
+        "base %s (step %d); %d checkpoint(s) at steps %s (%d in the fit); %d tensors tracked%s",
         base_model.path,
+        base_model.step,
         len(models),
         _steps_text(models),
         num_fit,
