@@ -24,6 +24,7 @@ def run_benchmark(script: str, *args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow  # about 20 s: a subprocess run of bench_perf.py --smoke
 def test_perf_smoke_results_are_consistent(tmp_path):
     run_benchmark("bench_perf.py", "--smoke", "--threads", "1", "--output", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())

@@ -586,6 +586,7 @@ print([r["status"] for r in relex.jump.history])
 """
 
 
+@pytest.mark.slow  # about 15 s: a fresh interpreter runs a whole jump-mode training
 def test_jumps_and_risky_settings_are_visible_with_enable_logging(tmp_path):
     """With relex_callback.enable_logging() a user who sets up no logging sees one [relex] line per jump and a warning
     for each risky setting; without it the library prints nothing (NullHandler)."""
