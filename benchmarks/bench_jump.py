@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import logging
-import math
 import platform
 import time
 from pathlib import Path

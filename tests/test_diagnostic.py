@@ -17,7 +17,6 @@ import torch
 from relex_callback.math.core import fit_trajectory
 from relex_callback.math.diagnostic import (
     MIN_SNAPSHOTS,
-    SHAPES,
     diagnose_window,
     fit_trajectory_model,
     predicted_distances,
