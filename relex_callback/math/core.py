@@ -468,18 +468,36 @@ def fit_trajectory(
     """
     if not grams:
         raise ValueError("fit_trajectory needs at least one tensor's Gram matrix")
-    names = [name for name, _ in grams]
     stacked = torch.stack([g.detach().to(device="cpu", dtype=torch.float64) for _, g in grams])  # [n, T, T]
-    subspace = subspace_from_gram(stacked, rank)  # one batched eigh and one batched solve for all tensors
-    coefficients = subspace.coefficients
-    trend = fit_trend(steps, coefficients, kind=kind, power=power, origin=origin)
-    r2 = r_squared(steps, coefficients, trend)
-    weights = prediction_weights(subspace, trend(list(targets)))
-    tensor_fits = [
-        TensorFit(name=name, subspace=subspace[i], trend=trend[i], r2=r2[i], weights=weights[i]) for i, name in enumerate(names)
-    ]
+    tensor_fits = fit_tensors([name for name, _ in grams], stacked, steps, targets, rank=rank, kind=kind, power=power,
+                              origin=origin)
     result = backtest([g for _, g in grams], steps, rank=rank, kind=kind, power=power, origin=origin)
     return TrajectoryFit(steps=[float(s) for s in steps], targets=[float(t) for t in targets], tensors=tensor_fits,
                          backtest=result, grams=stacked, origin=float(origin))
+
+
+def fit_tensors(
+    names: Sequence[str],
+    grams: torch.Tensor,
+    steps: Sequence[float] | torch.Tensor,
+    targets: Sequence[float] | torch.Tensor,
+    rank: int = 1,
+    kind: str = "linear",
+    power: float = 1.0,
+    origin: float = 0.0,
+    trend_steps: int | None = None,
+) -> list[TensorFit]:
+    """Per tensor of ``grams`` ``[n, T, T]``: the rank-r subspace of all T snapshots (one batched ``eigh``), the
+    trend ĉ fitted on the coefficients of the last ``trend_steps`` of them (default all, the paper; the official
+    script's ``--window`` fits only the trend on the last W), and the weights of ``targets`` (Δ̂ = w M)."""
+    subspace = subspace_from_gram(grams, rank)
+    coefficients = subspace.coefficients
+    used = coefficients.shape[-2] if trend_steps is None else int(trend_steps)
+    x = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)[-used:]
+    trend = fit_trend(x, coefficients[..., -used:, :], kind=kind, power=power, origin=origin)
+    r2 = r_squared(x, coefficients[..., -used:, :], trend)
+    weights = prediction_weights(subspace, trend(torch.as_tensor(targets, dtype=torch.float64).reshape(-1)))
+    return [TensorFit(name=name, subspace=subspace[i], trend=trend[i], r2=r2[i], weights=weights[i])
+            for i, name in enumerate(names)]
 
 

@@ -33,7 +33,7 @@ from ..export import summarize_explained_variance as summarize
 from ..math.core import (
     Subspace,
     backtest,
-    fit_trend,
+    fit_tensors,
     prediction_weights,
     r_squared,
     reconstruction_weights,
@@ -153,25 +153,24 @@ def _check_trend(fit: str, power: float, time_scale: float) -> None:
 
 
 def _trend_weights(x_window: torch.Tensor, x_targets: torch.Tensor, rank: int, fit: str, power: float, shrink: float,
-                   origin: float) -> WeightsFn:
-    """``extrapolate``: w = ĉ(S·K) Σ_r⁻¹ U_rᵀ per target (the trend fitted on the last ``len(x_window)`` fit
-    snapshots), moved to θ_N + λ(θ̂ − θ_N) by ``shrink`` λ (weight 1 − λ on the last snapshot)."""
+                   origin: float, x_fit: torch.Tensor) -> WeightsFn:
+    """``extrapolate``: w = ĉ(S·K) Σ_r⁻¹ U_rᵀ per target (:func:`~relex_callback.math.core.fit_tensors`, the trend
+    fitted on the last ``len(x_window)`` fit snapshots), moved to θ_N + λ(θ̂ − θ_N) by ``shrink`` λ (weight
+    1 − λ on the last snapshot)."""
     used = x_window.numel()
 
     def weights_fn(name: str, gram: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        subspace = subspace_from_gram(gram, rank)
-        coefficients = subspace.coefficients
-        trend = fit_trend(x_window, coefficients[-used:], kind=fit, power=power, origin=origin)
-        predicted = trend(x_targets)  # ĉ(S·K), [n, r]
-        weights = prediction_weights(subspace, predicted)  # Δ̂ = w M, [n, T]
+        (tensor_fit,) = fit_tensors([name], gram[None], x_fit, x_targets, rank=rank, kind=fit, power=power,
+                                    origin=origin, trend_steps=used)
+        weights = tensor_fit.weights  # Δ̂ = w M, [n, T]
         if shrink != 1.0:
             weights = shrink * weights
             weights[:, -1] += 1.0 - shrink
         return weights, {
-            "explained_variance": subspace.explained_variance,
-            "singular_values": _singular_values(subspace),
-            "r_squared": _floats(r_squared(x_window, coefficients[-used:], trend)),
-            "predicted_coefficients": [_floats(row) for row in predicted],
+            "explained_variance": tensor_fit.explained_variance,
+            "singular_values": _singular_values(tensor_fit.subspace),
+            "r_squared": _floats(tensor_fit.r2),
+            "predicted_coefficients": [_floats(row) for row in tensor_fit.trend(x_targets)],  # ĉ(S·K), [n, r]
         }
 
     return weights_fn
@@ -232,7 +231,8 @@ def extrapolate_checkpoints(
     x_targets = torch.tensor(effective, dtype=torch.float64)
     spec = TrendSpec(kind=fit, rank=rank, power=float(power), origin=origin, window=window)
 
-    weights_fn = _trend_weights(x_window, x_targets, rank=rank, fit=fit, power=power, shrink=shrink, origin=origin)
+    weights_fn = _trend_weights(x_window, x_targets, rank=rank, fit=fit, power=power, shrink=shrink, origin=origin,
+                                x_fit=x_fit)
 
     def finish(run: _Run, outputs: list[_OutputModel], staging: Path, sources: dict[str, Path]) -> list[dict[str, Any]]:
         bt = backtest([run.grams[n] for n in plan.tracked], x_fit, rank=rank, kind=fit, power=power, origin=origin)
@@ -441,6 +441,7 @@ class _Diagnostics:
         self.origin = origin
         self.largest = largest
         self.held_rows = list(range(fit_count, len(steps)))
+        self.x_fit = torch.tensor(steps[:fit_count], dtype=torch.float64)
         self.x_held = torch.tensor(steps[fit_count:], dtype=torch.float64)
         self.errors = torch.zeros(len(self.held_rows), dtype=torch.float64)
         self.norms = torch.zeros(len(self.held_rows), dtype=torch.float64)
@@ -448,13 +449,14 @@ class _Diagnostics:
 
     def weights(self, name: str, gram: torch.Tensor) -> tuple[None, dict[str, Any]]:
         fit_count, used, held_rows = self.fit_count, self.x_window.numel(), self.held_rows
-        subspace = subspace_from_gram(gram[:fit_count, :fit_count], self.rank)
+        (tensor_fit,) = fit_tensors([name], gram[None, :fit_count, :fit_count], self.x_fit, self.x_held, rank=self.rank,
+                                    kind=self.fit, power=self.power, origin=self.origin, trend_steps=used)
+        subspace, trend = tensor_fit.subspace, tensor_fit.trend
         coefficients = subspace.coefficients
-        trend = fit_trend(self.x_window, coefficients[-used:], kind=self.fit, power=self.power, origin=self.origin)
         stats: dict[str, Any] = {
             "explained_variance": subspace.explained_variance,
             "singular_values": _singular_values(subspace),
-            "r_squared_in_window": _floats(r_squared(self.x_window, coefficients[-used:], trend)),
+            "r_squared_in_window": _floats(tensor_fit.r2),
             "r_squared_out_of_window": None,
         }
         held = subspace.project(gram[fit_count:, :fit_count]) if held_rows else coefficients[:0]
@@ -463,8 +465,7 @@ class _Diagnostics:
                 spread = (held - held.mean(0)).pow(2).sum(0)
                 r2 = r_squared(self.x_held, held, trend)
                 stats["r_squared_out_of_window"] = [float(v) if s > 0 else None for v, s in zip(r2, spread)]
-            weights = prediction_weights(subspace, trend(self.x_held))
-            sq_err, sq_norm = squared_errors(gram, weights, fit_count, held_rows)
+            sq_err, sq_norm = squared_errors(gram, tensor_fit.weights, fit_count, held_rows)
             self.errors.add_(sq_err)
             self.norms.add_(sq_norm)
             stats["relative_error_out_of_window"] = [float((e / n).sqrt()) if n > 0 else 0.0 for e, n in zip(sq_err, sq_norm)]
