@@ -75,8 +75,6 @@ def _run_awaitable(awaitable: Any) -> Any:
         return pool.submit(asyncio.run, _wait()).result()
 
 
-
-
 def _module_device(model: Any) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):

@@ -152,13 +152,11 @@ def _check_trend(fit: str, power: float, time_scale: float) -> None:
 # -- extrapolate -------------------------------------------------------------------------------------------
 
 
-def _trend_weights(x_window: torch.Tensor, x_targets: torch.Tensor, rank: int, fit: str, power: float, shrink: float,
-                   origin: float, x_fit: torch.Tensor) -> WeightsFn:
+def _trend_weights(x_fit: torch.Tensor, used: int, x_targets: torch.Tensor, rank: int, fit: str, power: float,
+                   shrink: float, origin: float) -> WeightsFn:
     """``extrapolate``: w = ĉ(S·K) Σ_r⁻¹ U_rᵀ per target (:func:`~relex_callback.math.core.fit_tensors`, the trend
-    fitted on the last ``len(x_window)`` fit snapshots), moved to θ_N + λ(θ̂ − θ_N) by ``shrink`` λ (weight
+    fitted on the last ``used`` fit snapshots), moved to θ_N + λ(θ̂ − θ_N) by ``shrink`` λ (weight
     1 − λ on the last snapshot)."""
-    used = x_window.numel()
-
     def weights_fn(name: str, gram: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         (tensor_fit,) = fit_tensors([name], gram[None], x_fit, x_targets, rank=rank, kind=fit, power=power,
                                     origin=origin, trend_steps=used)
@@ -225,14 +223,12 @@ def extrapolate_checkpoints(
     if plan.num_fit < len(plan.models):
         logger.info("ignoring %d checkpoint(s) after --fit-steps %s", len(plan.models) - plan.num_fit, fit_steps)
     x_fit = torch.tensor(plan.fit_steps, dtype=torch.float64)
-    x_window = x_fit[-used:]
     effective = [float(k) * float(time_scale) for k in targets]
     last = plan.fit_steps[-1]
     x_targets = torch.tensor(effective, dtype=torch.float64)
     spec = TrendSpec(kind=fit, rank=rank, power=float(power), origin=origin, window=window)
 
-    weights_fn = _trend_weights(x_window, x_targets, rank=rank, fit=fit, power=power, shrink=shrink, origin=origin,
-                                x_fit=x_fit)
+    weights_fn = _trend_weights(x_fit, used, x_targets, rank=rank, fit=fit, power=power, shrink=shrink, origin=origin)
 
     def finish(run: _Run, outputs: list[_OutputModel], staging: Path, sources: dict[str, Path]) -> list[dict[str, Any]]:
         bt = backtest([run.grams[n] for n in plan.tracked], x_fit, rank=rank, kind=fit, power=power, origin=origin)
@@ -435,9 +431,9 @@ class _Diagnostics:
     the held-out snapshots (after the fit) their R² against the extended trend and the prediction's squared
     error (summed over tensors in ``errors``/``norms``); the coefficient trajectories of the ``largest`` tensors."""
 
-    def __init__(self, steps: list[int], fit_count: int, x_window: torch.Tensor, rank: int, fit: str, power: float,
+    def __init__(self, steps: list[int], fit_count: int, used: int, rank: int, fit: str, power: float,
                  largest: set[str], origin: float) -> None:
-        self.steps, self.fit_count, self.x_window, self.rank, self.fit, self.power = steps, fit_count, x_window, rank, fit, power
+        self.steps, self.fit_count, self.used, self.rank, self.fit, self.power = steps, fit_count, used, rank, fit, power
         self.origin = origin
         self.largest = largest
         self.held_rows = list(range(fit_count, len(steps)))
@@ -448,7 +444,7 @@ class _Diagnostics:
         self.trajectories: dict[str, dict[str, Any]] = {}
 
     def weights(self, name: str, gram: torch.Tensor) -> tuple[None, dict[str, Any]]:
-        fit_count, used, held_rows = self.fit_count, self.x_window.numel(), self.held_rows
+        fit_count, used, held_rows = self.fit_count, self.used, self.held_rows
         (tensor_fit,) = fit_tensors([name], gram[None, :fit_count, :fit_count], self.x_fit, self.x_held, rank=self.rank,
                                     kind=self.fit, power=self.power, origin=self.origin, trend_steps=used)
         subspace, trend = tensor_fit.subspace, tensor_fit.trend
@@ -524,10 +520,9 @@ def report_checkpoints(
     fit_count = plan.num_fit
     x_all = torch.tensor(plan.steps, dtype=torch.float64)
     x_fit = x_all[:fit_count]
-    x_window = x_fit[-used:]
     held_rows = list(range(fit_count, len(plan.models)))
     largest = sorted(plan.tracked, key=lambda n: -plan.base.tensors[n].numel)[:top]
-    diagnostics = _Diagnostics(plan.steps, fit_count, x_window, rank, fit, power, set(largest), origin)
+    diagnostics = _Diagnostics(plan.steps, fit_count, used, rank, fit, power, set(largest), origin)
     errors, norms, trajectories = diagnostics.errors, diagnostics.norms, diagnostics.trajectories
 
     def finish(run: _Run, outputs: list[_OutputModel], staging: Path, sources: dict[str, Path]) -> dict[str, Any]:
