@@ -372,20 +372,23 @@ LINE_MULTIPLES = (2, 3, 5, 8)
 SCALES = (1.5, 2.0, 3.0, 5.0)
 
 
-def saved_window(paths: dict[str, Path], model, theta0: dict[str, torch.Tensor], observe: int, check_only: bool = False):
-    """A :class:`RelexEngine` whose buffer holds θ_0 and the saved window Δ_1..Δ_N bit for bit (``check_only``:
-    only check that the window files exist): every method is then the package's own fit, candidates and
-    predictions (``benchmarks/_candidates.py``)."""
-    from safetensors import safe_open
-
+def window_files(paths: dict[str, Path], observe: int) -> list[Path]:
+    """The files of Δ_1..Δ_N; exits naming the missing ones when the window is incomplete."""
     files = [delta_path(paths, t) for t in range(1, observe + 1)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise SystemExit(f"the window is incomplete ({', '.join(missing[:3])} missing): train this run first")
-    if check_only:
-        return None
+    return files
+
+
+def saved_window(paths: dict[str, Path], model, theta0: dict[str, torch.Tensor], observe: int):
+    """A :class:`RelexEngine` whose buffer holds θ_0 and the saved window Δ_1..Δ_N bit for bit: every method is
+    then the package's own fit, candidates and predictions (``benchmarks/_candidates.py``)."""
+    from safetensors import safe_open
+
     engine = window_engine(model, observe)
-    fill_window(engine, theta0, [safe_open(str(f), framework="pt") for f in files], range(1, observe + 1))
+    fill_window(engine, theta0, [safe_open(str(f), framework="pt") for f in window_files(paths, observe)],
+                range(1, observe + 1))
     return engine
 
 
@@ -490,7 +493,7 @@ def evaluate_run(name: str, regime: dict[str, Any], seed: int, paths: dict[str, 
     names = [n for n, _ in model.named_parameters()]
     theta0 = {n: p.detach().to(torch.float32).clone() for n, p in model.named_parameters()}
     started = time.perf_counter()
-    saved_window(paths, model, theta0, observe, check_only=True)
+    window_files(paths, observe)
     steps = [float(t) for t in range(1, observe + 1)]
     extended, gram_steps = extended_grams(paths, names, observe)
     save_grams(paths["grams"], names, extended, gram_steps)
