@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     optimistic = [r for r in rows if r["estimate"] > 1.5 * r["true"]]
     print(f"\nwithin 1.5x of the true horizon: {within}/{len(rows)}; within 1.5x of the ±10% tolerance bracket: "
           f"{bracket}/{len(rows)}; above 1.5x the truth: {len(optimistic)}")
-    name = "diagnostic-synthetic.json" if margin is None else f"diagnostic-synthetic-turning-margin{margin:g}.json"
+    name = "diagnostic-synthetic" + ("" if margin is None else f"-turning-margin{margin:g}")
+    name += "" if args.seeds == parser.get_default("seeds") else f"-seeds{min(args.seeds)}-{max(args.seeds)}"
+    name += ".json"
     write_json(RESULTS_ROOT / name, {"settings": vars(args), "rows": rows, "within_1.5x": within, "within_bracket": bracket})
 
 

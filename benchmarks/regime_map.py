@@ -4,6 +4,7 @@ Each (regime, seed) is one real GRPO run, made resumable so that hours of CPU ca
 
     python benchmarks/regime_map.py train --regime large-batch --seed 0     # run again to resume
     python benchmarks/regime_map.py evaluate --regime large-batch --seed 0  # every method, from disk
+    python benchmarks/regime_map.py window --regime large-batch --seed 0    # retrain a lost window, checked
     python benchmarks/regime_map.py summary                                 # tables, steps saved, plot
 
 ``train`` runs GRPO to the regime's last step. Under ``--state-dir`` (default ``runs/regime-map``, not in git)
@@ -240,6 +241,46 @@ def train(args: argparse.Namespace) -> None:
     paths = run_paths(args.state_dir, args.regime, args.seed)
     train_run(args.regime, REGIMES[args.regime], args.seed, paths, load_smollm2, stop_after=args.stop_after,
               last_step=args.last_step)
+
+
+def window(args: argparse.Namespace) -> None:
+    """Train a run's window (steps 1..N) again into the state dir, e.g. on a new machine, so that ``evaluate`` can
+    score candidates the results lack. Its training log goes to a scratch file beside the deltas, so the committed
+    results stay as they are; the new window is kept only if its Gram equals the committed one to
+    ``GRAM_RTOL`` (the same trajectory recomputed), else its deltas are moved aside and the command fails."""
+    from relex_callback.demo import load_smollm2
+    from relex_callback.math.core import gram_matrix
+    from safetensors import safe_open
+
+    regime = REGIMES[args.regime]
+    observe = regime["observe"]
+    paths = run_paths(args.state_dir, args.regime, args.seed)
+    committed = paths["grams"]
+    if not committed.is_file():
+        raise SystemExit(f"{committed} is missing: there is no recorded window to check a retrained one against")
+    names, grams, steps = load_grams(committed)
+    if steps[:observe] != list(range(1, observe + 1)):
+        raise SystemExit(f"{committed} does not start with the window's steps 1..{observe}")
+    scratch = {**paths, "results": paths["root"] / "window.jsonl"}
+    train_run(args.regime, regime, args.seed, scratch, load_smollm2, stop_after=observe)
+    handles = [safe_open(str(f), framework="pt") for f in window_files(paths, observe)]
+    worst = 0.0
+    for i, name in enumerate(names):
+        again = gram_matrix(torch.stack([h.get_tensor(name).reshape(-1) for h in handles])).double()
+        before = grams[i, :observe, :observe].double()
+        worst = max(worst, float((again - before).abs().max() / before.abs().max().clamp_min(1e-300)))
+    if worst > GRAM_RTOL:
+        aside = paths["deltas"].with_name(f"deltas-mismatch-{int(time.time())}")
+        paths["deltas"].rename(aside)
+        raise SystemExit(f"the retrained window differs from {committed.name} (largest relative Gram difference "
+                         f"{worst:.2e} > {GRAM_RTOL:g}): moved to {aside}; it is not the recorded run")
+    log.info("%s seed %d: window retrained; its Gram equals %s to %.1e (relative)", args.regime, args.seed,
+             committed.name, worst)
+
+
+GRAM_RTOL = 1e-4
+"""Largest relative difference between a retrained window's Gram and the committed one that still counts as the
+same run (recomputed runs agree to float tolerance, not bit for bit: docs/choosing-a-horizon.md, Determinism)."""
 
 
 # Jump mode as a user with a probe would run it: a jump every N/2 real steps of N virtual steps, the horizon grown
@@ -902,7 +943,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("summary")
     sub.add_parser("rediagnose", help="recompute every run's diagnostic from the Gram files in git")
-    for name in ("train", "evaluate", "jump"):
+    for name in ("train", "window", "evaluate", "jump"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--regime", required=True, choices=sorted(REGIMES))
         cmd.add_argument("--seed", type=int, required=True)
@@ -928,7 +969,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
     set_threads(getattr(args, "threads", None))
-    {"train": train, "evaluate": evaluate, "jump": jump, "summary": summary, "rediagnose": rediagnose}[args.command](args)
+    {"train": train, "window": window, "evaluate": evaluate, "jump": jump, "summary": summary,
+     "rediagnose": rediagnose}[args.command](args)
 
 
 if __name__ == "__main__":

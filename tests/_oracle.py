@@ -88,8 +88,10 @@ def _nnls(p: torch.Tensor, q: torch.Tensor, y: torch.Tensor) -> tuple[float, flo
 
 def oracle_k_max(weights, base_step, steps, tolerance: float = 0.75, with_curve: bool = False):
     """K_max of the rank-1 line fitted on the deltas ``weights[s] − weights[base_step]``, ``s`` in ``steps``, from
-    the definition: per tensor, fit E[Δ_a·Δ_b] = a² C(a, b) + s² min(a, b) to the Gram's normalised upper triangle
-    G_ab / √(G_aa G_bb) (each shape by non-negative least squares; the smallest residual wins); the line predicts
+    the definition: per tensor, with E[Δ_a·Δ_b] = a² C(a, b) + s² min(a, b), fit the expected products of the
+    increments δ_r = Δ_{x_r} − Δ_{x_{r−1}} between consecutive fit rows (Δ_{x_0} = 0) to their observed products,
+    normalised as D_ab / √(D_aa D_bb) on the upper triangle (each shape by non-negative least squares; the smallest
+    residual wins); the line predicts
     Δ̂(K) = Σ_t w_t Δ_t with w = (ℓ(K)·u) u (u: the top left singular vector of the deltas, ℓ(K): the OLS weights
     of the line's value at K); K_max is the last ratio r = (K − x_0)/span of the grid 2^(k/8), capped at 20, before
     the whole-model sqrt(Σ E||Δ̂(K) − Δ_K||² / Σ E||Δ_K||²) exceeds ``tolerance``. Returns the whole step
@@ -103,10 +105,23 @@ def oracle_k_max(weights, base_step, steps, tolerance: float = 0.75, with_curve:
     kx = torch.round(torch.tensor(ratios, dtype=torch.float64) * span / unit).clamp_min(1).long()
     rows = torch.tensor(sorted(set(torch.linspace(0, len(steps) - 1, min(len(steps), K_MAX_FIT_ROWS)).round().long().tolist())))
     ua, ub = torch.triu_indices(len(rows), len(rows))
-    xa, xb = x[rows][ua], x[rows][ub]
+    ends = x[rows]
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1]])  # the increment of row r spans (starts, ends]
+
+    def increment_products(cum):
+        """E[δ_a·δ_b] on the upper triangle from a cumulative E[Δ_i·Δ_j] (index 0: Δ = 0)."""
+        padded = torch.zeros(cum.shape[0] + 1, cum.shape[1] + 1, dtype=torch.float64)
+        padded[1:, 1:] = cum
+        a1, a0, b1, b0 = ends[ua], starts[ua], ends[ub], starts[ub]
+        return padded[a1, b1] - padded[a0, b1] - padded[a1, b0] + padded[a0, b0]
+
+    size = int(max(kx.max(), x.max()))
+    steps_grid = torch.arange(1, size + 1)
+    noise_products = increment_products(torch.minimum(steps_grid[:, None], steps_grid[None, :]).double())
     shapes = [(d, math.inf, "exp") for d in K_MAX_DECAYS] + [
         (d, t, k) for d in K_MAX_DECAYS for k in ("exp", "gauss") for t in K_MAX_TAUS]
-    cumulative = {shape: _cumulative(*shape, int(max(kx.max(), x.max()))) for shape in shapes}
+    cumulative = {shape: _cumulative(*shape, size) for shape in shapes}
+    drift_products = {shape: increment_products(c) for shape, c in cumulative.items()}
     design = np.stack([np.ones(len(steps)), np.asarray(steps)], 1)
     ell = torch.from_numpy(np.stack([np.array([1.0, base_step + r * span]) for r in ratios]) @ np.linalg.pinv(design))
     err = torch.zeros(len(ratios), dtype=torch.float64)
@@ -116,11 +131,12 @@ def oracle_k_max(weights, base_step, steps, tolerance: float = 0.75, with_curve:
         g = m @ m.T
         if not bool((g.diagonal() > 0).any()):
             continue  # a tensor that never moved adds nothing to either sum
-        gr = g[rows][:, rows]
-        scale = (gr.diagonal()[ua] * gr.diagonal()[ub]).sqrt()
+        increments = torch.diff(m[rows], dim=0, prepend=torch.zeros(1, m.shape[1], dtype=torch.float64))
+        d = increments @ increments.T
+        scale = (d.diagonal()[ua] * d.diagonal()[ub]).sqrt()
         inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-300), torch.zeros_like(scale))
-        y, q = gr[ua, ub] * inv, torch.minimum(xa, xb).double() * inv
-        fits = [(*_nnls(cumulative[shape][xa - 1, xb - 1] * inv, q, y), shape) for shape in shapes]
+        y, q = d[ua, ub] * inv, noise_products * inv
+        fits = [(*_nnls(drift_products[shape] * inv, q, y), shape) for shape in shapes]
         drift, noise, _, shape = min(fits, key=lambda fit: fit[2])
         c = cumulative[shape]
         u = torch.linalg.svd(m, full_matrices=False).U[:, 0]

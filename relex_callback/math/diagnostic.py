@@ -21,8 +21,11 @@ e^{−lag/τ}, or turns away, e^{−lag²/2τ²}; τ = ∞ is a straight path; s
 
     E[Δ_a · Δ_b] = a² C(a, b) + s² min(a, b),   C(a, b) = Σ_{i ≤ a} Σ_{j ≤ b} i^−β j^−β k(|i−j|),
 
-fitted per tensor to the observed ``G`` (the shape on a grid, a² and s² by non-negative least squares on the
-normalised entries G_ab / √(G_aa G_bb)). A predictor that is a weighted sum of the stored deltas,
+fitted per tensor through the increments between consecutive snapshots, δ_a = Δ_a − Δ_{a−1}: their products
+D = L G Lᵀ (L the difference operator) against the model's L E[G] Lᵀ, the shape on a grid, a² and s² by
+non-negative least squares on the normalised entries D_ab / √(D_aa D_bb). (Fitting G itself weights the
+accumulated noise so heavily that a slow turn or slowdown of the drift does not show.) A predictor that is a
+weighted sum of the stored deltas,
 Δ̂(K) = Σ_t w_t Δ_t (every trend of :mod:`.core`, and θ_0 + α(θ_N − θ_0)), then has the expected error
 
     ||Δ̂(K) − Δ_K||² = wᵀ G w − 2 wᵀ E[M Δ_K] + E||Δ_K||²,
@@ -90,8 +93,8 @@ class DriftShape:
     coherence kernel k = e^{−lag/τ} (``"exp"``: the direction wanders off) or e^{−lag²/2τ²} (``"gauss"``: it
     turns smoothly away); τ = ∞ is a straight path, β > 0 a drift that slows down (front-loaded progress). A
     ``"cos"`` kernel, cos(lag/τ) (turning in a fixed plane, the path bending back), is available but not in
-    :data:`SHAPES`: on the real SmolLM2 GRPO windows it mistook Adam's momentum-correlated steps for fast
-    turning and predicted errors 2-4x the measured ones."""
+    :data:`SHAPES`: a 16-step window cannot tell it from the Gaussian kernel, and adding it shortened some straight
+    windows' horizons without improving the turning ones (``benchmarks/diagnostic_synthetic.py --turning-margin``)."""
 
     decay: float
     tau: float
@@ -204,7 +207,8 @@ def _weighted_median(values: torch.Tensor, weights: torch.Tensor) -> float:
 def fit_trajectory_model(grams: torch.Tensor, elapsed: torch.Tensor, shapes: Sequence[DriftShape] = SHAPES,
                          near_best: float | None = None) -> TrajectoryModel:
     """Fit a², s² and the drift shape of every tensor to its Gram ``[n, T, T]`` at ``elapsed`` optimizer steps
-    (x_t − x_0): for each shape, non-negative least squares of the normalised entries G_ab / √(G_aa G_bb); each
+    (x_t − x_0): for each shape, non-negative least squares of the normalised increment products D_ab / √(D_aa D_bb),
+    D = L G Lᵀ with L the difference operator over the fitted snapshots; each
     tensor keeps the most pessimistic shape whose residual is within ``near_best`` (default :data:`NEAR_BEST`)
     of the smallest."""
     near_best = NEAR_BEST if near_best is None else near_best
@@ -215,17 +219,22 @@ def fit_trajectory_model(grams: torch.Tensor, elapsed: torch.Tensor, shapes: Seq
     rows = torch.unique(torch.linspace(0, elapsed.numel() - 1, min(elapsed.numel(), _FIT_ROWS)).round().long())
     g = g[:, rows][:, :, rows]
     x = torch.round(elapsed.to(torch.float64)[rows] / unit).clamp_min(1.0).long()
+    # the increments' products D = L G Lᵀ: a slow turn or slowdown shows in how increments decorrelate with the lag
+    diff = torch.eye(x.numel(), dtype=torch.float64) - torch.diag(torch.ones(x.numel() - 1, dtype=torch.float64), -1)
+    g = diff @ g @ diff.T
     upper = torch.triu_indices(x.numel(), x.numel())
     n = g.shape[0]
     diag = torch.diagonal(g, dim1=-2, dim2=-1).clamp_min(0.0)
     scale = (diag[:, :, None] * diag[:, None, :]).sqrt()
     inv = torch.where(scale > 0, 1.0 / scale.clamp_min(1e-300), torch.zeros_like(scale))[:, upper[0], upper[1]]
     target = g[:, upper[0], upper[1]] * inv
-    noise_basis = torch.minimum(x[:, None], x[None, :]).to(torch.float64)[upper[0], upper[1]][None] * inv
+    noise_gram = diff @ torch.minimum(x[:, None], x[None, :]).to(torch.float64) @ diff.T
+    noise_basis = noise_gram[upper[0], upper[1]][None] * inv
     residuals, coefs = [], []
     size = int(x.max())
     for shape in shapes:
-        drift_basis = shape.cumulative(size, size)[x[upper[0]] - 1, x[upper[1]] - 1][None] * inv
+        drift_gram = diff @ shape.cumulative(size, size)[x - 1][:, x - 1] @ diff.T
+        drift_basis = drift_gram[upper[0], upper[1]][None] * inv
         coef = _nnls2(drift_basis, noise_basis, target)
         residuals.append(((coef[:, :1] * drift_basis + coef[:, 1:] * noise_basis - target) ** 2).sum(-1))
         coefs.append(coef)
