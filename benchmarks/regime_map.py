@@ -631,7 +631,7 @@ def search_auto(regime: dict[str, Any], paths, model, engine, selector, probe, r
     picked = search["chosen"]
     append_record(results, {"kind": "search", "step": observe, **{k: v for k, v in search.items() if k != "step_seconds"},
                             "k_max": engine.diagnostic.k_max, "seconds": time.perf_counter() - started,
-                            "load_before": load_before, "load_after": load_average()})
+                            "load_before": load_before, "load_after": load_average(), "threads": torch.get_num_threads()})
     log.info("  search: %d probe calls, %.0fs; chose %s", search["probe_calls"], search["probe_seconds"],
              "theta_N" if picked is None else f"{picked['family']}@{picked['target_step']:g}")
     engine.load(predictions[0])  # the chosen prediction, or θ_N when the search kept the trained weights
