@@ -351,8 +351,9 @@ def run(args: argparse.Namespace, output_dir: Path) -> None:
     print("    explained variance  share of each tensor's movement on its rank-1 direction (1: a single direction)")
     print("    backtest distance   ||θ̂ − θ|| / ||θ − θ_0|| when the first half of the window predicts its last step "
           "(0: exact, 1: as far off as not moving)")
-    print("    drift share         share of each step that is steady drift rather than noise; with K_max, where the "
-          "window says the prediction stops being trustworthy")
+    print("    drift share         share of each step that moves with the steps around it rather than as independent "
+          "noise (read with the drift's coherence time); with K_max, where the window says the prediction stops being "
+          "trustworthy")
     print(f"  extrapolated model: {out_dir} (model card README.md, relex_report.json)")
     if plots:
         print(f"  plots:              {', '.join(plots)} in {out_dir}")

@@ -26,7 +26,6 @@ from relex_callback.math.diagnostic import (
 )
 
 
-
 def _load_benchmark(name: str):
     path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
