@@ -243,14 +243,17 @@ def train(args: argparse.Namespace) -> None:
               last_step=args.last_step)
 
 
+GRAM_RTOL = 1e-4
+"""Largest relative difference between a retrained window's Gram and the committed one that still counts as the
+same run (recomputed runs agree to float tolerance, not bit for bit: docs/choosing-a-horizon.md, Determinism)."""
+
+
 def window(args: argparse.Namespace) -> None:
     """Train a run's window (steps 1..N) again into the state dir, e.g. on a new machine, so that ``evaluate`` can
     score candidates the results lack. Its training log goes to a scratch file beside the deltas, so the committed
     results stay as they are; the new window is kept only if its Gram equals the committed one to
     ``GRAM_RTOL`` (the same trajectory recomputed), else its deltas are moved aside and the command fails."""
     from relex_callback.demo import load_smollm2
-    from relex_callback.math.core import gram_matrix
-    from safetensors import safe_open
 
     regime = REGIMES[args.regime]
     observe = regime["observe"]
@@ -263,12 +266,10 @@ def window(args: argparse.Namespace) -> None:
         raise SystemExit(f"{committed} does not start with the window's steps 1..{observe}")
     scratch = {**paths, "results": paths["root"] / "window.jsonl"}
     train_run(args.regime, regime, args.seed, scratch, load_smollm2, stop_after=observe)
-    handles = [safe_open(str(f), framework="pt") for f in window_files(paths, observe)]
-    worst = 0.0
-    for i, name in enumerate(names):
-        again = gram_matrix(torch.stack([h.get_tensor(name).reshape(-1) for h in handles])).double()
-        before = grams[i, :observe, :observe].double()
-        worst = max(worst, float((again - before).abs().max() / before.abs().max().clamp_min(1e-300)))
+    window_files(paths, observe)
+    again = delta_grams(paths, names, list(range(1, observe + 1)))
+    before = grams[:, :observe, :observe].double()
+    worst = float(((again - before).abs().amax((1, 2)) / before.abs().amax((1, 2)).clamp_min(1e-300)).max())
     if worst > GRAM_RTOL:
         aside = paths["deltas"].with_name(f"deltas-mismatch-{int(time.time())}")
         paths["deltas"].rename(aside)
@@ -276,11 +277,6 @@ def window(args: argparse.Namespace) -> None:
                          f"{worst:.2e} > {GRAM_RTOL:g}): moved to {aside}; it is not the recorded run")
     log.info("%s seed %d: window retrained; its Gram equals %s to %.1e (relative)", args.regime, args.seed,
              committed.name, worst)
-
-
-GRAM_RTOL = 1e-4
-"""Largest relative difference between a retrained window's Gram and the committed one that still counts as the
-same run (recomputed runs agree to float tolerance, not bit for bit: docs/choosing-a-horizon.md, Determinism)."""
 
 
 # Jump mode as a user with a probe would run it: a jump every N/2 real steps of N virtual steps, the horizon grown
@@ -445,20 +441,24 @@ def window_candidates(engine, fit, labels: list[str]) -> dict:
 
 
 @torch.no_grad()
-def extended_grams(paths, names, observe: int) -> tuple[torch.Tensor, list[int]]:
-    """Per tensor the Gram of [Δ_1..Δ_N, Δ_K for every saved real step K > N] (fp64, ``[n, R, R]``): with it the
-    distance of any weighted-sum candidate to every real step is ||w·M − Δ_K||² = wᵀGw − 2wᵀG[:, K] + G[K, K],
-    so the methods can be compared again later from this small file alone (it goes into git). Streams one tensor
-    at a time from the delta files (memory: one tensor's rows)."""
+def delta_grams(paths, names, steps: list[int]) -> torch.Tensor:
+    """Per tensor the Gram of the saved Δ at ``steps`` (fp64, ``[n, R, R]``), streamed one tensor at a time from the
+    delta files (memory: one tensor's rows)."""
     from safetensors import safe_open
 
     from relex_callback.math.core import gram_matrix
 
+    handles = [safe_open(str(delta_path(paths, s)), framework="pt") for s in steps]
+    return torch.stack([gram_matrix(torch.stack([h.get_tensor(name).reshape(-1) for h in handles])) for name in names]).double()
+
+
+def extended_grams(paths, names, observe: int) -> tuple[torch.Tensor, list[int]]:
+    """Per tensor the Gram of [Δ_1..Δ_N, Δ_K for every saved real step K > N] (fp64, ``[n, R, R]``): with it the
+    distance of any weighted-sum candidate to every real step is ||w·M − Δ_K||² = wᵀGw − 2wᵀG[:, K] + G[K, K],
+    so the methods can be compared again later from this small file alone (it goes into git)."""
     saved = sorted(int(p.stem.split("-")[1]) for p in paths["deltas"].glob("delta-*.safetensors"))
     steps = list(range(1, observe + 1)) + [s for s in saved if s > observe]
-    handles = [safe_open(str(delta_path(paths, s)), framework="pt") for s in steps]
-    out = [gram_matrix(torch.stack([h.get_tensor(name).reshape(-1) for h in handles])) for name in names]
-    return torch.stack(out).double(), steps
+    return delta_grams(paths, names, steps), steps
 
 
 def save_grams(path: Path, names: list[str], grams: torch.Tensor, steps: list[int]) -> bool:
